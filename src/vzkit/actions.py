@@ -1,0 +1,334 @@
+"""The operations users ask for, one typed method each, shared by every API route.
+
+This layer owns the database and the state machine; engines only run things. Each
+operation on an instance holds that instance's lock, checks the state (vzkit.lifecycle),
+and on failure unwinds what it made so nothing half-made survives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from vzkit import lifecycle
+from vzkit.db import Database
+from vzkit.engines.base import ConsoleStream, Engine, ExecSession, ExitInfo
+from vzkit.errors import Conflict, InvalidConfig, NotFound, VzError
+from vzkit.host.probe import HostInfo
+from vzkit.host.resources import OvercommitPolicy, check_fit
+from vzkit.images.store import ImageStore
+from vzkit.models import (
+    ExecRequest,
+    ImageInfo,
+    Instance,
+    InstanceCreate,
+    InstanceState,
+    InstanceType,
+    StateAction,
+    StateChange,
+)
+from vzkit.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float | None], None]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Actions:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        host: HostInfo,
+        images: ImageStore,
+        engines: dict[InstanceType, Engine],
+        policy: OvercommitPolicy | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.host = host
+        self.images = images
+        self.engines = engines
+        self.policy = policy or OvercommitPolicy()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._image_locks: dict[str, asyncio.Lock] = {}
+        for engine in engines.values():
+            engine.set_exit_callback(self._on_exit)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _engine(self, kind: InstanceType) -> Engine:
+        engine = self.engines.get(kind)
+        if engine is None:
+            raise InvalidConfig(
+                f"instances of type {kind.value!r} are not supported by this daemon",
+                hint="use --type " + " or ".join(t.value for t in self.engines),
+            )
+        return engine
+
+    def _save(self, inst: Instance, **changes: Any) -> Instance:
+        new = inst.model_copy(update=changes)
+        self.db.update(new)
+        return new
+
+    def _allocated(self) -> list[Any]:
+        busy = lifecycle.ACTIVE | {InstanceState.CREATING}
+        return [i.limits for i in self.db.list(busy)]
+
+    # -- queries -----------------------------------------------------------------------
+
+    def list_instances(self) -> list[Instance]:
+        return self.db.list()
+
+    def get(self, name: str) -> Instance:
+        return self.db.get(name)[0]
+
+    # -- create / delete ---------------------------------------------------------------
+
+    async def create(self, req: InstanceCreate, progress: Progress | None = None) -> Instance:
+        engine = self._engine(req.type)
+        name = req.name or f"{req.image}-{secrets.token_hex(3)}"
+        if self.db.exists(name):
+            raise Conflict(
+                f"an instance named {name!r} already exists",
+                hint=f"choose another name, or delete it first: vz delete {name}",
+            )
+        await self.ensure_image(req.image, progress)
+        if req.start:
+            check_fit(req.limits, self._allocated(), self.host, self.policy)
+        uuid = str(uuidlib.uuid4())
+        inst = Instance(
+            name=name,
+            type=req.type,
+            image=req.image,
+            image_digest=self.images.get(req.image).digest,
+            limits=req.limits,
+            state=InstanceState.CREATING,
+            ephemeral=req.ephemeral,
+            accel=req.accel,
+            created_at=_now(),
+        )
+        # Inserting right after the capacity check, with no await between, makes the
+        # check and the reservation atomic on the event loop.
+        self.db.insert(inst, uuid)
+        async with self._lock(name):
+            try:
+                runtime = await engine.create(inst, uuid)
+                self.db.set_runtime(name, runtime)
+                inst = self._save(inst, state=InstanceState.STOPPED)
+                if req.start:
+                    inst = await self._start(inst, uuid, runtime)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await engine.destroy(inst, uuid)
+                self.db.delete(name)
+                raise
+        return inst
+
+    async def delete(self, name: str, *, force: bool = False) -> None:
+        async with self._lock(name):
+            inst, uuid, _ = self.db.get(name)
+            if not force:
+                lifecycle.check("delete", name, inst.state)
+            await self._engine(inst.type).destroy(inst, uuid)
+            self.db.delete(name)
+        self._locks.pop(name, None)
+
+    # -- state -------------------------------------------------------------------------
+
+    async def change_state(self, name: str, change: StateChange) -> Instance:
+        async with self._lock(name):
+            inst, uuid, runtime = self.db.get(name)
+            action = change.action
+            lifecycle.check(action.value, name, inst.state)
+            engine = self._engine(inst.type)
+            if action is StateAction.START:
+                check_fit(inst.limits, self._allocated(), self.host, self.policy)
+                return await self._start(inst, uuid, runtime)
+            if action is StateAction.PAUSE:
+                await engine.pause(name)
+                return self._save(inst, state=InstanceState.PAUSED)
+            if action is StateAction.RESUME:
+                await engine.resume(name)
+                return self._save(inst, state=InstanceState.RUNNING)
+            inst = await self._stop(inst, change)
+            if action is StateAction.RESTART:
+                inst = await self._start(inst, uuid, runtime)
+            return inst
+
+    async def _start(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> Instance:
+        accel = inst.accel or self.host.accel
+        inst = self._save(inst, state=InstanceState.STARTING, reason=None)
+        try:
+            started = await self._engine(inst.type).start(inst, uuid, runtime)
+        except VzError as exc:
+            self._save(inst, state=InstanceState.ERROR, reason=f"start failed: {exc.message}",
+                       pid=None)
+            raise
+        except BaseException:
+            self._save(inst, state=InstanceState.ERROR, reason="start was interrupted",
+                       pid=None)
+            raise
+        return self._save(
+            inst,
+            state=InstanceState.RUNNING,
+            pid=started.pid,
+            accel=accel,
+            started_at=_now(),
+            agent_version=started.agent_version,
+            kernel_release=started.kernel_release,
+        )
+
+    async def _stop(self, inst: Instance, change: StateChange) -> Instance:
+        inst = self._save(inst, state=InstanceState.STOPPING)
+        # NotFound: the process is already gone and the exit handler recorded it.
+        with contextlib.suppress(NotFound):
+            await self._engine(inst.type).stop(inst.name, force=change.force,
+                                               timeout=change.timeout)
+        return self._save(inst, state=InstanceState.STOPPED, pid=None,
+                          reason="stopped by request")
+
+    async def _on_exit(self, name: str, info: ExitInfo) -> None:
+        """An instance's process ended; record why unless an operation already did."""
+        async with self._lock(name):
+            try:
+                inst, uuid, _ = self.db.get(name)
+            except NotFound:
+                return
+            if inst.pid != info.pid or inst.state not in lifecycle.ACTIVE:
+                return
+            if inst.ephemeral:
+                await self._engine(inst.type).destroy(inst, uuid)
+                self.db.delete(name)
+                return
+            state = InstanceState.STOPPED if info.clean else InstanceState.CRASHED
+            if inst.state is InstanceState.STOPPING:
+                state = InstanceState.STOPPED
+            self._save(inst, state=state, pid=None, reason=info.reason)
+            log.info("%s is now %s: %s", name, state.value, info.reason)
+
+    async def reconcile(self) -> None:
+        """Match the database with what is really alive (after a daemon restart)."""
+        for inst in self.db.list():
+            _, uuid, runtime = self.db.get(inst.name)
+            engine = self.engines.get(inst.type)
+            if engine is None:
+                continue
+            if inst.state is InstanceState.CREATING:
+                # A create interrupted by a daemon crash: unwind it.
+                with contextlib.suppress(Exception):
+                    await engine.destroy(inst, uuid)
+                self.db.delete(inst.name)
+                continue
+            if inst.state not in lifecycle.ACTIVE:
+                continue
+            observed = await engine.attach(inst, uuid, runtime)
+            if observed is None:
+                if inst.ephemeral:
+                    with contextlib.suppress(Exception):
+                        await engine.destroy(inst, uuid)
+                    self.db.delete(inst.name)
+                    continue
+                stopping = inst.state is InstanceState.STOPPING
+                self._save(
+                    inst,
+                    state=InstanceState.STOPPED if stopping else InstanceState.CRASHED,
+                    pid=None,
+                    reason=None if stopping
+                    else "its process ended while vzd was not running",
+                )
+            elif inst.state is InstanceState.STARTING:
+                # The agent never answered before the daemon died: the start failed.
+                await engine.stop(inst.name, force=True, timeout=1)
+                self._save(inst, state=InstanceState.ERROR, pid=None,
+                           reason="vzd stopped while the instance was starting")
+            else:
+                state = InstanceState.PAUSED if observed == "paused" else InstanceState.RUNNING
+                self._save(inst, state=state)
+
+    # -- guest access ------------------------------------------------------------------
+
+    def _running(self, op: str, name: str) -> Instance:
+        inst = self.get(name)
+        lifecycle.check(op, name, inst.state)
+        return inst
+
+    async def exec(self, name: str, req: ExecRequest) -> ExecSession:
+        inst = self._running("exec", name)
+        return await self._engine(inst.type).exec(name, req)
+
+    async def push_file(
+        self, name: str, path: str, data: AsyncIterator[bytes], mode: int, parents: bool
+    ) -> None:
+        inst = self._running("file", name)
+        _check_guest_path(path)
+        await self._engine(inst.type).push_file(name, path, data, mode, parents)
+
+    async def pull_file(self, name: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
+        inst = self._running("file", name)
+        _check_guest_path(path)
+        return await self._engine(inst.type).pull_file(name, path)
+
+    async def open_console(self, name: str) -> ConsoleStream:
+        inst = self._running("console", name)
+        return await self._engine(inst.type).open_console(name)
+
+    def console_log(self, name: str) -> bytes:
+        inst, uuid, _ = self.db.get(name)
+        return self._engine(inst.type).console_log(name, uuid)
+
+    # -- images ------------------------------------------------------------------------
+
+    def list_images(self) -> list[ImageInfo]:
+        return self.images.list()
+
+    def get_image(self, name: str) -> ImageInfo:
+        return self.images.get(name)
+
+    async def ensure_image(self, name: str, progress: Progress | None = None) -> ImageInfo:
+        with contextlib.suppress(NotFound):
+            return self.images.get(name)
+        if name not in self.images.known_names():
+            raise NotFound(
+                f"unknown image {name!r}",
+                hint="available images: " + ", ".join(sorted(self.images.known_names())),
+            )
+        return await self.build_image(name, progress or (lambda s, f: None))
+
+    async def build_image(self, name: str, progress: Progress, force: bool = False) -> ImageInfo:
+        async with self._image_locks.setdefault(name, asyncio.Lock()):
+            return await asyncio.to_thread(self.images.build, name, progress, force)
+
+    def delete_image(self, name: str) -> None:
+        users = [i.name for i in self.db.list() if i.image == name]
+        if users:
+            raise Conflict(
+                f"image {name!r} is used by {len(users)} instance(s): {', '.join(users)}",
+                hint="delete those instances first: vz delete " + " ".join(users),
+            )
+        self.images.delete(name)
+
+    async def close(self) -> None:
+        for engine in self.engines.values():
+            await engine.close()
+
+
+def _check_guest_path(path: str) -> None:
+    if not path.startswith("/") or "\0" in path:
+        raise InvalidConfig(
+            f"invalid guest path {path!r}: it must be absolute",
+            hint="write the full path inside the instance, such as /root/file.txt",
+        )

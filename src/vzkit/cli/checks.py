@@ -1,0 +1,91 @@
+"""Local argument checks, done before the daemon is contacted.
+
+Name and size rules come from ``vzkit.units``, which does not import pydantic: importing
+the models costs ~100 ms, a large share of the start-up budget of ``vz run``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from vzkit.errors import InvalidConfig
+from vzkit.units import NAME_RE, NAME_RULE, parse_size
+
+
+class UsageError(InvalidConfig):
+    """Bad command-line input, found without asking the daemon; the CLI exits 2."""
+
+
+def check_name(name: str, what: str = "instance") -> str:
+    if not NAME_RE.match(name):
+        raise UsageError(f"invalid {what} name {name!r}", hint=NAME_RULE)
+    return name
+
+
+def check_memory(value: str) -> int:
+    try:
+        n = parse_size(value, default_unit="mib")
+    except ValueError as exc:
+        raise UsageError(
+            str(exc), hint="e.g. --memory 512MiB or --memory 1G (a bare number is MiB)"
+        ) from None
+    if n < 16 * 1024**2:
+        raise UsageError(
+            f"--memory {value} is too small", hint="give the guest at least 16MiB, e.g. 256MiB"
+        )
+    return n
+
+
+def check_cpus(value: int) -> int:
+    if not 1 <= value <= 256:
+        raise UsageError(f"--cpus {value} is out of range", hint="use 1 to 256 vCPUs")
+    return value
+
+
+def check_timeout(value: float | None, flag: str = "--timeout") -> float | None:
+    if value is not None and value <= 0:
+        raise UsageError(f"{flag} {value:g} must be positive", hint=f"e.g. {flag} 30")
+    return value
+
+
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise UsageError(
+                f"invalid --env {pair!r}", hint="use --env NAME=VALUE, e.g. --env LANG=C"
+            )
+        env[key] = value
+    return env
+
+
+def parse_mode(value: str) -> int:
+    text = value[2:] if value.lower().startswith("0o") else value
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o7777:
+        raise UsageError(
+            f"invalid --mode {value!r}", hint="give octal permissions, e.g. --mode 0644"
+        )
+    return mode
+
+
+def split_remote(spec: str, flag: str) -> tuple[str, str]:
+    """Split ``NAME:/abs/path``."""
+    name, sep, path = spec.partition(":")
+    example = "web:/etc/motd"
+    if not sep or not name:
+        raise UsageError(
+            f"{flag} {spec!r} is not of the form NAME:/path",
+            hint=f"write the guest side as NAME:/absolute/path, e.g. {example}",
+        )
+    check_name(name)
+    if not path.startswith("/"):
+        raise UsageError(
+            f"the guest path in {spec!r} is not absolute",
+            hint=f"write the guest side as NAME:/absolute/path, e.g. {example}",
+        )
+    return name, path

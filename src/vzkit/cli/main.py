@@ -1,0 +1,188 @@
+"""``vz``: parse the command line, call the SDK, render. Kept import-light for start-up time."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from vzkit.errors import VzError
+
+_TAKES_COMMAND = {"run", "exec"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message}\nhint: see: {self.prog} --help\n")
+        sys.exit(2)
+
+
+def _globals(defaults: bool) -> _Parser:
+    # Shared by the top parser and every subcommand so `vz list --format json` works too;
+    # subcommands use SUPPRESS so they do not reset a value given before the subcommand.
+    p = _Parser(add_help=False)
+    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
+    p.add_argument("--format", choices=["table", "json"], default=d("table"),
+                   help="output format (default: table)")
+    p.add_argument("--debug", action="store_true", default=d(False),
+                   help="show tracebacks on errors")
+    p.add_argument("--socket", type=Path, default=d(None), metavar="PATH",
+                   help="vzd's socket (default: $VZ_SOCKET or /run/vzkit/vzd.sock)")
+    p.add_argument("--no-autostart", action="store_true", default=d(False),
+                   help="fail instead of starting vzd when it is not running")
+    return p
+
+
+def _instance_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--type", choices=["microvm", "vm"], default=None, help="default: microvm")
+    p.add_argument("--cpus", type=int, default=None)
+    p.add_argument("--memory", default=None, metavar="SIZE", help="e.g. 512MiB, 1G (bare = MiB)")
+    p.add_argument("--accel", choices=["kvm", "tcg"], default=None)
+
+
+def _exec_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", "-e", action="append", metavar="K=V", help="repeatable")
+    p.add_argument("--workdir", "-w", default=None, metavar="DIR")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="kill the command after S seconds")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="pass stdin even when it is a terminal")
+    p.add_argument("command", nargs="*", help="the command, after --")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    g = _globals(False)
+    top = _Parser(prog="vz", description="vzkit: micro-VMs and VMs", parents=[_globals(True)])
+    sub = top.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(name, help=help, parents=[g])
+        return parser
+
+    p = add("run", "run a command in a fresh ephemeral instance")
+    p.add_argument("image")
+    p.add_argument("--name", default=None)
+    _instance_opts(p)
+    _exec_opts(p)
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--rm", dest="keep", action="store_false", help="delete it (default)")
+    keep.add_argument("--keep", dest="keep", action="store_true", help="leave it running")
+    p.set_defaults(keep=False)
+
+    p = add("launch", "create and start an instance")
+    p.add_argument("image")
+    p.add_argument("name", nargs="?")
+    _instance_opts(p)
+
+    add("list", "list instances")
+    add("info", "show an instance").add_argument("name")
+
+    p = add("exec", "run a command in an instance")
+    p.add_argument("name")
+    _exec_opts(p)
+
+    add("shell", "open a shell in an instance").add_argument("name")
+
+    p = add("console", "attach to the serial console (Ctrl-] detaches)")
+    p.add_argument("name")
+    p.add_argument("--show-log", action="store_true", help="print the console log and exit")
+
+    p = add("file", "copy files to and from an instance")
+    fsub = p.add_subparsers(dest="file_cmd", metavar="push|pull", parser_class=_Parser)
+    fsub.required = True
+    fp = fsub.add_parser("push", help="copy LOCAL (- = stdin) to NAME:/path", parents=[g])
+    fp.add_argument("local")
+    fp.add_argument("remote", metavar="NAME:/path")
+    fp.add_argument("--mode", default=None, help="octal, default: the local file's")
+    fp.add_argument("-p", "--parents", action="store_true", help="create missing directories")
+    fp = fsub.add_parser("pull", help="copy NAME:/path to LOCAL (- = stdout)", parents=[g])
+    fp.add_argument("remote", metavar="NAME:/path")
+    fp.add_argument("local")
+
+    for action in ("start", "stop", "restart", "pause", "resume"):
+        p = add(action, f"{action} instances")
+        p.add_argument("names", nargs="+", metavar="NAME")
+        if action in ("stop", "restart"):
+            p.add_argument("--force", action="store_true", help="kill instead of a clean stop")
+            p.add_argument("--timeout", type=float, default=30.0, metavar="S")
+
+    p = add("delete", "delete instances")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--force", action="store_true", help="kill running instances")
+
+    p = add("image", "manage images")
+    isub = p.add_subparsers(dest="image_cmd", metavar="list|info|build|delete",
+                            parser_class=_Parser)
+    isub.required = True
+    isub.add_parser("list", help="list built images", parents=[g])
+    isub.add_parser("info", help="show an image", parents=[g]).add_argument("name")
+    ip = isub.add_parser("build", help="build an image", parents=[g])
+    ip.add_argument("name")
+    ip.add_argument("--force", action="store_true", help="rebuild even if built")
+    isub.add_parser("delete", help="delete an image", parents=[g]).add_argument("name")
+
+    p = add("host", "the host")
+    hsub = p.add_subparsers(dest="host_cmd", metavar="info", parser_class=_Parser)
+    hsub.required = True
+    hp = hsub.add_parser("info", help="host capabilities", parents=[g])
+    hp.add_argument("--refresh", action="store_true", help="probe again")
+
+    p = add("daemon", "control vzd")
+    dsub = p.add_subparsers(dest="daemon_cmd", metavar="start|stop|status", parser_class=_Parser)
+    dsub.required = True
+    for name in ("start", "stop", "status"):
+        dsub.add_parser(name, help=f"{name} vzd", parents=[g])
+    return top
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    parser = build_parser()
+    # Everything after the first `--` is the guest command, verbatim (options included).
+    if "--" in argv:
+        cut = argv.index("--")
+        args = parser.parse_args(argv[:cut])
+        if args.cmd in _TAKES_COMMAND:
+            args.command = list(args.command) + argv[cut + 1 :]
+            return args
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        from vzkit.cli import commands
+
+        return commands.dispatch(args)
+    except VzError as exc:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        from vzkit.cli.checks import UsageError
+        from vzkit.cli.commands import print_error
+
+        print_error(exc)
+        return 2 if isinstance(exc, UsageError) else 1
+    except KeyboardInterrupt:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:
+        # `vz list | head`: the reader left; say nothing more, and keep Python from
+        # complaining while flushing stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The REST API: routing and (de)serialisation only; every route calls one action.
+
+Errors are mapped to HTTP here and only here: a ``VzError`` becomes its class's status
+with an ``ErrorBody``; request validation failures become 422 with the same body shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vzkit import __version__
+from vzkit.actions import Actions
+from vzkit.engines.base import ExecSession
+from vzkit.errors import InvalidConfig, VzError
+from vzkit.models import (
+    ErrorBody,
+    ExecRequest,
+    ImageInfo,
+    Instance,
+    InstanceCreate,
+    StateChange,
+)
+
+API = "/1.0"
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody} for s in (400, 404, 409, 422, 500, 501, 507)
+}
+
+
+def _validation_message(exc: RequestValidationError | ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
+    app = FastAPI(title="vzd", version=__version__, openapi_url="/openapi.json",
+                  docs_url=None, redoc_url=None)
+
+    @app.exception_handler(VzError)
+    async def _vz_error(request: Request, exc: VzError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        body = InvalidConfig(_validation_message(exc),
+                             hint="see the API reference in docs/api.md").to_dict()
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        return JSONResponse({"error": str(exc.detail), "code": code}, status_code=exc.status_code)
+
+    @app.get(API)
+    async def server_info() -> dict[str, Any]:
+        import os
+
+        return {"api_version": "1.0", "server_version": __version__, "pid": os.getpid()}
+
+    @app.get(f"{API}/host")
+    async def host_info(refresh: bool = False) -> dict[str, Any]:
+        return actions.host.model_dump(mode="json")
+
+    @app.get(f"{API}/instances", responses=_ERRORS)
+    async def list_instances() -> list[Instance]:
+        return actions.list_instances()
+
+    @app.post(f"{API}/instances", status_code=201, responses=_ERRORS)
+    async def create_instance(req: InstanceCreate) -> Instance:
+        return await actions.create(req)
+
+    @app.get(f"{API}/instances/{{name}}", responses=_ERRORS)
+    async def get_instance(name: str) -> Instance:
+        return actions.get(name)
+
+    @app.delete(f"{API}/instances/{{name}}", status_code=204, responses=_ERRORS)
+    async def delete_instance(name: str, force: bool = False) -> Response:
+        await actions.delete(name, force=force)
+        return Response(status_code=204)
+
+    @app.put(f"{API}/instances/{{name}}/state", responses=_ERRORS)
+    async def change_state(name: str, change: StateChange) -> Instance:
+        return await actions.change_state(name, change)
+
+    @app.get(f"{API}/instances/{{name}}/console/log", responses=_ERRORS)
+    async def console_log(name: str) -> Response:
+        return Response(actions.console_log(name), media_type="text/plain")
+
+    @app.put(f"{API}/instances/{{name}}/files", status_code=204, responses=_ERRORS)
+    async def push_file(
+        name: str,
+        request: Request,
+        path: str = Query(...),
+        mode: str = "0644",
+        parents: bool = False,
+    ) -> Response:
+        try:
+            mode_int = int(mode, 8)
+        except ValueError:
+            raise InvalidConfig(f"invalid file mode {mode!r}",
+                                hint="give an octal mode such as 0644") from None
+        await actions.push_file(name, path, request.stream(), mode_int, parents)
+        return Response(status_code=204)
+
+    @app.get(f"{API}/instances/{{name}}/files", responses=_ERRORS)
+    async def pull_file(name: str, path: str = Query(...)) -> StreamingResponse:
+        mode, chunks = await actions.pull_file(name, path)
+        return StreamingResponse(chunks, media_type="application/octet-stream",
+                                 headers={"X-Vz-File-Mode": f"{mode & 0o7777:04o}"})
+
+    @app.websocket(f"{API}/instances/{{name}}/exec")
+    async def exec_ws(ws: WebSocket, name: str) -> None:
+        await ws.accept()
+        try:
+            req = ExecRequest.model_validate_json(await ws.receive_text())
+            session = await actions.exec(name, req)
+        except ValidationError as exc:
+            await _ws_error(ws, InvalidConfig(_validation_message(exc)))
+            return
+        except VzError as exc:
+            await _ws_error(ws, exc)
+            return
+        except WebSocketDisconnect:
+            return
+        await _relay_exec(ws, session)
+
+    @app.websocket(f"{API}/instances/{{name}}/console")
+    async def console_ws(ws: WebSocket, name: str, history: bool = False) -> None:
+        await ws.accept()
+        try:
+            stream = await actions.open_console(name)
+        except VzError as exc:
+            await _ws_error(ws, exc)
+            return
+        if history:
+            await ws.send_bytes(actions.console_log(name))
+
+        async def pump_out() -> None:
+            while data := await stream.read(65536):
+                await ws.send_bytes(data)
+
+        out = asyncio.create_task(pump_out())
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                if msg.get("bytes"):
+                    await stream.write(msg["bytes"])
+        finally:
+            out.cancel()
+            await stream.close()
+
+    @app.get(f"{API}/images", responses=_ERRORS)
+    async def list_images() -> list[ImageInfo]:
+        return actions.list_images()
+
+    @app.get(f"{API}/images/{{name}}", responses=_ERRORS)
+    async def get_image(name: str) -> ImageInfo:
+        return actions.get_image(name)
+
+    @app.post(f"{API}/images/{{name}}/build", responses=_ERRORS)
+    async def build_image(name: str, force: bool = False) -> StreamingResponse:
+        if name not in actions.images.known_names():
+            await actions.ensure_image(name)  # raises NotFound with the list of names
+        return StreamingResponse(_build_stream(actions, name, force),
+                                 media_type="application/x-ndjson")
+
+    @app.delete(f"{API}/images/{{name}}", status_code=204, responses=_ERRORS)
+    async def delete_image(name: str) -> Response:
+        actions.delete_image(name)
+        return Response(status_code=204)
+
+    @app.post(f"{API}/daemon/shutdown", status_code=202)
+    async def shutdown_daemon() -> dict[str, str]:
+        asyncio.get_running_loop().call_later(0.05, shutdown)
+        return {"status": "shutting down"}
+
+    return app
+
+
+async def _build_stream(actions: Actions, name: str, force: bool) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def progress(step: str, fraction: float | None) -> None:
+        loop.call_soon_threadsafe(
+            queue.put_nowait, {"progress": {"step": step, "fraction": fraction}}
+        )
+
+    async def run() -> None:
+        try:
+            info = await actions.build_image(name, progress, force)
+            queue.put_nowait({"image": info.model_dump(mode="json")})
+        except VzError as exc:
+            queue.put_nowait({"error": exc.to_dict()})
+        except Exception as exc:  # the stream has started: report, don't 500
+            queue.put_nowait({"error": {"error": str(exc), "code": "internal"}})
+
+    task = asyncio.create_task(run())
+    try:
+        while True:
+            item = await queue.get()
+            yield (json.dumps(item) + "\n").encode()
+            if "progress" not in item:
+                break
+    finally:
+        await task
+
+
+async def _ws_error(ws: WebSocket, exc: VzError) -> None:
+    with contextlib.suppress(Exception):
+        await ws.send_text(json.dumps(exc.to_dict()))
+        await ws.close()
+
+
+async def _relay_exec(ws: WebSocket, session: ExecSession) -> None:
+    async def pump_out() -> None:
+        while (item := await session.read()) is not None:
+            channel, data = item
+            await ws.send_bytes(bytes([channel]) + data)
+
+    async def pump_in() -> None:
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                # The client went away: do not leave its command running in the guest.
+                await session.signal(9)
+                return
+            data = msg.get("bytes")
+            if data is not None:
+                if data[:1] == b"\x00":
+                    if len(data) == 1:
+                        await session.close_stdin()
+                    else:
+                        await session.write_stdin(data[1:])
+            elif msg.get("text"):
+                ctl = json.loads(msg["text"])
+                if "signal" in ctl:
+                    await session.signal(int(ctl["signal"]))
+                if "resize" in ctl:
+                    rows, cols = ctl["resize"]
+                    await session.resize(int(rows), int(cols))
+
+    inbound = asyncio.create_task(pump_in())
+    try:
+        await pump_out()
+        result = await session.wait()
+    except VzError as exc:
+        inbound.cancel()
+        await _ws_error(ws, exc)
+        return
+    finally:
+        inbound.cancel()
+    with contextlib.suppress(Exception):
+        await ws.send_text(result.model_dump_json())
+        await ws.close()

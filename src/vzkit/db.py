@@ -1,0 +1,109 @@
+"""The daemon's state: one SQLite database (WAL) holding every instance record.
+
+Records are the ``Instance`` model serialised as JSON, with the columns the daemon queries
+on (name, state) kept beside it. Only the daemon writes; a single connection is used from
+the event loop, and every write is its own short transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from vzkit.errors import Conflict, NotFound
+from vzkit.models import Instance, InstanceState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS instances (
+    name TEXT PRIMARY KEY,
+    uuid TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    data TEXT NOT NULL,
+    runtime TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.executescript(_SCHEMA)
+        self._conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def insert(self, inst: Instance, uuid: str, runtime: dict[str, Any] | None = None) -> None:
+        try:
+            self._conn.execute(
+                "INSERT INTO instances(name, uuid, state, data, runtime) VALUES (?, ?, ?, ?, ?)",
+                (inst.name, uuid, inst.state.value, inst.model_dump_json(),
+                 json.dumps(runtime or {})),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(
+                f"an instance named {inst.name!r} already exists",
+                hint=f"choose another name, or delete it first: vz delete {inst.name}",
+            ) from exc
+
+    def update(self, inst: Instance) -> None:
+        cur = self._conn.execute(
+            "UPDATE instances SET state = ?, data = ? WHERE name = ?",
+            (inst.state.value, inst.model_dump_json(), inst.name),
+        )
+        if cur.rowcount == 0:
+            raise NotFound(f"instance {inst.name!r} not found", hint="list instances: vz list")
+
+    def set_runtime(self, name: str, runtime: dict[str, Any]) -> None:
+        self._conn.execute(
+            "UPDATE instances SET runtime = ? WHERE name = ?", (json.dumps(runtime), name)
+        )
+
+    def get(self, name: str) -> tuple[Instance, str, dict[str, Any]]:
+        row = self._conn.execute(
+            "SELECT data, uuid, runtime FROM instances WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"instance {name!r} not found", hint="list instances: vz list")
+        return Instance.model_validate_json(row[0]), row[1], json.loads(row[2])
+
+    def exists(self, name: str) -> bool:
+        return (
+            self._conn.execute("SELECT 1 FROM instances WHERE name = ?", (name,)).fetchone()
+            is not None
+        )
+
+    def list(self, states: AbstractSet[InstanceState] | None = None) -> list[Instance]:
+        rows = self._conn.execute("SELECT data FROM instances ORDER BY name").fetchall()
+        out = [Instance.model_validate_json(r[0]) for r in rows]
+        if states is not None:
+            out = [i for i in out if i.state in states]
+        return out
+
+    def delete(self, name: str) -> None:
+        self._conn.execute("DELETE FROM instances WHERE name = ?", (name,))

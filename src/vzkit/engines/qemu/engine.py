@@ -1,0 +1,451 @@
+"""The QEMU engine: runs ``microvm`` and ``vm`` instances and talks to their guest agents.
+
+Per instance it keeps a QMP session (pause/resume/quit and the SHUTDOWN event), a pidfd
+(exit notice within milliseconds, even after a daemon restart) and, lazily, one
+multiplexed agent connection shared by every exec and file transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
+
+from vzkit.engines.base import ConsoleStream, ExecSession, ExitCallback, ExitInfo, Started
+from vzkit.engines.qemu import process
+from vzkit.engines.qemu.agent import AgentClient
+from vzkit.engines.qemu.cmdline import Disk, MachineSpec, build_argv, kernel_cmdline
+from vzkit.errors import AgentError, EngineError, NotFound
+from vzkit.host.cgroups import Cgroup, CgroupDriver, CgroupLimits
+from vzkit.host.probe import HostInfo
+from vzkit.host.resources import TCG_TB_SIZE_MIB, qemu_memory_limit
+from vzkit.images.store import ImageStore
+from vzkit.models import Accel, ExecRequest, Instance
+from vzkit.settings import Settings
+
+log = logging.getLogger(__name__)
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+BOOT_TIMEOUT = 180.0
+CONSOLE_LOG_MAX = 1024 * 1024
+_QMP_BUF = 1024 * 1024
+
+
+@dataclass
+class _Live:
+    name: str
+    uuid: str
+    pid: int
+    rdir: Path
+    pidfd: int | None = None
+    qmp: QMPClient | None = None
+    events: asyncio.Task[None] | None = None
+    agent: AgentClient | None = None
+    agent_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stop_requested: bool = False
+    guest_shutdown: bool = False
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    cgroup: Cgroup | None = None
+
+
+class _UnixConsole:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._r, self._w = reader, writer
+
+    async def read(self, n: int) -> bytes:
+        return await self._r.read(n)
+
+    async def write(self, data: bytes) -> None:
+        self._w.write(data)
+        await self._w.drain()
+
+    async def close(self) -> None:
+        self._w.close()
+        with contextlib.suppress(OSError):
+            await self._w.wait_closed()
+
+
+class QemuEngine:
+    def __init__(
+        self,
+        settings: Settings,
+        host: HostInfo,
+        images: ImageStore,
+        cgroups: CgroupDriver | None,
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self.images = images
+        self.cgroups = cgroups
+        self._live: dict[str, _Live] = {}
+        self._exit_cb: ExitCallback | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def set_exit_callback(self, cb: ExitCallback) -> None:
+        self._exit_cb = cb
+
+    # -- paths -------------------------------------------------------------------------
+
+    def state_dir(self, uuid: str) -> Path:
+        return self.settings.instances_dir / uuid
+
+    def runtime_dir(self, uuid: str) -> Path:
+        return self.settings.instance_runtime_dir / uuid
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def create(self, inst: Instance, uuid: str) -> dict[str, Any]:
+        image = self.images.get(inst.image)
+        sdir = self.state_dir(uuid)
+        sdir.mkdir(parents=True, exist_ok=True)
+        rootfs = image.files.get("rootfs")
+        if rootfs:
+            # A copy-on-write overlay: instant whatever the image size, and the image
+            # stays untouched.
+            await _run(
+                "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
+                "-b", rootfs, str(sdir / "root.qcow2"),
+            )
+        return {}
+
+    async def start(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> Started:
+        if inst.name in self._live:
+            raise EngineError(f"instance {inst.name!r} already has a running QEMU")
+        image = self.images.get(inst.image)
+        self.images.check(image)
+        sdir, rdir = self.state_dir(uuid), self.runtime_dir(uuid)
+        sdir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(rdir, ignore_errors=True)
+        rdir.mkdir(parents=True, mode=0o700)
+        accel = inst.accel or Accel(self.host.accel)
+        disks: tuple[Disk, ...] = ()
+        root = None
+        if image.files.get("rootfs"):
+            disks = (Disk(sdir / "root.qcow2"),)
+            root = "/dev/vda"
+        extra_args = image.files.get("cmdline", "")
+        cgroup: Cgroup | None = None
+        pid: int | None = None
+        try:
+            if self.cgroups is not None:
+                cgroup = self.cgroups.create(
+                    f"{self.settings.cgroup_parent}/{inst.name}",
+                    CgroupLimits(
+                        memory_max=qemu_memory_limit(
+                            inst.limits.memory,
+                            cpus=inst.limits.cpus,
+                            tb_size_mib=TCG_TB_SIZE_MIB if accel is Accel.TCG else 0,
+                        ),
+                        cpu_weight=inst.limits.cpu_weight,
+                        cpuset_cpus=inst.limits.cpu_pin,
+                    ),
+                )
+            socks = [process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock",
+                                                                "console.sock")]
+            with process.closing_all(socks):
+                spec = MachineSpec(
+                    name=inst.name,
+                    uuid=uuid,
+                    type=inst.type,
+                    cpus=inst.limits.cpus,
+                    memory=inst.limits.memory,
+                    accel=accel,
+                    kernel=Path(image.files["kernel"]),
+                    initrd=Path(image.files["initrd"]),
+                    cmdline=kernel_cmdline(
+                        hostname=inst.name, tsc_khz=self.host.tsc_khz, root=root,
+                        extra=extra_args,
+                    ),
+                    qmp_fd=socks[0].fileno(),
+                    agent_fd=socks[1].fileno(),
+                    console_fd=socks[2].fileno(),
+                    console_log=sdir / "console.log",
+                    pid_file=rdir / "qemu.pid",
+                    disks=disks,
+                )
+                # A fresh boot starts a fresh console log.
+                (sdir / "console.log").write_bytes(b"")
+                pid = await process.launch(
+                    build_argv(self.settings.qemu_binary, spec),
+                    pass_fds=[s.fileno() for s in socks],
+                    procs_files=cgroup.procs_files() if cgroup else [],
+                    pid_file=spec.pid_file,
+                    log_file=sdir / "qemu.log",
+                )
+            live = _Live(inst.name, uuid, pid, rdir, cgroup=cgroup)
+            self._live[inst.name] = live
+            await self._watch(live)
+            agent = await self._wait_agent(live, BOOT_TIMEOUT)
+            return Started(
+                pid=pid,
+                agent_version=agent.hello.agent_version,
+                kernel_release=agent.hello.kernel_release,
+            )
+        except BaseException:
+            live_ = self._live.pop(inst.name, None)
+            if live_ is not None:
+                await self._detach(live_)
+            if pid is not None:
+                process.kill(pid)
+                await asyncio.to_thread(process.wait_gone, pid, 5.0)
+            if cgroup is not None:
+                await asyncio.to_thread(cgroup.destroy)
+            shutil.rmtree(rdir, ignore_errors=True)
+            raise
+
+    async def attach(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> str | None:
+        pid = inst.pid
+        if pid is None or not process.is_our_qemu(pid, uuid):
+            if self.cgroups is not None:
+                cg = self.cgroups.open(f"{self.settings.cgroup_parent}/{inst.name}")
+                if cg is not None:
+                    await asyncio.to_thread(cg.destroy)
+            shutil.rmtree(self.runtime_dir(uuid), ignore_errors=True)
+            return None
+        cgroup = None
+        if self.cgroups is not None:
+            cgroup = self.cgroups.open(f"{self.settings.cgroup_parent}/{inst.name}")
+        live = _Live(inst.name, uuid, pid, self.runtime_dir(uuid), cgroup=cgroup)
+        self._live[inst.name] = live
+        try:
+            await self._watch(live)
+            assert live.qmp is not None
+            status: Any = await live.qmp.execute("query-status")
+        except Exception as exc:
+            log.warning("cannot re-attach to %s (pid %d): %s", inst.name, pid, exc)
+            self._live.pop(inst.name, None)
+            await self._detach(live)
+            return None
+        return "paused" if status.get("status") in {"paused", "suspended"} else "running"
+
+    async def stop(self, name: str, *, force: bool, timeout: float) -> None:
+        live = self._get(name)
+        live.stop_requested = True
+        if not force:
+            try:
+                agent = await self._agent(live, timeout=min(timeout, 5.0))
+                await asyncio.wait_for(agent.poweroff(), timeout)
+            except (AgentError, TimeoutError, OSError) as exc:
+                log.info("agent power-off of %s failed (%s); trying ACPI", name, exc)
+                with contextlib.suppress(Exception):
+                    assert live.qmp is not None
+                    await live.qmp.execute("system_powerdown")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.exited.wait(), timeout)
+                return
+            log.info("%s did not power off within %.0fs: killing it", name, timeout)
+        await self._kill(live)
+
+    async def _kill(self, live: _Live) -> None:
+        live.stop_requested = True
+        if live.qmp is not None:
+            # quit lets QEMU close its disk images cleanly; SIGKILL is the fallback.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(live.qmp.execute("quit"), 2.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(live.exited.wait(), 3.0)
+            return
+        process.kill(live.pid)
+        await live.exited.wait()
+
+    async def pause(self, name: str) -> None:
+        await self._qmp(name, "stop")
+
+    async def resume(self, name: str) -> None:
+        await self._qmp(name, "cont")
+
+    async def _qmp(self, name: str, cmd: str) -> Any:
+        live = self._get(name)
+        if live.qmp is None:
+            raise EngineError(f"no QMP connection to {name!r}")
+        try:
+            return await live.qmp.execute(cmd)
+        except Exception as exc:
+            raise EngineError(f"QMP {cmd} failed for {name!r}: {exc}") from exc
+
+    async def exec(self, name: str, req: ExecRequest) -> ExecSession:
+        agent = await self._agent(self._get(name))
+        env = dict(req.env)
+        if env:
+            env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            env.setdefault("HOME", "/root")
+            if req.tty:
+                env.setdefault("TERM", "xterm-256color")
+        return await agent.exec(
+            req.argv, env=env or None, cwd=req.cwd, tty=req.tty, rows=req.rows,
+            cols=req.cols, stdin=req.stdin, timeout=req.timeout,
+        )
+
+    async def push_file(
+        self, name: str, path: str, data: AsyncIterator[bytes], mode: int, parents: bool
+    ) -> None:
+        agent = await self._agent(self._get(name))
+        await agent.push_file(path, data, mode=mode, parents=parents)
+
+    async def pull_file(self, name: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
+        agent = await self._agent(self._get(name))
+        return await agent.pull_file(path)
+
+    async def open_console(self, name: str) -> ConsoleStream:
+        live = self._get(name)
+        reader, writer = await asyncio.open_unix_connection(str(live.rdir / "console.sock"))
+        return _UnixConsole(reader, writer)
+
+    def console_log(self, name: str, uuid: str) -> bytes:
+        try:
+            return (self.state_dir(uuid) / "console.log").read_bytes()[-CONSOLE_LOG_MAX:]
+        except FileNotFoundError:
+            return b""
+
+    def trim_console_logs(self) -> None:
+        """Keep each console log bounded; QEMU appends (O_APPEND), so truncating is safe."""
+        for live in self._live.values():
+            path = self.state_dir(live.uuid) / "console.log"
+            with contextlib.suppress(OSError):
+                if path.stat().st_size > CONSOLE_LOG_MAX:
+                    with open(path, "r+b") as f:
+                        f.seek(-CONSOLE_LOG_MAX // 2, os.SEEK_END)
+                        tail = f.read()
+                        f.seek(0)
+                        f.truncate()
+                        f.write(tail)
+
+    async def destroy(self, inst: Instance, uuid: str) -> None:
+        if inst.name in self._live:
+            await self._kill(self._live[inst.name])
+        shutil.rmtree(self.runtime_dir(uuid), ignore_errors=True)
+        shutil.rmtree(self.state_dir(uuid), ignore_errors=True)
+
+    async def close(self) -> None:
+        for live in list(self._live.values()):
+            await self._detach(live)
+        self._live.clear()
+
+    def allocated_pids(self) -> dict[str, int]:
+        return {name: live.pid for name, live in self._live.items()}
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _get(self, name: str) -> _Live:
+        live = self._live.get(name)
+        if live is None:
+            raise NotFound(f"instance {name!r} has no running QEMU",
+                           hint=f"start it first: vz start {name}")
+        return live
+
+    async def _watch(self, live: _Live) -> None:
+        """Connect QMP and watch the pid, so an exit is noticed at once."""
+        loop = asyncio.get_running_loop()
+        fd = os.pidfd_open(live.pid)
+        live.pidfd = fd
+        loop.add_reader(fd, self._on_exit, live)
+        qmp = QMPClient(live.name, readbuflen=_QMP_BUF)
+        await qmp.connect(str(live.rdir / "qmp.sock"))
+        live.qmp = qmp
+        listener = EventListener(("SHUTDOWN",))
+        qmp.register_listener(listener)
+        live.events = asyncio.create_task(self._events(live, listener))
+
+    async def _events(self, live: _Live, listener: EventListener) -> None:
+        async for event in listener:
+            data = event.get("data")
+            if isinstance(data, dict) and data.get("guest"):
+                live.guest_shutdown = True
+
+    def _on_exit(self, live: _Live) -> None:
+        if live.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(live.pidfd)
+            os.close(live.pidfd)
+            live.pidfd = None
+        task = asyncio.create_task(self._handle_exit(live))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle_exit(self, live: _Live) -> None:
+        if self._live.get(live.name) is live:
+            del self._live[live.name]
+        await self._detach(live)
+        if live.cgroup is not None:
+            await asyncio.to_thread(live.cgroup.destroy)
+        shutil.rmtree(live.rdir, ignore_errors=True)
+        live.exited.set()
+        if live.stop_requested:
+            info = ExitInfo(live.pid, True, "stopped")
+        elif live.guest_shutdown:
+            info = ExitInfo(live.pid, True, "the guest powered off")
+        else:
+            tail = self.console_log(live.name, live.uuid)[-300:].decode(errors="replace")
+            last = tail.strip().splitlines()[-1] if tail.strip() else ""
+            info = ExitInfo(
+                live.pid,
+                False,
+                f"QEMU (pid {live.pid}) exited without a guest shutdown (killed or crashed)"
+                + (f"; last console line: {last}" if last else ""),
+            )
+        if self._exit_cb is not None:
+            await self._exit_cb(live.name, info)
+
+    async def _detach(self, live: _Live) -> None:
+        """Drop our connections to an instance (it may keep running)."""
+        if live.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(live.pidfd)
+            os.close(live.pidfd)
+            live.pidfd = None
+        if live.events is not None:
+            live.events.cancel()
+        if live.agent is not None:
+            with contextlib.suppress(Exception):
+                await live.agent.close()
+        if live.qmp is not None:
+            with contextlib.suppress(Exception):
+                await live.qmp.disconnect()
+
+    async def _agent(self, live: _Live, timeout: float = 10.0) -> AgentClient:
+        async with live.agent_lock:
+            if live.agent is not None and not live.agent.closed:
+                return live.agent
+            live.agent = await AgentClient.connect_unix(live.rdir / "agent.sock",
+                                                        timeout=timeout)
+            return live.agent
+
+    async def _wait_agent(self, live: _Live, timeout: float) -> AgentClient:
+        """Wait for the guest agent's hello, failing fast if QEMU dies meanwhile."""
+        connect = asyncio.create_task(self._agent(live, timeout))
+        died = asyncio.create_task(live.exited.wait())
+        done, _ = await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
+        died.cancel()
+        if connect in done:
+            return connect.result()
+        connect.cancel()
+        with contextlib.suppress(BaseException):
+            await connect
+        tail = self.console_log(live.name, live.uuid)[-2000:].decode(errors="replace")
+        raise EngineError(
+            f"QEMU exited while {live.name!r} was booting",
+            hint="the guest console said:\n" + tail if tail.strip() else None,
+        )
+
+
+async def _run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise EngineError(f"{argv[0]} failed: {(err or out).decode(errors='replace').strip()}")
+
+
+def kill_signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)

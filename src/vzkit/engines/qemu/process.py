@@ -1,0 +1,140 @@
+"""Starting QEMU as a process that outlives the daemon, and finding it again.
+
+QEMU is started with ``-daemonize``: the launcher process returns once QEMU finished its
+set-up (so a bad command line or a missing file fails the launch synchronously), and the
+real QEMU process belongs to no one but init, so killing vzd never kills a VM. Exit is
+observed through a pidfd, which works for processes that are not our children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from vzkit.errors import EngineError
+
+# Enough for QEMU to load a kernel and initramfs from a slow disk, not enough to hide a hang.
+LAUNCH_TIMEOUT = 60.0
+
+
+def listen_unix(path: Path) -> socket.socket:
+    """A listening socket QEMU inherits, so clients can connect before QEMU even runs."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(8)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _cgroup_wrapper(procs_files: Sequence[Path], argv: Sequence[str]) -> list[str]:
+    # The shell joins the cgroups before exec, so every byte QEMU allocates is accounted
+    # (writing the pid afterwards would race with QEMU's start-up allocations).
+    if not procs_files:
+        return list(argv)
+    script = (
+        'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; '
+        'shift; n=$((n-1)); done; exec "$@"'
+    )
+    return ["/bin/sh", "-c", script, "vz-launch", str(len(procs_files)),
+            *map(str, procs_files), *argv]
+
+
+async def launch(
+    argv: Sequence[str],
+    *,
+    pass_fds: Sequence[int],
+    procs_files: Sequence[Path],
+    pid_file: Path,
+    log_file: Path,
+) -> int:
+    """Run QEMU (with -daemonize) and return the pid of the daemonized process."""
+    with contextlib.suppress(FileNotFoundError):
+        pid_file.unlink()
+    with open(log_file, "ab") as log:
+        start = log.tell()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *_cgroup_wrapper(procs_files, argv),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+                pass_fds=pass_fds,
+            )
+        except FileNotFoundError as exc:
+            raise EngineError(
+                f"cannot run {argv[0]}: not found",
+                hint="install QEMU: apt-get install qemu-system-x86 (scripts/setup does this)",
+            ) from exc
+        try:
+            rc = await asyncio.wait_for(proc.wait(), LAUNCH_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise EngineError(
+                f"QEMU did not finish starting within {LAUNCH_TIMEOUT:.0f}s",
+                hint=f"see {log_file}",
+            ) from None
+    if rc != 0:
+        message = _tail(log_file, start).strip() or f"exit status {rc}"
+        raise EngineError(f"QEMU failed to start: {message}", hint=f"see {log_file}")
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"QEMU started but wrote no pid file at {pid_file}") from exc
+
+
+def _tail(path: Path, start: int, limit: int = 4000) -> str:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read()[-limit:].decode(errors="replace")
+
+
+def cmdline_of(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def is_our_qemu(pid: int, uuid: str) -> bool:
+    """True when pid is alive and is the QEMU started for this instance uuid."""
+    argv = cmdline_of(pid)
+    return argv is not None and "-uuid" in argv and uuid in argv
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Poll until pid disappears (it is not our child, so we cannot waitpid it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return True
+        time.sleep(0.01)
+    return not Path(f"/proc/{pid}").exists()
+
+
+@contextlib.contextmanager
+def closing_all(socks: Sequence[socket.socket]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for s in socks:
+            s.close()

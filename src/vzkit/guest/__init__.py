@@ -1,0 +1,1 @@
+"""The guest side: the in-guest agent (C source) and its wire protocol."""

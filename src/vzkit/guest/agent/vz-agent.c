@@ -1,0 +1,1612 @@
+/*
+ * vz-agent: the vzkit guest agent.
+ *
+ * Runs inside every guest (as PID 1 in the minimal initramfs image, as a service in
+ * disk images) and serves the vzkit wire protocol (PROTOCOL.md, version 1) over one
+ * virtio-serial port: command execution, file transfer and power-off.
+ *
+ * One process, one thread, one poll() loop: every child pipe is non-blocking so a
+ * slow consumer of one stream never stalls the others. Writes to the port may block
+ * (the host is then not reading); that is the flow control towards the host.
+ *
+ * Built static (musl-gcc -static -O2 -s) by vzkit.guest.build.agent_binary.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <time.h>
+#include <unistd.h>
+
+#define AGENT_VERSION "1.0.0"
+#define PROTO_VERSION 1
+#define MAGIC 0x565A
+#define HDR 12
+#define MAX_PAYLOAD (1u << 20)
+#define CHUNK 65536
+/* Above this much unwritten stdin for one session we stop reading the port, so a
+ * child that does not read its stdin cannot make the agent buffer without limit. */
+#define STDIN_HIGH_WATER (4u << 20)
+#define DRAIN_MS 200
+#define RECONNECT_POLL_MS 20
+#define PORT_WAIT_MS 10000
+
+enum {
+    T_HELLO = 0x01,
+    T_EXEC = 0x10,
+    T_STARTED = 0x11,
+    T_STDIN = 0x12,
+    T_STDOUT = 0x13,
+    T_STDERR = 0x14,
+    T_EXIT = 0x15,
+    T_SIGNAL = 0x16,
+    T_RESIZE = 0x17,
+    T_ERROR = 0x1F,
+    T_FILE_PUT = 0x20,
+    T_FILE_GET = 0x21,
+    T_DATA = 0x22,
+    T_OK = 0x24,
+    T_POWEROFF = 0x30,
+};
+
+#define EXEC_TTY 0x1u
+#define EXEC_STDIN 0x2u
+#define PUT_PARENTS 0x1u
+
+static const char DEFAULT_PATH[] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/* ------------------------------------------------------------------------------ */
+/* State                                                                            */
+
+struct exec_s {
+    struct exec_s *next;
+    uint32_t id;
+    pid_t pid;
+    int tty;
+    int in_fd;  /* pipe to the child's stdin, or a dup of the pty master */
+    int out_fd; /* stdout pipe, or the pty master */
+    int err_fd; /* stderr pipe; -1 in tty mode */
+    uint8_t *inbuf;
+    size_t inlen, inoff, incap;
+    int in_eof;
+    int exited;
+    int status;
+    int timed_out;
+    int64_t deadline;       /* 0 = no timeout */
+    int64_t drain_deadline; /* set once reaped while output is still open */
+};
+
+struct put_s {
+    struct put_s *next;
+    uint32_t id;
+    int fd;     /* -1 once failed: the remaining DATA frames are swallowed */
+    int failed;
+    mode_t mode;
+    char *path;
+    char *tmp;
+};
+
+struct get_s {
+    struct get_s *next;
+    uint32_t id;
+    int fd;
+    int done;
+};
+
+static int port_fd = -1;
+static int connected;
+static int lost; /* a write failed: tear down at the top of the loop, not mid-iteration */
+static int is_pid1;
+static int no_poweroff;
+static int log_fd = 2;
+static int sig_pipe[2] = {-1, -1};
+static volatile sig_atomic_t got_term;
+
+static uint8_t *rbuf;
+static size_t rlen;
+static size_t rcap;
+static int resyncing;
+static uint8_t *obuf; /* scratch for outgoing payloads read from children/files */
+
+static struct exec_s *execs;
+static struct put_s *puts_;
+static struct get_s *gets;
+
+/* ------------------------------------------------------------------------------ */
+/* Utilities                                                                        */
+
+static void logmsg(const char *fmt, ...)
+{
+    char buf[512];
+    int n = snprintf(buf, sizeof buf, "vz-agent: ");
+    va_list ap;
+    va_start(ap, fmt);
+    n += vsnprintf(buf + n, sizeof buf - (size_t)n - 1, fmt, ap);
+    va_end(ap);
+    if (n > (int)sizeof buf - 2)
+        n = (int)sizeof buf - 2;
+    buf[n++] = '\n';
+    ssize_t w = write(log_fd, buf, (size_t)n);
+    (void)w;
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+/* Allocation failure must not kill PID 1 (that panics the guest): wait and retry. */
+static void *xrealloc(void *p, size_t n)
+{
+    for (;;) {
+        void *q = realloc(p, n ? n : 1);
+        if (q)
+            return q;
+        logmsg("out of memory (%zu bytes), retrying", n);
+        sleep_ms(100);
+    }
+}
+
+static char *xstrndup(const uint8_t *s, size_t n)
+{
+    char *r = xrealloc(NULL, n + 1);
+    memcpy(r, s, n);
+    r[n] = 0;
+    return r;
+}
+
+static char *xstrdup(const char *s)
+{
+    return xstrndup((const uint8_t *)s, strlen(s));
+}
+
+static void set_nonblock(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static void set_cloexec(int fd)
+{
+    int fl = fcntl(fd, F_GETFD);
+    if (fl >= 0)
+        fcntl(fd, F_SETFD, fl | FD_CLOEXEC);
+}
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0) {
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+static uint16_t be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+static uint32_t be32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+static void put16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+static void put32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+/* Payload builder. */
+struct pbuf {
+    uint8_t *p;
+    size_t len, cap;
+};
+
+static void pb_need(struct pbuf *b, size_t n)
+{
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + n)
+            cap *= 2;
+        b->p = xrealloc(b->p, cap);
+        b->cap = cap;
+    }
+}
+static void pb_u16(struct pbuf *b, uint16_t v)
+{
+    pb_need(b, 2);
+    put16(b->p + b->len, v);
+    b->len += 2;
+}
+static void pb_u32(struct pbuf *b, uint32_t v)
+{
+    pb_need(b, 4);
+    put32(b->p + b->len, v);
+    b->len += 4;
+}
+static void pb_str(struct pbuf *b, const char *s, size_t n)
+{
+    pb_u32(b, (uint32_t)n);
+    pb_need(b, n);
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+}
+
+/* Payload reader: any overrun sets bad, and every later read yields zeros. */
+struct rd {
+    const uint8_t *p;
+    size_t len, off;
+    int bad;
+};
+
+static int rd_has(struct rd *r, size_t n)
+{
+    if (r->bad || r->len - r->off < n) {
+        r->bad = 1;
+        return 0;
+    }
+    return 1;
+}
+static uint8_t rd_u8(struct rd *r)
+{
+    if (!rd_has(r, 1))
+        return 0;
+    return r->p[r->off++];
+}
+static uint16_t rd_u16(struct rd *r)
+{
+    if (!rd_has(r, 2))
+        return 0;
+    uint16_t v = be16(r->p + r->off);
+    r->off += 2;
+    return v;
+}
+static uint32_t rd_u32(struct rd *r)
+{
+    if (!rd_has(r, 4))
+        return 0;
+    uint32_t v = be32(r->p + r->off);
+    r->off += 4;
+    return v;
+}
+/* Returns a NUL-terminated copy; a string with an embedded NUL cannot be a path,
+ * argument or variable, so it makes the payload malformed. */
+static char *rd_cstr(struct rd *r)
+{
+    uint32_t n = rd_u32(r);
+    if (!rd_has(r, n))
+        return NULL;
+    const uint8_t *s = r->p + r->off;
+    r->off += n;
+    if (memchr(s, 0, n)) {
+        r->bad = 1;
+        return NULL;
+    }
+    return xstrndup(s, n);
+}
+static char **rd_strlist(struct rd *r, size_t *count)
+{
+    uint32_t n = rd_u32(r);
+    /* Each entry takes at least 4 bytes: reject absurd counts before allocating. */
+    if (r->bad || n > (r->len - r->off) / 4) {
+        r->bad = 1;
+        return NULL;
+    }
+    char **v = xrealloc(NULL, ((size_t)n + 1) * sizeof *v);
+    size_t i;
+    for (i = 0; i < n; i++) {
+        v[i] = rd_cstr(r);
+        if (!v[i])
+            break;
+    }
+    v[i] = NULL;
+    *count = i;
+    return v;
+}
+static void free_strlist(char **v)
+{
+    if (!v)
+        return;
+    for (char **p = v; *p; p++)
+        free(*p);
+    free(v);
+}
+
+/* ------------------------------------------------------------------------------ */
+/* Sending                                                                          */
+
+/* Waits for the port to take more bytes. Returns -1 if the host went away. */
+static int wait_port_writable(void)
+{
+    for (;;) {
+        struct pollfd p = {port_fd, POLLOUT, 0};
+        int r = poll(&p, 1, -1);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (p.revents & POLLOUT)
+            return 0;
+        if (p.revents & (POLLHUP | POLLERR | POLLNVAL))
+            return -1;
+    }
+}
+
+static void send_frame(uint8_t type, uint32_t stream, const void *payload, size_t len)
+{
+    if (!connected || lost)
+        return;
+    uint8_t hdr[HDR];
+    put16(hdr, MAGIC);
+    hdr[2] = PROTO_VERSION;
+    hdr[3] = type;
+    put32(hdr + 4, stream);
+    put32(hdr + 8, (uint32_t)len);
+    struct iovec iov[2] = {{hdr, HDR}, {(void *)payload, len}};
+    int iovcnt = len ? 2 : 1;
+    struct iovec *v = iov;
+    while (iovcnt > 0) {
+        ssize_t n = writev(port_fd, v, iovcnt);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN && wait_port_writable() == 0)
+                continue;
+            lost = 1;
+            return;
+        }
+        while (iovcnt > 0 && (size_t)n >= v->iov_len) {
+            n -= (ssize_t)v->iov_len;
+            v++;
+            iovcnt--;
+        }
+        if (iovcnt > 0) {
+            v->iov_base = (uint8_t *)v->iov_base + n;
+            v->iov_len -= (size_t)n;
+        }
+    }
+}
+
+static void send_error(uint32_t stream, int err, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        n = 0;
+    if (n >= (int)sizeof msg)
+        n = (int)sizeof msg - 1;
+    uint8_t pay[4 + 4 + sizeof msg];
+    put32(pay, (uint32_t)err);
+    put32(pay + 4, (uint32_t)n);
+    memcpy(pay + 8, msg, (size_t)n);
+    send_frame(T_ERROR, stream, pay, 8 + (size_t)n);
+}
+
+static void send_hello(void)
+{
+    struct utsname u;
+    const char *rel = uname(&u) == 0 ? u.release : "";
+    struct pbuf b = {0};
+    pb_u16(&b, PROTO_VERSION);
+    pb_str(&b, AGENT_VERSION, strlen(AGENT_VERSION));
+    pb_str(&b, rel, strlen(rel));
+    send_frame(T_HELLO, 0, b.p, b.len);
+    free(b.p);
+}
+
+/* ------------------------------------------------------------------------------ */
+/* Sessions                                                                         */
+
+static struct exec_s *find_exec(uint32_t id)
+{
+    for (struct exec_s *e = execs; e; e = e->next)
+        if (e->id == id)
+            return e;
+    return NULL;
+}
+static struct put_s *find_put(uint32_t id)
+{
+    for (struct put_s *p = puts_; p; p = p->next)
+        if (p->id == id)
+            return p;
+    return NULL;
+}
+static struct get_s *find_get(uint32_t id)
+{
+    for (struct get_s *g = gets; g; g = g->next)
+        if (g->id == id)
+            return g;
+    return NULL;
+}
+static int stream_in_use(uint32_t id)
+{
+    return find_exec(id) || find_put(id) || find_get(id);
+}
+
+static void exec_close_fds(struct exec_s *e)
+{
+    close_fd(&e->in_fd);
+    close_fd(&e->out_fd);
+    close_fd(&e->err_fd);
+}
+
+static void free_exec(struct exec_s *e)
+{
+    exec_close_fds(e);
+    free(e->inbuf);
+    free(e);
+}
+
+static void put_abort(struct put_s *p)
+{
+    close_fd(&p->fd);
+    if (p->tmp)
+        unlink(p->tmp);
+    free(p->tmp);
+    p->tmp = NULL;
+}
+
+static void free_put(struct put_s *p)
+{
+    put_abort(p);
+    free(p->path);
+    free(p);
+}
+
+/* Kills every session and forgets every stream: used when the host goes away and
+ * before the agent exits. Children are reaped later by the waitpid(-1) loop. */
+static void drop_all_sessions(void)
+{
+    while (execs) {
+        struct exec_s *e = execs;
+        execs = e->next;
+        if (!e->exited || e->out_fd >= 0 || e->err_fd >= 0)
+            kill(-e->pid, SIGKILL);
+        free_exec(e);
+    }
+    while (puts_) {
+        struct put_s *p = puts_;
+        puts_ = p->next;
+        free_put(p);
+    }
+    while (gets) {
+        struct get_s *g = gets;
+        gets = g->next;
+        close_fd(&g->fd);
+        free(g);
+    }
+    rlen = 0;
+    resyncing = 0;
+}
+
+/* ------------------------------------------------------------------------------ */
+/* EXEC                                                                             */
+
+enum { STAGE_TTY = 1, STAGE_STDIO, STAGE_CHDIR, STAGE_EXEC };
+
+struct child_report {
+    int err;
+    int stage;
+};
+
+static const char *env_path(char **envp)
+{
+    for (char **e = envp; *e; e++)
+        if (strncmp(*e, "PATH=", 5) == 0)
+            return *e + 5;
+    return DEFAULT_PATH;
+}
+
+/* execvpe() semantics, with PATH taken from the command's environment rather than
+ * the agent's. Returns the errno to report. */
+static int exec_search(char **argv, char **envp)
+{
+    const char *file = argv[0];
+    if (strchr(file, '/')) {
+        execve(file, argv, envp);
+        return errno;
+    }
+    const char *path = env_path(envp);
+    size_t flen = strlen(file);
+    int saw_eacces = 0;
+    char buf[4096];
+    for (const char *p = path;; p++) {
+        const char *end = strchrnul(p, ':');
+        size_t dlen = (size_t)(end - p);
+        if (dlen + 1 + flen + 1 <= sizeof buf) {
+            if (dlen == 0) {
+                memcpy(buf, file, flen + 1);
+            } else {
+                memcpy(buf, p, dlen);
+                buf[dlen] = '/';
+                memcpy(buf + dlen + 1, file, flen + 1);
+            }
+            execve(buf, argv, envp);
+            switch (errno) {
+            case EACCES:
+                saw_eacces = 1;
+                break;
+            case ENOENT:
+            case ENOTDIR:
+            case ENAMETOOLONG:
+            case ELOOP:
+            case ENODEV:
+            case ETIMEDOUT:
+            case ESTALE:
+                break;
+            default:
+                return errno;
+            }
+        }
+        if (!*end)
+            break;
+        p = end;
+    }
+    return saw_eacces ? EACCES : ENOENT;
+}
+
+static void __attribute__((noreturn)) child_fail(int rep_fd, int stage)
+{
+    struct child_report r = {errno, stage};
+    ssize_t w = write(rep_fd, &r, sizeof r);
+    (void)w;
+    _exit(127);
+}
+
+static void __attribute__((noreturn))
+child_main(char **argv, char **envp, const char *cwd, int tty, const char *slave,
+                       int in_fd, int out_fd, int err_fd, int rep_fd)
+{
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    /* An ignored disposition survives exec (handlers do not); SIGPIPE is the only one
+     * the agent ignores, the rest were reset at start-up. */
+    signal(SIGPIPE, SIG_DFL);
+    setsid();
+    if (tty) {
+        int fd = open(slave, O_RDWR);
+        if (fd < 0)
+            child_fail(rep_fd, STAGE_TTY);
+        if (ioctl(fd, TIOCSCTTY, 0) < 0)
+            child_fail(rep_fd, STAGE_TTY);
+        in_fd = out_fd = err_fd = fd;
+    } else if (in_fd < 0) {
+        in_fd = open("/dev/null", O_RDONLY);
+        if (in_fd < 0)
+            child_fail(rep_fd, STAGE_STDIO);
+    }
+    if (dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0)
+        child_fail(rep_fd, STAGE_STDIO);
+    if (in_fd > 2)
+        close(in_fd);
+    if (out_fd > 2 && out_fd != in_fd)
+        close(out_fd);
+    if (err_fd > 2 && err_fd != in_fd && err_fd != out_fd)
+        close(err_fd);
+    if (chdir(cwd) < 0)
+        child_fail(rep_fd, STAGE_CHDIR);
+    errno = exec_search(argv, envp);
+    child_fail(rep_fd, STAGE_EXEC);
+}
+
+/* vfork, not fork: copying the agent's page tables is a measurable part of an exec
+ * under TCG. The child only makes system calls until execve or _exit (child_main).
+ * A function of its own so no local of handle_exec lives across the vfork. */
+static pid_t __attribute__((noinline))
+spawn_child(char **argv, char **envp, const char *cwd, int tty, const char *slave, int in_fd,
+            int out_fd, int err_fd, int rep_rd, int rep_wr)
+{
+    pid_t pid = vfork();
+    if (pid == 0) {
+        close(rep_rd);
+        child_main(argv, envp, cwd, tty, slave, in_fd, out_fd, err_fd, rep_wr);
+    }
+    return pid;
+}
+
+static int open_pty(int *master, char *slave, size_t slave_len, uint16_t rows, uint16_t cols)
+{
+    int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m < 0 && (errno == ENOENT || errno == ENODEV || errno == EIO) && geteuid() == 0) {
+        /* The minimal image's /init mounts devtmpfs only; devpts is mounted here on
+         * first use so boot (and the HELLO) is not delayed by it. */
+        mkdir("/dev/pts", 0755);
+        if (mount("devpts", "/dev/pts", "devpts", 0, "gid=5,mode=620,ptmxmode=666") == 0) {
+            if (access("/dev/ptmx", F_OK) != 0)
+                symlink("pts/ptmx", "/dev/ptmx");
+        }
+        m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    }
+    if (m < 0)
+        return -1;
+    if (grantpt(m) < 0 || unlockpt(m) < 0 || ptsname_r(m, slave, slave_len) != 0) {
+        int err = errno;
+        close(m);
+        errno = err;
+        return -1;
+    }
+    struct winsize ws = {rows ? rows : 24, cols ? cols : 80, 0, 0};
+    ioctl(m, TIOCSWINSZ, &ws);
+    *master = m;
+    return 0;
+}
+
+static void handle_exec(uint32_t id, const uint8_t *p, uint32_t len)
+{
+    struct rd r = {p, len, 0, 0};
+    uint32_t flags = rd_u32(&r);
+    uint32_t timeout_ms = rd_u32(&r);
+    uint16_t rows = rd_u16(&r);
+    uint16_t cols = rd_u16(&r);
+    size_t argc = 0, envc = 0;
+    char **argv = rd_strlist(&r, &argc);
+    char **envp = r.bad ? NULL : rd_strlist(&r, &envc);
+    char *cwd = r.bad ? NULL : rd_cstr(&r);
+    int tty = (flags & EXEC_TTY) != 0;
+    int pin[2] = {-1, -1}, pout[2] = {-1, -1}, perr[2] = {-1, -1}, rep[2] = {-1, -1};
+    int master = -1;
+    char slave[64] = "";
+
+    if (r.bad || r.off != len) {
+        send_error(id, EINVAL, "malformed EXEC payload");
+        goto out;
+    }
+    if (id == 0 || stream_in_use(id)) {
+        send_error(id, EEXIST, "stream %u is 0 or already in use", id);
+        goto out;
+    }
+    if (argc == 0 || argv[0][0] == 0) {
+        send_error(id, EINVAL, "EXEC needs a non-empty argv");
+        goto out;
+    }
+    if (envc == 0) {
+        free(envp);
+        envp = xrealloc(NULL, 4 * sizeof *envp);
+        envp[0] = xrealloc(NULL, 5 + sizeof DEFAULT_PATH);
+        memcpy(envp[0], "PATH=", 5);
+        memcpy(envp[0] + 5, DEFAULT_PATH, sizeof DEFAULT_PATH);
+        envp[1] = xstrdup("HOME=/root");
+        envp[2] = xstrdup(tty ? "TERM=xterm" : "TERM=linux");
+        envp[3] = NULL;
+    }
+    const char *dir = (cwd && *cwd) ? cwd : "/";
+
+    if (tty) {
+        if (open_pty(&master, slave, sizeof slave, rows, cols) < 0) {
+            send_error(id, errno, "cannot allocate a pseudo-terminal: %s", strerror(errno));
+            goto out;
+        }
+    } else {
+        if (((flags & EXEC_STDIN) && pipe2(pin, O_CLOEXEC) < 0) || pipe2(pout, O_CLOEXEC) < 0 ||
+            pipe2(perr, O_CLOEXEC) < 0) {
+            send_error(id, errno, "cannot create pipes: %s", strerror(errno));
+            goto out;
+        }
+    }
+    if (pipe2(rep, O_CLOEXEC) < 0) {
+        send_error(id, errno, "cannot create a pipe: %s", strerror(errno));
+        goto out;
+    }
+
+    pid_t pid = spawn_child(argv, envp, dir, tty, slave, pin[0], pout[1], perr[1], rep[0], rep[1]);
+    if (pid < 0) {
+        send_error(id, errno, "fork: %s", strerror(errno));
+        goto out;
+    }
+    close_fd(&rep[1]);
+    close_fd(&pin[0]);
+    close_fd(&pout[1]);
+    close_fd(&perr[1]);
+
+    /* The report pipe is close-on-exec: EOF means the command is running. */
+    struct child_report rpt;
+    ssize_t n;
+    do
+        n = read(rep[0], &rpt, sizeof rpt);
+    while (n < 0 && errno == EINTR);
+    if (n == (ssize_t)sizeof rpt) {
+        int st;
+        while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+            ;
+        switch (rpt.stage) {
+        case STAGE_CHDIR:
+            send_error(id, rpt.err, "cannot change directory to %s: %s", dir, strerror(rpt.err));
+            break;
+        case STAGE_EXEC:
+            send_error(id, rpt.err, "cannot execute %s: %s", argv[0], strerror(rpt.err));
+            break;
+        case STAGE_TTY:
+            send_error(id, rpt.err, "cannot open terminal %s: %s", slave, strerror(rpt.err));
+            break;
+        default:
+            send_error(id, rpt.err, "cannot set up stdio: %s", strerror(rpt.err));
+            break;
+        }
+        goto out;
+    }
+
+    struct exec_s *e = xrealloc(NULL, sizeof *e);
+    memset(e, 0, sizeof *e);
+    e->id = id;
+    e->pid = pid;
+    e->tty = tty;
+    e->err_fd = -1;
+    if (tty) {
+        e->out_fd = master;
+        e->in_fd = fcntl(master, F_DUPFD_CLOEXEC, 3);
+        master = -1;
+        set_nonblock(e->out_fd);
+    } else {
+        e->in_fd = pin[1];
+        e->out_fd = pout[0];
+        e->err_fd = perr[0];
+        pin[1] = pout[0] = perr[0] = -1;
+        set_nonblock(e->out_fd);
+        set_nonblock(e->err_fd);
+    }
+    if (e->in_fd >= 0)
+        set_nonblock(e->in_fd);
+    e->deadline = timeout_ms ? now_ms() + timeout_ms : 0;
+    e->next = execs;
+    execs = e;
+
+    uint8_t pay[4];
+    put32(pay, (uint32_t)pid);
+    send_frame(T_STARTED, id, pay, 4);
+
+out:
+    close_fd(&rep[0]);
+    close_fd(&rep[1]);
+    close_fd(&master);
+    for (int i = 0; i < 2; i++) {
+        close_fd(&pin[i]);
+        close_fd(&pout[i]);
+        close_fd(&perr[i]);
+    }
+    free_strlist(argv);
+    free_strlist(envp);
+    free(cwd);
+}
+
+static void flush_stdin(struct exec_s *e)
+{
+    while (e->in_fd >= 0 && e->inoff < e->inlen) {
+        ssize_t n = write(e->in_fd, e->inbuf + e->inoff, e->inlen - e->inoff);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                return;
+            /* The child closed its stdin (EPIPE): what it did not read is dropped. */
+            close_fd(&e->in_fd);
+            break;
+        }
+        e->inoff += (size_t)n;
+    }
+    e->inoff = e->inlen = 0;
+    if (e->in_eof && !e->tty)
+        close_fd(&e->in_fd);
+}
+
+static void handle_stdin(uint32_t id, const uint8_t *p, uint32_t len)
+{
+    struct exec_s *e = find_exec(id);
+    if (!e) {
+        send_error(id, ENOENT, "STDIN for unknown stream %u", id);
+        return;
+    }
+    if (e->in_fd < 0)
+        return;
+    if (len == 0) {
+        /* A pty has no EOF of its own; the host sends ^D itself if it wants one. */
+        if (!e->tty) {
+            e->in_eof = 1;
+            if (e->inoff == e->inlen)
+                close_fd(&e->in_fd);
+        }
+        return;
+    }
+    if (e->inoff > 0 && e->inoff == e->inlen)
+        e->inoff = e->inlen = 0;
+    if (e->inlen + len > e->incap) {
+        if (e->inoff > 0) {
+            memmove(e->inbuf, e->inbuf + e->inoff, e->inlen - e->inoff);
+            e->inlen -= e->inoff;
+            e->inoff = 0;
+        }
+        if (e->inlen + len > e->incap) {
+            e->incap = e->inlen + len;
+            e->inbuf = xrealloc(e->inbuf, e->incap);
+        }
+    }
+    memcpy(e->inbuf + e->inlen, p, len);
+    e->inlen += len;
+    flush_stdin(e);
+}
+
+static void handle_signal(uint32_t id, const uint8_t *p, uint32_t len)
+{
+    struct rd r = {p, len, 0, 0};
+    int sig = (int)rd_u32(&r);
+    struct exec_s *e = find_exec(id);
+    if (r.bad || r.off != len) {
+        send_error(id, EINVAL, "malformed SIGNAL payload");
+        return;
+    }
+    if (!e) {
+        send_error(id, ENOENT, "SIGNAL for unknown stream %u", id);
+        return;
+    }
+    /* Errors (the group is already gone) are not reported: the EXIT frame says it all. */
+    kill(-e->pid, sig);
+}
+
+static void handle_resize(uint32_t id, const uint8_t *p, uint32_t len)
+{
+    struct rd r = {p, len, 0, 0};
+    uint16_t rows = rd_u16(&r);
+    uint16_t cols = rd_u16(&r);
+    struct exec_s *e = find_exec(id);
+    if (r.bad || r.off != len) {
+        send_error(id, EINVAL, "malformed RESIZE payload");
+        return;
+    }
+    if (!e) {
+        send_error(id, ENOENT, "RESIZE for unknown stream %u", id);
+        return;
+    }
+    if (e->tty && e->in_fd >= 0) {
+        /* The kernel sends SIGWINCH to the foreground process group itself. */
+        struct winsize ws = {rows, cols, 0, 0};
+        ioctl(e->in_fd, TIOCSWINSZ, &ws);
+    }
+}
+
+static void send_exit(struct exec_s *e)
+{
+    int code = 0, sig = 0;
+    if (WIFEXITED(e->status)) {
+        code = WEXITSTATUS(e->status);
+    } else if (WIFSIGNALED(e->status)) {
+        sig = WTERMSIG(e->status);
+        code = 128 + sig;
+    }
+    uint8_t pay[9];
+    put32(pay, (uint32_t)code);
+    put32(pay + 4, (uint32_t)sig);
+    pay[8] = (uint8_t)(e->timed_out ? 1 : 0);
+    send_frame(T_EXIT, e->id, pay, sizeof pay);
+}
+
+/* Reads one chunk of child output; closes the fd at EOF. */
+static void pump_output(struct exec_s *e, int *fd, uint8_t type)
+{
+    ssize_t n;
+    do
+        n = read(*fd, obuf, CHUNK);
+    while (n < 0 && errno == EINTR);
+    if (n > 0) {
+        send_frame(type, e->id, obuf, (size_t)n);
+        return;
+    }
+    if (n < 0 && errno == EAGAIN)
+        return;
+    /* 0 = EOF on a pipe; EIO = every slave fd of the pty is closed. */
+    close_fd(fd);
+}
+
+/* ------------------------------------------------------------------------------ */
+/* Files                                                                            */
+
+static int mkdir_parents(const char *path)
+{
+    char *dup = strdup(path);
+    if (!dup)
+        return -1;
+    for (char *s = dup + 1; *s; s++) {
+        if (*s != '/')
+            continue;
+        *s = 0;
+        if (mkdir(dup, 0755) < 0 && errno != EEXIST) {
+            int err = errno;
+            free(dup);
+            errno = err;
+            return -1;
+        }
+        *s = '/';
+    }
+    free(dup);
+    return 0;
+}
+
+static void handle_file_put(uint32_t id, const uint8_t *p, uint32_t len)
+{
+    struct rd r = {p, len, 0, 0};
+    uint32_t mode = rd_u32(&r);
+    uint8_t flags = rd_u8(&r);
+    char *path = rd_cstr(&r);
+    if (r.bad || r.off != len || !path || !*path) {
+        send_error(id, EINVAL, "malformed FILE_PUT payload");
+        free(path);
+        return;
+    }
+    if (id == 0 || stream_in_use(id)) {
+        send_error(id, EEXIST, "stream %u is 0 or already in use", id);
+        free(path);
+        return;
+    }
+    struct put_s *f = xrealloc(NULL, sizeof *f);
+    memset(f, 0, sizeof *f);
+    f->id = id;
+    f->fd = -1;
+    f->mode = (mode_t)(mode & 07777);
+    f->path = path;
+    f->next = puts_;
+    puts_ = f;
+
+    /* Failures are answered now; the DATA frames the host already sent are swallowed. */
+    if ((flags & PUT_PARENTS) && mkdir_parents(path) < 0) {
+        send_error(id, errno, "cannot create the parent directories of %s: %s", path,
+                   strerror(errno));
+        f->failed = 1;
+        return;
+    }
+    const char *slash = strrchr(path, '/');
+    size_t dlen = slash ? (size_t)(slash - path + 1) : 0;
+    const char *base = slash ? slash + 1 : path;
+    if (!*base) {
+        errno = EISDIR;
+        send_error(id, EISDIR, "cannot write %s: %s", path, strerror(EISDIR));
+        f->failed = 1;
+        return;
+    }
+    f->tmp = xrealloc(NULL, dlen + strlen(base) + 32);
+    sprintf(f->tmp, "%.*s.%s.vztmp.XXXXXX", (int)dlen, path, base);
+    f->fd = mkostemp(f->tmp, O_CLOEXEC);
+    if (f->fd < 0) {
+        send_error(id, errno, "cannot write %s: %s", path, strerror(errno));
+        free(f->tmp);
+        f->tmp = NULL;
+        f->failed = 1;
+    }
+}
+
+static void handle_data(uint32_t id, const uint8_t *p, uint32_t len)
+{
+    struct put_s *f = find_put(id);
+    if (!f) {
+        send_error(id, ENOENT, "DATA for unknown stream %u", id);
+        return;
+    }
+    if (len > 0) {
+        if (f->failed)
+            return;
+        size_t off = 0;
+        while (off < len) {
+            ssize_t n = write(f->fd, p + off, len - off);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0) {
+                int err = n < 0 ? errno : EIO;
+                send_error(id, err, "cannot write %s: %s", f->path, strerror(err));
+                put_abort(f);
+                f->failed = 1;
+                return;
+            }
+            off += (size_t)n;
+        }
+        return;
+    }
+    /* End of the file. */
+    if (!f->failed) {
+        /* fchmod, not the create mode: the umask must not change what the host asked. */
+        int ok = fchmod(f->fd, f->mode) == 0;
+        int err = errno;
+        int fd = f->fd;
+        f->fd = -1;
+        if (close(fd) < 0 && ok) {
+            ok = 0;
+            err = errno;
+        }
+        if (ok && rename(f->tmp, f->path) < 0) {
+            ok = 0;
+            err = errno;
+        }
+        if (!ok) {
+            send_error(id, err, "cannot write %s: %s", f->path, strerror(err));
+        } else {
+            free(f->tmp);
+            f->tmp = NULL;
+            send_frame(T_OK, id, NULL, 0);
+        }
+    }
+    for (struct put_s **pp = &puts_; *pp; pp = &(*pp)->next) {
+        if (*pp == f) {
+            *pp = f->next;
+            break;
+        }
+    }
+    free_put(f);
+}
+
+static void handle_file_get(uint32_t id, const uint8_t *p, uint32_t len)
+{
+    struct rd r = {p, len, 0, 0};
+    char *path = rd_cstr(&r);
+    if (r.bad || r.off != len || !path) {
+        send_error(id, EINVAL, "malformed FILE_GET payload");
+        free(path);
+        return;
+    }
+    if (id == 0 || stream_in_use(id)) {
+        send_error(id, EEXIST, "stream %u is 0 or already in use", id);
+        free(path);
+        return;
+    }
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0) {
+        send_error(id, errno, "cannot read %s: %s", path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        free(path);
+        return;
+    }
+    if (S_ISDIR(st.st_mode)) {
+        send_error(id, EISDIR, "cannot read %s: %s", path, strerror(EISDIR));
+        close(fd);
+        free(path);
+        return;
+    }
+    free(path);
+    uint8_t pay[12];
+    uint64_t size = S_ISREG(st.st_mode) ? (uint64_t)st.st_size : 0;
+    put32(pay, (uint32_t)(st.st_mode & 07777));
+    put32(pay + 4, (uint32_t)(size >> 32));
+    put32(pay + 8, (uint32_t)size);
+    send_frame(T_OK, id, pay, sizeof pay);
+    struct get_s *g = xrealloc(NULL, sizeof *g);
+    g->id = id;
+    g->fd = fd;
+    g->done = 0;
+    g->next = gets;
+    gets = g;
+}
+
+/* Sends a few chunks of each pending FILE_GET per loop turn, so a big file does not
+ * hold up the other streams. */
+static void pump_gets(void)
+{
+    for (struct get_s *g = gets; g; g = g->next) {
+        for (int i = 0; i < 4 && !g->done; i++) {
+            ssize_t n = read(g->fd, obuf, CHUNK);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0) {
+                send_error(g->id, errno, "read error: %s", strerror(errno));
+                g->done = 1;
+            } else {
+                send_frame(T_DATA, g->id, obuf, (size_t)n);
+                if (n == 0)
+                    g->done = 1;
+            }
+        }
+    }
+    for (struct get_s **pp = &gets; *pp;) {
+        struct get_s *g = *pp;
+        if (g->done) {
+            *pp = g->next;
+            close_fd(&g->fd);
+            free(g);
+        } else {
+            pp = &g->next;
+        }
+    }
+}
+
+static void shutdown_agent(void);
+
+/* ------------------------------------------------------------------------------ */
+/* Power                                                                            */
+
+static void handle_poweroff(uint32_t id, const uint8_t *p, uint32_t len)
+{
+    struct rd r = {p, len, 0, 0};
+    uint8_t mode = rd_u8(&r);
+    if (r.bad || r.off != len || mode > 1) {
+        send_error(id, EINVAL, "malformed POWEROFF payload");
+        return;
+    }
+    sync();
+    send_frame(T_OK, id, NULL, 0);
+    /* PID 1 must never exit (the kernel would panic), so it ignores --no-poweroff. */
+    if (no_poweroff && !is_pid1)
+        shutdown_agent();
+    if (reboot(mode == 1 ? RB_AUTOBOOT : RB_POWER_OFF) < 0)
+        logmsg("reboot: %s", strerror(errno));
+}
+
+/* ------------------------------------------------------------------------------ */
+/* Input                                                                            */
+
+static void handle_frame(uint8_t type, uint32_t stream, const uint8_t *p, uint32_t len)
+{
+    switch (type) {
+    case T_HELLO:
+        send_hello();
+        break;
+    case T_EXEC:
+        handle_exec(stream, p, len);
+        break;
+    case T_STDIN:
+        handle_stdin(stream, p, len);
+        break;
+    case T_SIGNAL:
+        handle_signal(stream, p, len);
+        break;
+    case T_RESIZE:
+        handle_resize(stream, p, len);
+        break;
+    case T_FILE_PUT:
+        handle_file_put(stream, p, len);
+        break;
+    case T_FILE_GET:
+        handle_file_get(stream, p, len);
+        break;
+    case T_DATA:
+        handle_data(stream, p, len);
+        break;
+    case T_POWEROFF:
+        handle_poweroff(stream, p, len);
+        break;
+    default:
+        send_error(stream, EINVAL, "unknown frame type 0x%02x", type);
+        break;
+    }
+}
+
+static void process_input(void)
+{
+    size_t off = 0;
+    while (rlen - off >= HDR && !lost) {
+        const uint8_t *h = rbuf + off;
+        uint32_t len = be32(h + 8);
+        if (be16(h) != MAGIC || h[2] != PROTO_VERSION || len > MAX_PAYLOAD) {
+            if (!resyncing) {
+                send_error(0, EPROTO, "bad frame header (magic %04x version %u length %u), "
+                                      "skipping to the next frame", be16(h), h[2], len);
+                resyncing = 1;
+            }
+            off++;
+            continue;
+        }
+        if (rlen - off < HDR + (size_t)len)
+            break;
+        resyncing = 0;
+        off += HDR + (size_t)len;
+        handle_frame(h[3], be32(h + 4), h + HDR, len);
+    }
+    if (off) {
+        memmove(rbuf, rbuf + off, rlen - off);
+        rlen -= off;
+    }
+}
+
+/* Returns -1 when the host is gone. */
+static int read_port(void)
+{
+    ssize_t n;
+    do
+        n = read(port_fd, rbuf + rlen, rcap - rlen);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno == EAGAIN ? 0 : -1;
+    if (n == 0)
+        return -1;
+    rlen += (size_t)n;
+    process_input();
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------ */
+/* Signals and children                                                             */
+
+static void on_signal(int sig)
+{
+    int saved = errno;
+    if (sig == SIGTERM || sig == SIGINT)
+        got_term = 1;
+    ssize_t w = write(sig_pipe[1], "x", 1);
+    (void)w;
+    errno = saved;
+}
+
+static void drain_sig_pipe(void)
+{
+    char buf[64];
+    while (read(sig_pipe[0], buf, sizeof buf) > 0)
+        ;
+}
+
+static void reap_children(void)
+{
+    int st;
+    pid_t pid;
+    while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+        for (struct exec_s *e = execs; e; e = e->next) {
+            if (e->pid == pid && !e->exited) {
+                e->exited = 1;
+                e->status = st;
+                if (e->out_fd >= 0 || e->err_fd >= 0)
+                    e->drain_deadline = now_ms() + DRAIN_MS;
+                break;
+            }
+        }
+    }
+}
+
+/* Kills every session and exits, after collecting the killed processes for up to
+ * half a second so none is left behind as a zombie of whoever inherits it. */
+static void shutdown_agent(void)
+{
+    drop_all_sessions();
+    int64_t end = now_ms() + 500;
+    while (now_ms() < end) {
+        pid_t pid = waitpid(-1, NULL, WNOHANG);
+        if (pid < 0 && errno == ECHILD)
+            break;
+        if (pid <= 0)
+            sleep_ms(5);
+    }
+    exit(0);
+}
+
+static void handle_signals(void)
+{
+    drain_sig_pipe();
+    reap_children();
+    if (got_term) {
+        got_term = 0;
+        if (!is_pid1)
+            shutdown_agent();
+    }
+}
+
+/* Timeouts, output drain limits, and finished sessions. Returns the poll timeout. */
+static int check_sessions(void)
+{
+    int64_t now = now_ms();
+    int64_t next = -1;
+    for (struct exec_s **pp = &execs; *pp;) {
+        struct exec_s *e = *pp;
+        if (!e->exited && e->deadline && now >= e->deadline && !e->timed_out) {
+            e->timed_out = 1;
+            kill(-e->pid, SIGKILL);
+        }
+        if (e->exited && e->drain_deadline && now >= e->drain_deadline) {
+            /* A background grandchild still holds the output open: stop waiting. */
+            close_fd(&e->out_fd);
+            close_fd(&e->err_fd);
+        }
+        if (e->exited && e->out_fd < 0 && e->err_fd < 0) {
+            send_exit(e);
+            *pp = e->next;
+            free_exec(e);
+            continue;
+        }
+        int64_t d = -1;
+        if (!e->exited && e->deadline && !e->timed_out)
+            d = e->deadline;
+        if (e->exited && e->drain_deadline)
+            d = e->drain_deadline;
+        if (d >= 0 && (next < 0 || d < next))
+            next = d;
+        pp = &e->next;
+    }
+    if (gets)
+        return 0;
+    if (next < 0)
+        return -1;
+    return next <= now ? 0 : (int)(next - now);
+}
+
+/* ------------------------------------------------------------------------------ */
+/* The port                                                                         */
+
+static int find_port_by_name(const char *name)
+{
+    DIR *d = opendir("/sys/class/virtio-ports");
+    if (!d)
+        return -1;
+    struct dirent *de;
+    int fd = -1;
+    while ((de = readdir(d)) != NULL && fd < 0) {
+        if (de->d_name[0] == '.')
+            continue;
+        char path[512], buf[256];
+        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", de->d_name);
+        int nf = open(path, O_RDONLY | O_CLOEXEC);
+        if (nf < 0)
+            continue;
+        ssize_t n = read(nf, buf, sizeof buf - 1);
+        close(nf);
+        if (n <= 0)
+            continue;
+        buf[n] = 0;
+        buf[strcspn(buf, "\n")] = 0;
+        if (strcmp(buf, name) != 0)
+            continue;
+        snprintf(path, sizeof path, "/dev/%s", de->d_name);
+        fd = open(path, O_RDWR | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    }
+    closedir(d);
+    return fd;
+}
+
+static int open_port(const char *name, const char *path)
+{
+    int64_t start = now_ms();
+    for (;;) {
+        int fd = path ? open(path, O_RDWR | O_CLOEXEC | O_NOCTTY | O_NONBLOCK)
+                      : find_port_by_name(name);
+        if (fd >= 0)
+            return fd;
+        if (now_ms() - start >= PORT_WAIT_MS) {
+            if (!is_pid1)
+                return -1;
+            /* PID 1 must not exit: keep trying, and say so now and then. */
+            logmsg("still waiting for port %s", path ? path : name);
+            start = now_ms();
+        }
+        sleep_ms(10);
+    }
+}
+
+/* Called while the host is not connected: returns once it is. */
+static void wait_connected(void)
+{
+    for (;;) {
+        struct pollfd p = {port_fd, POLLIN | POLLOUT, 0};
+        int r = poll(&p, 1, 0);
+        if (r >= 0 && !(p.revents & (POLLHUP | POLLERR | POLLNVAL)))
+            break;
+        /* No wakeup exists for "the host connected": poll the signal pipe meanwhile so
+         * children are still reaped. */
+        struct pollfd s = {sig_pipe[0], POLLIN, 0};
+        if (poll(&s, 1, RECONNECT_POLL_MS) > 0)
+            handle_signals();
+    }
+    connected = 1;
+    lost = 0;
+    send_hello();
+}
+
+static void disconnect(void)
+{
+    connected = 0;
+    drop_all_sessions();
+}
+
+/* ------------------------------------------------------------------------------ */
+/* Main                                                                             */
+
+static void usage(void)
+{
+    logmsg("usage: vz-agent [--port-name NAME | --port PATH | --fd N] [--no-poweroff]");
+}
+
+static void ensure_stdio(void)
+{
+    /* If started with 0-2 closed, a pipe could land there and then be clobbered by
+     * dup2 in a child. */
+    for (int fd = 0; fd < 3; fd++) {
+        if (fcntl(fd, F_GETFD) < 0) {
+            int n = open("/dev/null", O_RDWR);
+            if (n >= 0 && n != fd)
+                close(n);
+        }
+    }
+}
+
+int main(int argc, char **argv)
+{
+    const char *port_name = "org.vzkit.agent";
+    const char *port_path = NULL;
+    int inherited_fd = -1;
+
+    is_pid1 = getpid() == 1;
+    ensure_stdio();
+    if (is_pid1) {
+        int c = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+        if (c >= 0)
+            log_fd = c;
+    }
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--port-name") == 0 && i + 1 < argc) {
+            port_name = argv[++i];
+        } else if (strcmp(argv[i], "--port") == 0 && i + 1 < argc) {
+            port_path = argv[++i];
+        } else if (strcmp(argv[i], "--fd") == 0 && i + 1 < argc) {
+            char *end;
+            long v = strtol(argv[++i], &end, 10);
+            if (*end || v < 0) {
+                usage();
+                return 2;
+            }
+            inherited_fd = (int)v;
+        } else if (strcmp(argv[i], "--no-poweroff") == 0) {
+            no_poweroff = 1;
+        } else if (strcmp(argv[i], "--version") == 0) {
+            logmsg("%s (protocol %d)", AGENT_VERSION, PROTO_VERSION);
+            return 0;
+        } else {
+            usage();
+            if (!is_pid1)
+                return 2;
+        }
+    }
+
+    /* Dispositions ignored by whoever started the agent would be inherited by every
+     * command; start from the defaults (see child_main). */
+    for (int s = 1; s < NSIG; s++)
+        if (s != SIGKILL && s != SIGSTOP)
+            signal(s, SIG_DFL);
+    signal(SIGPIPE, SIG_IGN);
+    /* Commands that daemonise leave orphans behind; as a subreaper the agent collects
+     * them itself (as PID 1 it does anyway) instead of relying on the real init. */
+    if (!is_pid1)
+        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    while (pipe2(sig_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
+        logmsg("pipe: %s", strerror(errno));
+        sleep_ms(1000);
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGCHLD, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+
+    if (inherited_fd >= 0) {
+        port_fd = inherited_fd;
+        set_cloexec(port_fd);
+        set_nonblock(port_fd);
+    } else {
+        port_fd = open_port(port_name, port_path);
+        if (port_fd < 0) {
+            logmsg("cannot open port %s: %s", port_path ? port_path : port_name, strerror(errno));
+            return 1;
+        }
+    }
+
+    rcap = HDR + MAX_PAYLOAD + CHUNK;
+    rbuf = xrealloc(NULL, rcap);
+    obuf = xrealloc(NULL, CHUNK);
+
+    struct pollfd *pfds = NULL;
+    struct exec_s **owner = NULL;
+    int *which = NULL;
+    size_t pcap = 0;
+
+    for (;;) {
+        if (lost) {
+            disconnect();
+            lost = 0;
+        }
+        if (!connected)
+            wait_connected();
+
+        int timeout = check_sessions();
+        if (lost)
+            continue;
+
+        size_t need = 2;
+        int backpressure = 0;
+        for (struct exec_s *e = execs; e; e = e->next) {
+            need += 3;
+            if (e->inlen - e->inoff > STDIN_HIGH_WATER)
+                backpressure = 1;
+        }
+        if (need > pcap) {
+            pcap = need * 2;
+            pfds = xrealloc(pfds, pcap * sizeof *pfds);
+            owner = xrealloc(owner, pcap * sizeof *owner);
+            which = xrealloc(which, pcap * sizeof *which);
+        }
+        size_t n = 0;
+        pfds[n++] = (struct pollfd){port_fd, (short)(backpressure ? 0 : POLLIN), 0};
+        pfds[n++] = (struct pollfd){sig_pipe[0], POLLIN, 0};
+        for (struct exec_s *e = execs; e; e = e->next) {
+            if (e->out_fd >= 0) {
+                owner[n] = e;
+                which[n] = 1;
+                pfds[n++] = (struct pollfd){e->out_fd, POLLIN, 0};
+            }
+            if (e->err_fd >= 0) {
+                owner[n] = e;
+                which[n] = 2;
+                pfds[n++] = (struct pollfd){e->err_fd, POLLIN, 0};
+            }
+            if (e->in_fd >= 0 && e->inoff < e->inlen) {
+                owner[n] = e;
+                which[n] = 0;
+                pfds[n++] = (struct pollfd){e->in_fd, POLLOUT, 0};
+            }
+        }
+
+        int r = poll(pfds, (nfds_t)n, timeout);
+        if (r < 0) {
+            if (errno != EINTR) {
+                logmsg("poll: %s", strerror(errno));
+                sleep_ms(10);
+            }
+            continue;
+        }
+        if (pfds[1].revents)
+            handle_signals();
+        /* Children's output before port input: port input can start sessions (which
+         * may reuse fd numbers) but never frees one, so owner[] stays valid. */
+        for (size_t i = 2; i < n && !lost; i++) {
+            if (!pfds[i].revents)
+                continue;
+            struct exec_s *e = owner[i];
+            if (which[i] == 1 && e->out_fd == pfds[i].fd)
+                pump_output(e, &e->out_fd, T_STDOUT);
+            else if (which[i] == 2 && e->err_fd == pfds[i].fd)
+                pump_output(e, &e->err_fd, T_STDERR);
+            else if (which[i] == 0 && e->in_fd == pfds[i].fd) {
+                if (pfds[i].revents & (POLLERR | POLLHUP)) {
+                    close_fd(&e->in_fd);
+                    e->inoff = e->inlen = 0;
+                } else {
+                    flush_stdin(e);
+                }
+            }
+        }
+        if (!lost && (pfds[0].revents & POLLIN)) {
+            if (read_port() < 0)
+                lost = 1;
+        } else if (pfds[0].revents & (POLLHUP | POLLERR | POLLNVAL)) {
+            lost = 1;
+        }
+        if (!lost && gets)
+            pump_gets();
+    }
+}

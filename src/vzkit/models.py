@@ -1,0 +1,157 @@
+"""Typed resource models shared by the daemon (request/response bodies, OpenAPI), the SDK and CLI.
+
+Models are strict: unknown fields are rejected so a typo in a request is an error, not a no-op.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from vzkit.units import NAME_RE, NAME_RULE, format_size, parse_size
+
+__all__ = ["NAME_RE", "NAME_RULE", "format_size", "parse_size"]  # re-exported
+
+def _memory(value: Any) -> Any:
+    # A bare number means MiB, as with QEMU's -m; strings carry their unit.
+    if isinstance(value, str):
+        return parse_size(value, default_unit="mib")
+    if isinstance(value, int) and value < 1024**2:
+        return value * 1024**2
+    return value
+
+
+MemoryBytes = Annotated[int, BeforeValidator(_memory), Field(gt=0)]
+
+
+def validate_name(name: str, what: str = "instance") -> str:
+    if not NAME_RE.match(name):
+        raise ValueError(f"invalid {what} name {name!r}: {NAME_RULE}")
+    return name
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InstanceType(StrEnum):
+    MICROVM = "microvm"
+    VM = "vm"
+    CONTAINER = "container"
+
+
+class InstanceState(StrEnum):
+    """Lifecycle states (libvirt-like). Transitions live in vzkit.lifecycle."""
+
+    CREATING = "creating"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    CRASHED = "crashed"
+    ERROR = "error"
+
+
+class Accel(StrEnum):
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class Limits(Strict):
+    cpus: int = Field(1, ge=1, le=256, description="Number of vCPUs")
+    memory: MemoryBytes = Field(256 * 1024**2, description="Guest RAM in bytes (or '512MiB')")
+    cpu_weight: int = Field(
+        100, ge=1, le=10000, description="Relative CPU weight against other instances"
+    )
+    cpu_pin: list[int] | None = Field(
+        None, description="Host CPUs the instance may run on (default: any)"
+    )
+
+
+class InstanceCreate(Strict):
+    """Request body for creating (and optionally starting) an instance."""
+
+    name: str | None = Field(None, description="Instance name; generated when absent")
+    type: InstanceType = InstanceType.MICROVM
+    image: str = "minimal"
+    limits: Limits = Field(default_factory=Limits)  # type: ignore[arg-type]
+    start: bool = True
+    ephemeral: bool = Field(False, description="Delete the instance when it stops")
+    accel: Accel | None = Field(None, description="Force an accelerator instead of probing")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else validate_name(v)
+
+
+class Instance(Strict):
+    name: str
+    type: InstanceType
+    image: str
+    image_digest: str = ""
+    limits: Limits
+    state: InstanceState
+    ephemeral: bool = False
+    accel: Accel | None = None
+    pid: int | None = None
+    reason: str | None = Field(None, description="Why the instance is crashed/error/stopped")
+    created_at: datetime
+    started_at: datetime | None = None
+    agent_version: str | None = None
+    kernel_release: str | None = None
+
+
+class StateAction(StrEnum):
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
+    PAUSE = "pause"
+    RESUME = "resume"
+
+
+class StateChange(Strict):
+    action: StateAction
+    force: bool = Field(False, description="Kill instead of a graceful stop")
+    timeout: float = Field(30.0, gt=0, le=3600, description="Seconds to wait for a clean stop")
+
+
+class ExecRequest(Strict):
+    """First message on the exec WebSocket."""
+
+    argv: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    tty: bool = False
+    rows: int = Field(24, ge=1, le=10000)
+    cols: int = Field(80, ge=1, le=10000)
+    stdin: bool = Field(True, description="Whether the client sends stdin (else /dev/null)")
+    timeout: float | None = Field(None, gt=0, description="Kill the command after this many s")
+
+
+class ExecResult(Strict):
+    exit_code: int
+    signal: int | None = None
+    timed_out: bool = False
+    error: str | None = None
+
+
+class ImageInfo(Strict):
+    name: str
+    digest: str
+    kind: str = Field(description="'initramfs' (minimal) or 'disk' (root disk image)")
+    kernel_release: str
+    size: int
+    created_at: datetime
+    files: dict[str, str] = Field(default_factory=dict, description="role -> path")
+
+
+class ErrorBody(Strict):
+    error: str
+    code: str
+    hint: str | None = None
+    details: dict[str, Any] | None = None

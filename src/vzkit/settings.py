@@ -1,0 +1,60 @@
+"""Where vzkit keeps its files. One object, passed around; nothing else hard-codes a path.
+
+Every directory can be moved with an environment variable so tests run in temporary
+directories and several daemons can coexist.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env_path(name: str, default: str) -> Path:
+    return Path(os.environ.get(name, default))
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = field(default_factory=lambda: _env_path("VZ_STATE_DIR", "/var/lib/vzkit"))
+    runtime_dir: Path = field(default_factory=lambda: _env_path("VZ_RUNTIME_DIR", "/run/vzkit"))
+    cache_dir: Path = field(default_factory=lambda: _env_path("VZ_CACHE_DIR", "/var/cache/vzkit"))
+    # The directory that holds the guest kernel (vmlinuz-*) and its modules tree.
+    kernel_dir: Path = field(default_factory=lambda: _env_path("VZ_KERNEL_DIR", "/boot"))
+    modules_dir: Path = field(default_factory=lambda: _env_path("VZ_MODULES_DIR", "/lib/modules"))
+    # Cgroup name under which every instance gets its own group.
+    cgroup_parent: str = field(default_factory=lambda: os.environ.get("VZ_CGROUP_PARENT", "vzkit"))
+    qemu_binary: str = field(
+        default_factory=lambda: os.environ.get("VZ_QEMU", "qemu-system-x86_64")
+    )
+    # Forced accelerator ("kvm" or "tcg"); None means probe.
+    accel: str | None = field(default_factory=lambda: os.environ.get("VZ_ACCEL") or None)
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(os.environ.get("VZ_SOCKET", str(self.runtime_dir / "vzd.sock")))
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "vzkit.db"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.state_dir / "instances"
+
+    @property
+    def instance_runtime_dir(self) -> Path:
+        return self.runtime_dir / "instances"
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.state_dir / "vzd.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.runtime_dir / "vzd.pid"

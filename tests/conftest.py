@@ -1,0 +1,168 @@
+"""Shared fixtures: a real vzd in temporary directories, torn down with everything it made."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vzkit.client import Client
+from vzkit.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="integration tests need root (cgroups, QEMU, namespaces)")
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip)
+
+
+@dataclass
+class Daemon:
+    """A vzd started for tests, with its own state, runtime and cgroup parent."""
+
+    root: Path
+    env: dict[str, str]
+    settings: Settings
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.settings.socket_path
+
+    def start(self) -> None:
+        log = open(self.root / "vzd.log", "ab")  # noqa: SIM115 - the daemon keeps it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vzkit.daemon.main"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vzd exited: {self.log_tail()}")
+            with contextlib.suppress(Exception):
+                Client(self.socket, autostart=False).server_info()
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"vzd did not come up: {self.log_tail()}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(30)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+
+    def client(self) -> Client:
+        return Client(self.socket, autostart=False)
+
+    def log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.root / "vzd.log").read_text()[-3000:]
+        return ""
+
+    def qemu_pids(self) -> list[int]:
+        """QEMU processes started by this daemon (their -pidfile lies under our root)."""
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                cmd = (proc / "cmdline").read_bytes()
+                if b"qemu-system" in cmd and str(self.root).encode() in cmd:
+                    pids.append(int(proc.name))
+        return pids
+
+
+def _make_daemon(root: Path, cache: Path) -> Daemon:
+    env = dict(os.environ)
+    env.update(
+        VZ_STATE_DIR=str(root / "state"),
+        VZ_RUNTIME_DIR=str(root / "run"),
+        VZ_CACHE_DIR=str(cache),
+        VZ_CGROUP_PARENT=f"vzkit-test-{root.name}",
+        VZ_ACCEL=os.environ.get("VZ_ACCEL", ""),
+    )
+    env.pop("VZ_SOCKET", None)
+    old = dict(os.environ)
+    os.environ.update({k: v for k, v in env.items() if k.startswith("VZ_")})
+    try:
+        settings = Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    return Daemon(root=root, env=env, settings=settings)
+
+
+def _cleanup(d: Daemon) -> None:
+    with contextlib.suppress(Exception):
+        c = d.client()
+        for inst in c.list_instances():
+            with contextlib.suppress(Exception):
+                c.delete_instance(inst.name, force=True)
+    d.stop()
+    for pid in d.qemu_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    parent = d.env["VZ_CGROUP_PARENT"]
+    for base in (Path("/sys/fs/cgroup"), *Path("/sys/fs/cgroup").glob("*")):
+        cg = base / parent
+        if cg.is_dir():
+            for leaf in sorted(cg.glob("**/"), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    leaf.rmdir()
+
+
+@pytest.fixture(scope="session")
+def image_cache() -> Iterator[Path]:
+    """The build cache (agent binary, Debian bootstrap tarball) shared by a test session."""
+    path = Path(tempfile.mkdtemp(prefix="vzt-cache-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def vzd(image_cache: Path) -> Iterator[Daemon]:
+    """One daemon for the session: images are built once and shared by the tests."""
+    # Short paths: unix socket paths are limited to 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="vzt-"))
+    d = _make_daemon(root, image_cache)
+    d.start()
+    try:
+        yield d
+    finally:
+        _cleanup(d)
+        assert not d.qemu_pids(), "QEMU processes survived the test session"
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def client(vzd: Daemon) -> Iterator[Client]:
+    """A client whose instances are all deleted when the test ends."""
+    c = vzd.client()
+    before = {i.name for i in c.list_instances()}
+    yield c
+    for inst in c.list_instances():
+        if inst.name not in before:
+            with contextlib.suppress(Exception):
+                c.delete_instance(inst.name, force=True)
