@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vzkit.client import Client
+from vzkit.host import cgroups
 
 VZ = [sys.executable, "-m", "vzkit.cli.main"]
 
@@ -33,7 +34,10 @@ def private_daemon() -> Iterator[tuple[dict[str, str], Client]]:
     env.pop("VZ_SOCKET", None)
     log = open(root / "vzd.log", "ab")  # noqa: SIM115 - the daemon keeps it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vzkit.daemon.main"], env=env, stdout=log, stderr=log,
+        [sys.executable, "-m", "vzkit.daemon.main"],
+        env=env,
+        stdout=log,
+        stderr=log,
         start_new_session=True,
     )
     sock = root / "run" / "vzd.sock"
@@ -55,6 +59,9 @@ def private_daemon() -> Iterator[tuple[dict[str, str], Client]]:
                 client.delete_instance(inst.name, force=True)
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        cg = cgroups.detect().open(env["VZ_CGROUP_PARENT"])
+        if cg is not None:
+            cg.destroy(timeout=5.0)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -20,14 +20,35 @@ from vzkit.images.initramfs import build_poweroff_initramfs
 from vzkit.settings import Settings
 
 
-def raw_qemu_argv(settings: Settings, kernel: str, initrd: Path, cmdline: str,
-                  accel: str) -> list[str]:
-    accel_args = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else [
-        "-accel", "tcg,tb-size=64", "-cpu", "max"]
+def raw_qemu_argv(
+    settings: Settings, kernel: str, initrd: Path, cmdline: str, accel: str
+) -> list[str]:
+    accel_args = (
+        ["-accel", "kvm", "-cpu", "host"]
+        if accel == "kvm"
+        else ["-accel", "tcg,tb-size=64", "-cpu", "max"]
+    )
     return [
-        settings.qemu_binary, "-machine", "microvm", *accel_args, "-smp", "1", "-m", "256M",
-        "-nodefaults", "-no-user-config", "-display", "none", "-serial", "null",
-        "-kernel", kernel, "-initrd", str(initrd), "-append", cmdline,
+        settings.qemu_binary,
+        "-machine",
+        "microvm",
+        *accel_args,
+        "-smp",
+        "1",
+        "-m",
+        "256M",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "null",
+        "-kernel",
+        kernel,
+        "-initrd",
+        str(initrd),
+        "-append",
+        cmdline,
     ]
 
 

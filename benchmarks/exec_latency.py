@@ -27,8 +27,10 @@ def main() -> None:
             times.append(time.perf_counter() - start)
             assert res.exit_code == 0
         times.sort()
-    print(f"exec true round trip over {args.runs} runs: median {median(times) * 1000:.1f} ms, "
-          f"p90 {times[int(len(times) * 0.9)] * 1000:.1f} ms, min {times[0] * 1000:.1f} ms")
+    print(
+        f"exec true round trip over {args.runs} runs: median {median(times) * 1000:.1f} ms, "
+        f"p90 {times[int(len(times) * 0.9)] * 1000:.1f} ms, min {times[0] * 1000:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from vzkit.client import Client
+from vzkit.host import cgroups
 from vzkit.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,16 +122,21 @@ def _cleanup(d: Daemon) -> None:
             with contextlib.suppress(Exception):
                 c.delete_instance(inst.name, force=True)
     d.stop()
-    for pid in d.qemu_pids():
+    pids = d.qemu_pids()
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    parent = d.env["VZ_CGROUP_PARENT"]
-    for base in (Path("/sys/fs/cgroup"), *Path("/sys/fs/cgroup").glob("*")):
-        cg = base / parent
-        if cg.is_dir():
-            for leaf in sorted(cg.glob("**/"), key=lambda p: -len(p.parts)):
-                with contextlib.suppress(OSError):
-                    leaf.rmdir()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    remove_cgroups(d.env["VZ_CGROUP_PARENT"])
+
+
+def remove_cgroups(parent: str) -> None:
+    """Remove a test daemon's cgroup parent (instances' cgroups included) in every hierarchy."""
+    cg = cgroups.detect().open(parent)
+    if cg is not None:
+        cg.destroy(timeout=5.0)
 
 
 @pytest.fixture(scope="session")

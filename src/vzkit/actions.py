@@ -59,7 +59,10 @@ class Actions:
         self.host = host
         self.images = images
         self.engines = engines
-        self.policy = policy or OvercommitPolicy()
+        self.policy = policy or OvercommitPolicy(
+            cpu_overcommit=settings.cpu_overcommit,
+            memory_overcommit=settings.memory_overcommit,
+        )
         self._locks: dict[str, asyncio.Lock] = {}
         self._image_locks: dict[str, asyncio.Lock] = {}
         for engine in engines.values():
@@ -175,12 +178,12 @@ class Actions:
         try:
             started = await self._engine(inst.type).start(inst, uuid, runtime)
         except VzError as exc:
-            self._save(inst, state=InstanceState.ERROR, reason=f"start failed: {exc.message}",
-                       pid=None)
+            self._save(
+                inst, state=InstanceState.ERROR, reason=f"start failed: {exc.message}", pid=None
+            )
             raise
         except BaseException:
-            self._save(inst, state=InstanceState.ERROR, reason="start was interrupted",
-                       pid=None)
+            self._save(inst, state=InstanceState.ERROR, reason="start was interrupted", pid=None)
             raise
         return self._save(
             inst,
@@ -196,10 +199,10 @@ class Actions:
         inst = self._save(inst, state=InstanceState.STOPPING)
         # NotFound: the process is already gone and the exit handler recorded it.
         with contextlib.suppress(NotFound):
-            await self._engine(inst.type).stop(inst.name, force=change.force,
-                                               timeout=change.timeout)
-        return self._save(inst, state=InstanceState.STOPPED, pid=None,
-                          reason="stopped by request")
+            await self._engine(inst.type).stop(
+                inst.name, force=change.force, timeout=change.timeout
+            )
+        return self._save(inst, state=InstanceState.STOPPED, pid=None, reason="stopped by request")
 
     async def _on_exit(self, name: str, info: ExitInfo) -> None:
         """An instance's process ended; record why unless an operation already did."""
@@ -247,14 +250,17 @@ class Actions:
                     inst,
                     state=InstanceState.STOPPED if stopping else InstanceState.CRASHED,
                     pid=None,
-                    reason=None if stopping
-                    else "its process ended while vzd was not running",
+                    reason=None if stopping else "its process ended while vzd was not running",
                 )
             elif inst.state is InstanceState.STARTING:
                 # The agent never answered before the daemon died: the start failed.
                 await engine.stop(inst.name, force=True, timeout=1)
-                self._save(inst, state=InstanceState.ERROR, pid=None,
-                           reason="vzd stopped while the instance was starting")
+                self._save(
+                    inst,
+                    state=InstanceState.ERROR,
+                    pid=None,
+                    reason="vzd stopped while the instance was starting",
+                )
             else:
                 state = InstanceState.PAUSED if observed == "paused" else InstanceState.RUNNING
                 self._save(inst, state=state)

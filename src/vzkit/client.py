@@ -128,6 +128,14 @@ def _q(name: str) -> str:
     return quote(name, safe="")
 
 
+def _json_default(obj: Any) -> Any:
+    # Models nested in a plain mapping (e.g. run(limits=Limits(...))).
+    dump = getattr(obj, "model_dump", None)
+    if dump is None:
+        raise TypeError(f"cannot send {type(obj).__name__} as JSON")
+    return dump(mode="json")
+
+
 def _fmt_query(query: Mapping[str, Any] | None) -> str:
     if not query:
         return ""
@@ -321,7 +329,7 @@ class Client:
 
     def _json(self, method: str, path: str, payload: Any = None, **kw: Any) -> Any:
         if payload is not None:
-            kw["body"] = json.dumps(payload).encode()
+            kw["body"] = json.dumps(payload, default=_json_default).encode()
             kw["headers"] = {"Content-Type": "application/json"}
         data, _ = self._raw(method, path, **kw)
         return json.loads(data) if data else None
@@ -350,7 +358,8 @@ class Client:
         return info
 
     def shutdown_daemon(self, *, wait: bool = True, timeout: float = 15.0) -> None:
-        """Ask vzd to exit (instances keep running); optionally wait for its socket to go."""
+        """Ask vzd to exit (instances keep running); optionally wait until it has exited."""
+        pid = int(self.server_info()["pid"])
         self._raw("POST", f"{API}/daemon/shutdown")
         self.close()
         if not wait:
@@ -358,7 +367,9 @@ class Client:
         deadline = time.monotonic() + timeout
         dead_since: float | None = None
         while time.monotonic() < deadline:
-            if not self.socket_path.exists():
+            # The socket goes first; the process (holding the daemon lock) a moment later.
+            # Wait for both, so a daemon started right after this one finds the lock free.
+            if not self.socket_path.exists() and not os.path.exists(f"/proc/{pid}"):
                 return
             if self.is_running():
                 dead_since = None
@@ -452,6 +463,8 @@ class Client:
         from websockets.sync.client import unix_connect
 
         uri = f"ws://localhost{path}{_fmt_query(query)}"
+        if self.autostart and not self.is_running():
+            self.start_daemon()
         try:
             return unix_connect(
                 str(self.socket_path),
@@ -528,13 +541,22 @@ class Client:
         cwd: str | None = None,
         stdin: bytes | BinaryIO | None = None,
         timeout: float | None = None,
+        tty: bool = False,
     ) -> tuple[ExecResult, bytes, bytes]:
-        """Run argv and return ``(result, stdout, stderr)``."""
+        """Run argv and return ``(result, stdout, stderr)`` (with a tty, all is stdout)."""
         import io
 
         out, err = io.BytesIO(), io.BytesIO()
         result = self.exec(
-            name, argv, env=env, cwd=cwd, stdin=stdin, stdout=out, stderr=err, timeout=timeout
+            name,
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=stdin,
+            stdout=out,
+            stderr=err,
+            timeout=timeout,
+            tty=tty,
         )
         return result, out.getvalue(), err.getvalue()
 
@@ -641,8 +663,9 @@ class Client:
             if size is not None:
                 headers["Content-Length"] = str(size)
         query = {"path": path, "mode": f"{mode:04o}", "parents": parents}
-        self._raw("PUT", f"{API}/instances/{_q(name)}/files", query=query, body=data,
-                  headers=headers)
+        self._raw(
+            "PUT", f"{API}/instances/{_q(name)}/files", query=query, body=data, headers=headers
+        )
 
     def pull_file(self, name: str, path: str) -> tuple[int, Iterator[bytes]]:
         """Return the file's mode and an iterator over its content, read as it is consumed."""
@@ -676,9 +699,7 @@ class Client:
         self, name: str, force: bool = False, progress: ProgressCallback | None = None
     ) -> ImageInfo:
         """Build an image, reporting ``(step, fraction)`` as the daemon streams them."""
-        resp = self._send(
-            "POST", f"{API}/images/{_q(name)}/build", query={"force": force or None}
-        )
+        resp = self._send("POST", f"{API}/images/{_q(name)}/build", query={"force": force or None})
         self._busy = resp
         try:
             for line in iter(resp.readline, b""):

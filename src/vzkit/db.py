@@ -62,8 +62,13 @@ class Database:
         try:
             self._conn.execute(
                 "INSERT INTO instances(name, uuid, state, data, runtime) VALUES (?, ?, ?, ?, ?)",
-                (inst.name, uuid, inst.state.value, inst.model_dump_json(),
-                 json.dumps(runtime or {})),
+                (
+                    inst.name,
+                    uuid,
+                    inst.state.value,
+                    inst.model_dump_json(),
+                    json.dumps(runtime or {}),
+                ),
             )
         except sqlite3.IntegrityError as exc:
             raise Conflict(

@@ -15,6 +15,7 @@ from vzkit.units import NAME_RE, NAME_RULE, format_size, parse_size
 
 __all__ = ["NAME_RE", "NAME_RULE", "format_size", "parse_size"]  # re-exported
 
+
 def _memory(value: Any) -> Any:
     # A bare number means MiB, as with QEMU's -m; strings carry their unit.
     if isinstance(value, str):
@@ -78,7 +79,7 @@ class InstanceCreate(Strict):
     name: str | None = Field(None, description="Instance name; generated when absent")
     type: InstanceType = InstanceType.MICROVM
     image: str = "minimal"
-    limits: Limits = Field(default_factory=Limits)  # type: ignore[arg-type]
+    limits: Limits = Field(default_factory=Limits)
     start: bool = True
     ephemeral: bool = Field(False, description="Delete the instance when it stops")
     accel: Accel | None = Field(None, description="Force an accelerator instead of probing")

@@ -28,6 +28,13 @@ class Settings:
     qemu_binary: str = field(
         default_factory=lambda: os.environ.get("VZ_QEMU", "qemu-system-x86_64")
     )
+    # Total vCPUs / guest RAM of running instances may reach this many times the host's.
+    cpu_overcommit: float = field(
+        default_factory=lambda: float(os.environ.get("VZ_CPU_OVERCOMMIT", "4.0"))
+    )
+    memory_overcommit: float = field(
+        default_factory=lambda: float(os.environ.get("VZ_MEMORY_OVERCOMMIT", "1.0"))
+    )
     # Forced accelerator ("kvm" or "tcg"); None means probe.
     accel: str | None = field(default_factory=lambda: os.environ.get("VZ_ACCEL") or None)
 

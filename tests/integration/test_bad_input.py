@@ -33,7 +33,10 @@ pytestmark = pytest.mark.integration
 def vz(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "vzkit.cli.main", *args],
-        env=d.env, capture_output=True, text=True, timeout=300,
+        env=d.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -81,8 +84,9 @@ def test_api_errors_are_typed(vzd: Daemon, client: Client) -> None:
             client.create_instance(InstanceCreate(name="x1", image="nope"))
         assert nf.value.hint
         with pytest.raises(ResourceExhausted) as re_:
-            client.create_instance(InstanceCreate.model_validate(
-                {"name": "x2", "limits": {"memory": "10TiB"}}))
+            client.create_instance(
+                InstanceCreate.model_validate({"name": "x2", "limits": {"memory": "10TiB"}})
+            )
         assert "memory" in str(re_.value)
         with pytest.raises((InvalidConfig, VzError)):
             client.create_instance(InstanceCreate.model_construct(name="UPPER"))

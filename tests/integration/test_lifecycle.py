@@ -46,8 +46,20 @@ def test_run_prints_guest_kernel_and_leaves_nothing(vzd: Daemon, client: Client)
 
 
 def test_run_passes_exit_code_stdin_and_env(vzd: Daemon) -> None:
-    r = vz(vzd, "run", "minimal", "--env", "GREETING=hi there", "--workdir", "/tmp", "--",
-           "sh", "-c", 'cat; echo "$GREETING"; pwd; exit 7', input=b"from stdin\n")
+    r = vz(
+        vzd,
+        "run",
+        "minimal",
+        "--env",
+        "GREETING=hi there",
+        "--workdir",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        'cat; echo "$GREETING"; pwd; exit 7',
+        input=b"from stdin\n",
+    )
     assert r.returncode == 7, r.stderr
     assert r.stdout == b"from stdin\nhi there\n/tmp\n"
 
@@ -193,3 +205,18 @@ def test_forty_boots_two_at_a_time_never_hang(client: Client) -> None:
     assert client.list_instances() == []
     # Each boot is ~2.5 s under TCG; a hang would blow this by minutes.
     assert time.monotonic() - start < 40 * 15
+
+
+@pytest.mark.slow
+def test_debian_image_boots_with_its_own_disk(client: Client) -> None:
+    launch(client, "deb", image="debian", limits={"memory": "512MiB"})
+    res, out, _ = client.exec_capture(
+        "deb", ["sh", "-c", ". /etc/os-release; echo $ID $VERSION_ID; hostname"]
+    )
+    assert res.exit_code == 0 and out == b"debian 12\ndeb\n"
+    # Writes go to the instance's overlay and survive a restart.
+    client.exec_capture("deb", ["sh", "-c", "echo kept > /root/state; sync"])
+    client.restart("deb")
+    assert client.exec_capture("deb", ["cat", "/root/state"])[1] == b"kept\n"
+    res, out, _ = client.exec_capture("deb", ["python3", "-c", "print(6 * 7)"])
+    assert out == b"42\n"

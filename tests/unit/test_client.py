@@ -192,9 +192,13 @@ def test_build_image_reads_ndjson_progress(fake: FakeVzd, client: Client) -> Non
 
 
 def test_build_image_error_line(fake: FakeVzd, client: Client) -> None:
-    stream = b'{"progress": {"step": "a", "fraction": 0.5}}\n' + json.dumps(
-        {"error": {"error": "no kernel", "code": "host_unsupported", "hint": "apt install"}}
-    ).encode() + b"\n"
+    stream = (
+        b'{"progress": {"step": "a", "fraction": 0.5}}\n'
+        + json.dumps(
+            {"error": {"error": "no kernel", "code": "host_unsupported", "hint": "apt install"}}
+        ).encode()
+        + b"\n"
+    )
     fake.on("POST", "/1.0/images/minimal/build", Reply(200, stream))
     with pytest.raises(VzError, match="no kernel") as info:
         client.build_image("minimal")
@@ -211,7 +215,8 @@ def test_files_push_and_pull(fake: FakeVzd, client: Client, tmp_path: Path) -> N
     fake.on("PUT", "/1.0/instances/web/files", store)
     data = os.urandom(200_000)
     fake.on(
-        "GET", "/1.0/instances/web/files",
+        "GET",
+        "/1.0/instances/web/files",
         Reply(200, data, {"Content-Type": "application/octet-stream", "X-Vz-File-Mode": "0755"}),
     )
     client.push_file("web", "/a b", b"xyz", mode=0o600, parents=True)

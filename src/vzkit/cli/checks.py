@@ -42,6 +42,31 @@ def check_cpus(value: int) -> int:
     return value
 
 
+def check_cpu_weight(value: int) -> int:
+    if not 1 <= value <= 10000:
+        raise UsageError(
+            f"--cpu-weight {value} is out of range", hint="use 1 to 10000 (100 = normal)"
+        )
+    return value
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """'0,2-3' -> [0, 2, 3], the cpuset list syntax."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi) if sep else int(lo)
+            if first < 0 or last < first:
+                raise ValueError(part)
+            cpus.update(range(first, last + 1))
+    except ValueError:
+        raise UsageError(
+            f"invalid CPU list {text!r}", hint="list host CPUs like 0,2-3 (see vz host info)"
+        ) from None
+    return sorted(cpus)
+
+
 def check_timeout(value: float | None, flag: str = "--timeout") -> float | None:
     if value is not None and value <= 0:
         raise UsageError(f"{flag} {value:g} must be positive", hint=f"e.g. {flag} 30")

@@ -174,6 +174,10 @@ def _create_body(args: argparse.Namespace, image: str, name: str | None) -> dict
         limits["cpus"] = checks.check_cpus(args.cpus)
     if args.memory is not None:
         limits["memory"] = checks.check_memory(args.memory)
+    if args.cpu_weight is not None:
+        limits["cpu_weight"] = checks.check_cpu_weight(args.cpu_weight)
+    if args.cpu_pin is not None:
+        limits["cpu_pin"] = checks.parse_cpu_list(args.cpu_pin)
     if limits:
         body["limits"] = limits
     return body
@@ -336,8 +340,9 @@ def cmd_file_push(args: argparse.Namespace, client: Client) -> int:
     name, path = checks.split_remote(args.remote, "destination")
     mode = checks.parse_mode(args.mode) if args.mode is not None else None
     if args.local == "-":
-        client.push_file(name, path, sys.stdin.buffer, mode=0o644 if mode is None else mode,
-                         parents=args.parents)
+        client.push_file(
+            name, path, sys.stdin.buffer, mode=0o644 if mode is None else mode, parents=args.parents
+        )
         return 0
     local = Path(args.local)
     try:
@@ -407,8 +412,14 @@ def cmd_image_list(args: argparse.Namespace, client: Client) -> int:
         dump_json([i.model_dump(mode="json") for i in images], _out())
         return 0
     rows = [
-        (i.name, i.kind, i.kernel_release, format_size(i.size), age_since(i.created_at),
-         i.digest.removeprefix("sha256:")[:12])
+        (
+            i.name,
+            i.kind,
+            i.kernel_release,
+            format_size(i.size),
+            age_since(i.created_at),
+            i.digest.removeprefix("sha256:")[:12],
+        )
         for i in sorted(images, key=lambda i: i.name)
     ]
     table(("NAME", "KIND", "KERNEL", "SIZE", "AGE", "DIGEST"), rows, _out())

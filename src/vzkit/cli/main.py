@@ -25,14 +25,28 @@ def _globals(defaults: bool) -> _Parser:
     # subcommands use SUPPRESS so they do not reset a value given before the subcommand.
     p = _Parser(add_help=False)
     d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
-    p.add_argument("--format", choices=["table", "json"], default=d("table"),
-                   help="output format (default: table)")
-    p.add_argument("--debug", action="store_true", default=d(False),
-                   help="show tracebacks on errors")
-    p.add_argument("--socket", type=Path, default=d(None), metavar="PATH",
-                   help="vzd's socket (default: $VZ_SOCKET or /run/vzkit/vzd.sock)")
-    p.add_argument("--no-autostart", action="store_true", default=d(False),
-                   help="fail instead of starting vzd when it is not running")
+    p.add_argument(
+        "--format",
+        choices=["table", "json"],
+        default=d("table"),
+        help="output format (default: table)",
+    )
+    p.add_argument(
+        "--debug", action="store_true", default=d(False), help="show tracebacks on errors"
+    )
+    p.add_argument(
+        "--socket",
+        type=Path,
+        default=d(None),
+        metavar="PATH",
+        help="vzd's socket (default: $VZ_SOCKET or /run/vzkit/vzd.sock)",
+    )
+    p.add_argument(
+        "--no-autostart",
+        action="store_true",
+        default=d(False),
+        help="fail instead of starting vzd when it is not running",
+    )
     return p
 
 
@@ -41,16 +55,28 @@ def _instance_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, default=None)
     p.add_argument("--memory", default=None, metavar="SIZE", help="e.g. 512MiB, 1G (bare = MiB)")
     p.add_argument("--accel", choices=["kvm", "tcg"], default=None)
+    p.add_argument(
+        "--cpu-weight",
+        type=int,
+        default=None,
+        metavar="N",
+        help="relative CPU share against other instances, 1-10000 (default 100)",
+    )
+    p.add_argument(
+        "--cpu-pin", default=None, metavar="LIST", help="host CPUs to run on, e.g. 0,2-3"
+    )
 
 
 def _exec_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", "-e", action="append", metavar="K=V", help="repeatable")
     p.add_argument("--workdir", "-w", default=None, metavar="DIR")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="kill the command after S seconds")
+    p.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="kill the command after S seconds"
+    )
     p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
-    p.add_argument("-i", "--interactive", action="store_true",
-                   help="pass stdin even when it is a terminal")
+    p.add_argument(
+        "-i", "--interactive", action="store_true", help="pass stdin even when it is a terminal"
+    )
     p.add_argument("command", nargs="*", help="the command, after --")
 
 
@@ -116,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="kill running instances")
 
     p = add("image", "manage images")
-    isub = p.add_subparsers(dest="image_cmd", metavar="list|info|build|delete",
-                            parser_class=_Parser)
+    isub = p.add_subparsers(
+        dest="image_cmd", metavar="list|info|build|delete", parser_class=_Parser
+    )
     isub.required = True
     isub.add_parser("list", help="list built images", parents=[g])
     isub.add_parser("info", help="show an image", parents=[g]).add_argument("name")

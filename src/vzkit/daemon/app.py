@@ -46,8 +46,9 @@ def _validation_message(exc: RequestValidationError | ValidationError) -> str:
 
 
 def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
-    app = FastAPI(title="vzd", version=__version__, openapi_url="/openapi.json",
-                  docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="vzd", version=__version__, openapi_url="/openapi.json", docs_url=None, redoc_url=None
+    )
 
     @app.exception_handler(VzError)
     async def _vz_error(request: Request, exc: VzError) -> JSONResponse:
@@ -55,8 +56,9 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        body = InvalidConfig(_validation_message(exc),
-                             hint="see the API reference in docs/api.md").to_dict()
+        body = InvalidConfig(
+            _validation_message(exc), hint="see the API reference in docs/api.md"
+        ).to_dict()
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -110,16 +112,20 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
         try:
             mode_int = int(mode, 8)
         except ValueError:
-            raise InvalidConfig(f"invalid file mode {mode!r}",
-                                hint="give an octal mode such as 0644") from None
+            raise InvalidConfig(
+                f"invalid file mode {mode!r}", hint="give an octal mode such as 0644"
+            ) from None
         await actions.push_file(name, path, request.stream(), mode_int, parents)
         return Response(status_code=204)
 
     @app.get(f"{API}/instances/{{name}}/files", responses=_ERRORS)
     async def pull_file(name: str, path: str = Query(...)) -> StreamingResponse:
         mode, chunks = await actions.pull_file(name, path)
-        return StreamingResponse(chunks, media_type="application/octet-stream",
-                                 headers={"X-Vz-File-Mode": f"{mode & 0o7777:04o}"})
+        return StreamingResponse(
+            chunks,
+            media_type="application/octet-stream",
+            headers={"X-Vz-File-Mode": f"{mode & 0o7777:04o}"},
+        )
 
     @app.websocket(f"{API}/instances/{{name}}/exec")
     async def exec_ws(ws: WebSocket, name: str) -> None:
@@ -176,8 +182,9 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     async def build_image(name: str, force: bool = False) -> StreamingResponse:
         if name not in actions.images.known_names():
             await actions.ensure_image(name)  # raises NotFound with the list of names
-        return StreamingResponse(_build_stream(actions, name, force),
-                                 media_type="application/x-ndjson")
+        return StreamingResponse(
+            _build_stream(actions, name, force), media_type="application/x-ndjson"
+        )
 
     @app.delete(f"{API}/images/{{name}}", status_code=204, responses=_ERRORS)
     async def delete_image(name: str) -> Response:

@@ -95,8 +95,14 @@ async def serve(settings: Settings) -> None:
             server.should_exit = True
 
     app = create_app(actions, shutdown)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            ws_max_size=16 * 1024 * 1024, timeout_keep_alive=30)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        ws_max_size=16 * 1024 * 1024,
+        timeout_keep_alive=30,
+    )
     server = uvicorn.Server(config)
     sock = _bind(settings.socket_path)
     settings.pid_file.write_text(f"{os.getpid()}\n")

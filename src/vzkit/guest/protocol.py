@@ -14,6 +14,8 @@ from enum import IntEnum, IntFlag
 
 from vzkit.errors import AgentError
 
+# The virtio-serial port name the agent looks for in /sys/class/virtio-ports.
+AGENT_PORT_NAME = "org.vzkit.agent"
 MAGIC = 0x565A  # "VZ"
 VERSION = 1
 HEADER = struct.Struct(">HBBII")

@@ -96,7 +96,7 @@ def _check_cpus(
             f"(overcommit ratio {policy.cpu_overcommit:g} allows {budget})",
             hint=(
                 "use --cpus with fewer vCPUs, stop other instances, "
-                "or raise cpu_overcommit in the daemon config"
+                "or raise VZ_CPU_OVERCOMMIT in vzd's environment"
             ),
             requested=request.cpus,
             allocated=used,
@@ -110,7 +110,7 @@ def _check_memory(
     usable = max(0, host.memory_total - policy.memory_reserve)
     hint = (
         "use --memory with a smaller size, stop other instances, "
-        "or raise memory_overcommit in the daemon config"
+        "or raise VZ_MEMORY_OVERCOMMIT in vzd's environment"
     )
     if request.memory > usable:
         raise ResourceExhausted(

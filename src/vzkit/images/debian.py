@@ -20,14 +20,13 @@ import tempfile
 from pathlib import Path
 
 from vzkit.errors import HostUnsupported, ImageError
+from vzkit.guest.protocol import AGENT_PORT_NAME
 from vzkit.images.initramfs import (
-    AGENT_PORT_NAME,
     BUSYBOX,
     DEFAULT_COMPRESSION,
     MinimalBuilder,
     build_initramfs,
     find_kernel,
-    init_script,
     run_depmod,
 )
 from vzkit.images.store import BuildResult, Progress
@@ -208,7 +207,7 @@ class DebianBuilder:
             kernel=kernel,
             busybox=self.minimal.busybox,
             agent=self.minimal.agent(),
-            init=init_script(),
+            init=None,
             compression=DEFAULT_COMPRESSION,
         )
         return BuildResult(
@@ -229,6 +228,9 @@ class DebianBuilder:
                 "mmdebstrap not found", hint="install mmdebstrap (scripts/setup does this)"
             )
         cache.mkdir(parents=True, exist_ok=True)
+        # Builds of 'debian' are serialized by the store, so these are from a killed build.
+        for stale in cache.glob(".mmdebstrap-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=cache, prefix=".mmdebstrap-") as tmp:
             out = Path(tmp) / "rootfs.tar"
             argv = [

@@ -1,11 +1,14 @@
 #!/bin/sh
-# vzkit guest /init (busybox sh), the first process of every vzkit guest.
+# vzkit guest /init.sh (busybox sh): boots disk images. The agent is /init; it runs this
+# script when the kernel command line has vz.root=, and sets up initramfs-only guests
+# itself. The script also works as rdinit=/init.sh on its own.
 #
 # Boot time is the product here: every fork of busybox costs milliseconds under TCG, so
 # this script keeps the number of commands low and does nothing a guest does not need.
 export PATH=/sbin:/bin
 
-mount -t proc proc /proc
+# The agent (the real /init) has mounted /proc already when it hands a disk image over.
+[ -e /proc/self ] || mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 

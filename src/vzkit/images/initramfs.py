@@ -29,7 +29,6 @@ from vzkit.images.store import BuildResult, Progress, sha256_file
 from vzkit.settings import Settings
 
 BUSYBOX = Path("/bin/busybox")
-AGENT_PORT_NAME = "org.vzkit.agent"
 
 # Loaded by /init (directly or as dependencies); virtio_pci and its helpers serve the q35 VM.
 MODULES: tuple[str, ...] = (
@@ -169,9 +168,13 @@ def stage_root(
     kernel: GuestKernel,
     busybox: Path,
     agent: Path,
-    init: str,
+    init: str | None,
 ) -> None:
-    """Lay out the initramfs tree in ``root`` (an empty directory)."""
+    """Lay out the initramfs tree in ``root`` (an empty directory).
+
+    With ``init=None`` the agent itself is /init: it mounts, loads modules and serves
+    without forking a shell (fast under TCG), and hands disk images to /init.sh.
+    """
     for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "run", "root", "newroot",
               "var", "mnt", "usr"):  # fmt: skip
         (root / d).mkdir()
@@ -185,8 +188,13 @@ def stage_root(
         (root / "sbin" / applet).symlink_to("../bin/busybox")
     shutil.copyfile(agent, root / "sbin" / "vz-agent")
     (root / "sbin" / "vz-agent").chmod(0o755)
-    (root / "init").write_text(init)
-    (root / "init").chmod(0o755)
+    (root / "init.sh").write_text(init_script())
+    (root / "init.sh").chmod(0o755)
+    if init is None:
+        (root / "init").symlink_to("sbin/vz-agent")
+    else:
+        (root / "init").write_text(init)
+        (root / "init").chmod(0o755)
     (root / "etc" / "passwd").write_text(_ETC_PASSWD)
     (root / "etc" / "group").write_text(_ETC_GROUP)
     (root / "etc" / "hostname").write_text("vzkit\n")
@@ -296,7 +304,7 @@ def build_initramfs(
     kernel: GuestKernel,
     busybox: Path,
     agent: Path,
-    init: str,
+    init: str | None,
     compression: Compression = DEFAULT_COMPRESSION,
 ) -> Path:
     """Build an initramfs at ``out``; the staging tree lives beside it and is removed."""
@@ -372,7 +380,7 @@ class MinimalBuilder:
             kernel=kernel,
             busybox=self.busybox,
             agent=self.agent(),
-            init=init_script(),
+            init=None,
             compression=self.compression,
         )
         return BuildResult(

@@ -87,7 +87,8 @@ def test_usage_error_exits_2(tmp_path: Path) -> None:
 
 def test_daemon_error_is_printed_with_hint(fake: FakeVzd, tmp_path: Path) -> None:
     fake.on(
-        "PUT", "/1.0/instances/web/state",
+        "PUT",
+        "/1.0/instances/web/state",
         error(409, "invalid_state", "cannot pause 'web': it is stopped", "start it first"),
     )
     r = vz(tmp_path, "pause", "web")
@@ -99,8 +100,14 @@ def test_daemon_error_is_printed_with_hint(fake: FakeVzd, tmp_path: Path) -> Non
 
 def test_list_table_and_json(fake: FakeVzd, tmp_path: Path) -> None:
     limits = {"cpus": 1, "memory": 1024**3, "cpu_weight": 100, "cpu_pin": None}
-    other = {**INSTANCE, "name": "db", "state": "stopped", "pid": None, "type": "vm",
-             "limits": limits}
+    other = {
+        **INSTANCE,
+        "name": "db",
+        "state": "stopped",
+        "pid": None,
+        "type": "vm",
+        "limits": limits,
+    }
     fake.on("GET", "/1.0/instances", Reply(200, [INSTANCE, other]))
     r = vz(tmp_path, "list")
     assert r.returncode == 0, r.stderr
@@ -127,23 +134,37 @@ def test_info_key_values_and_json(fake: FakeVzd, tmp_path: Path) -> None:
 def _run_routes(fake: FakeVzd, name: str) -> None:
     fake.on("GET", "/1.0/images/minimal", Reply(200, IMAGE))
     fake.on(
-        "POST", "/1.0/instances",
+        "POST",
+        "/1.0/instances",
         lambda s: Reply(201, {**INSTANCE, "name": json.loads(s.body)["name"]}),
     )
     fake.on("DELETE", f"/1.0/instances/{name}", Reply(204))
 
 
-def test_run_passes_exit_code_and_binary_output_then_deletes(
-    fake: FakeVzd, tmp_path: Path
-) -> None:
+def test_run_passes_exit_code_and_binary_output_then_deletes(fake: FakeVzd, tmp_path: Path) -> None:
     _run_routes(fake, "job")
     blob = bytes(range(256)) * 64 + b"\r\n\x00"
     reqs: list[dict[str, object]] = []
     fake.ws_routes["/1.0/instances/job/exec"] = exec_script(
         blob, b"to stderr", exit_code=3, echo_stdin=True, requests=reqs
     )
-    r = vz(tmp_path, "run", "minimal", "--name", "job", "--memory", "1G", "--env", "A=b=c",
-           "--", "sh", "-c", "exit 3", "--not-an-option", input=b"IN")
+    r = vz(
+        tmp_path,
+        "run",
+        "minimal",
+        "--name",
+        "job",
+        "--memory",
+        "1G",
+        "--env",
+        "A=b=c",
+        "--",
+        "sh",
+        "-c",
+        "exit 3",
+        "--not-an-option",
+        input=b"IN",
+    )
     assert r.returncode == 3, r.stderr
     assert r.stdout == blob + b"IN"
     assert r.stderr == b"to stderr"
@@ -221,9 +242,23 @@ def test_run_ctrl_c_forwards_then_deletes(fake: FakeVzd, tmp_path: Path) -> None
     fake.ws_routes["/1.0/instances/job/exec"] = long_running
     env = {**os.environ, "VZ_SOCKET": str(fake.path), "VZ_STATE_DIR": str(tmp_path)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vzkit.cli.main", "--no-autostart", "run", "minimal",
-         "--name", "job", "--", "sleep", "100"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        [
+            sys.executable,
+            "-m",
+            "vzkit.cli.main",
+            "--no-autostart",
+            "run",
+            "minimal",
+            "--name",
+            "job",
+            "--",
+            "sleep",
+            "100",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     try:
         assert started.wait(30)
@@ -254,8 +289,9 @@ def test_exec_stdin_and_exit_code(fake: FakeVzd, tmp_path: Path) -> None:
 
 def test_file_push_pull(fake: FakeVzd, tmp_path: Path) -> None:
     fake.on("PUT", "/1.0/instances/web/files", Reply(204))
-    fake.on("GET", "/1.0/instances/web/files",
-            Reply(200, b"\x00remote\xff", {"X-Vz-File-Mode": "0750"}))
+    fake.on(
+        "GET", "/1.0/instances/web/files", Reply(200, b"\x00remote\xff", {"X-Vz-File-Mode": "0750"})
+    )
     local = tmp_path / "script"
     local.write_bytes(b"#!/bin/sh\n")
     local.chmod(0o711)

@@ -123,8 +123,10 @@ class _Handler(BaseHTTPRequestHandler):
             reply = Reply(404, {"detail": "Not Found"})
         elif callable(reply):
             reply = reply(seen)
-        data = reply.body if isinstance(reply.body, bytes) else (
-            b"" if reply.body is None else json.dumps(reply.body).encode()
+        data = (
+            reply.body
+            if isinstance(reply.body, bytes)
+            else (b"" if reply.body is None else json.dumps(reply.body).encode())
         )
         self.send_response(reply.status)
         headers = {"Content-Type": "application/json", **reply.headers}
@@ -188,8 +190,11 @@ class FakeVzd:
         http = _Server(str(self.path), _Handler)
         http.fake = self
         ws = unix_serve(
-            self._ws_handler, str(self._ws_path), process_request=self._ws_process_request,
-            compression=None, max_size=None,
+            self._ws_handler,
+            str(self._ws_path),
+            process_request=self._ws_process_request,
+            compression=None,
+            max_size=None,
         )
         threads = [
             threading.Thread(target=http.serve_forever, args=(0.05,), daemon=True),
@@ -206,7 +211,10 @@ class FakeVzd:
 
 
 def exec_script(
-    stdout: bytes = b"", stderr: bytes = b"", exit_code: int = 0, echo_stdin: bool = False,
+    stdout: bytes = b"",
+    stderr: bytes = b"",
+    exit_code: int = 0,
+    echo_stdin: bool = False,
     requests: list[dict[str, Any]] | None = None,
 ) -> WsHandler:
     """An exec endpoint: records the ExecRequest, optionally echoes stdin, then answers."""

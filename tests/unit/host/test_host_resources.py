@@ -85,7 +85,7 @@ def test_memory_total_with_overcommit() -> None:
     )
     assert exc.value.hint == (
         "use --memory with a smaller size, stop other instances, "
-        "or raise memory_overcommit in the daemon config"
+        "or raise VZ_MEMORY_OVERCOMMIT in vzd's environment"
     )
     check_fit(lim(memory=3 * GiB), allocated, h, OvercommitPolicy(memory_overcommit=1.5))
 

@@ -139,9 +139,11 @@ def test_minimal_builder_with_fake_host(tmp_path: Path) -> None:
     store.check(info, full=True)
     initrd = Path(info.files["initrd"]).read_bytes()
     cpio = subprocess.run(["zstd", "-dc"], input=initrd, capture_output=True, check=True).stdout
-    names = subprocess.run(
-        ["cpio", "-it", "--quiet"], input=cpio, capture_output=True, check=True
-    ).stdout.decode().split()
+    names = (
+        subprocess.run(["cpio", "-it", "--quiet"], input=cpio, capture_output=True, check=True)
+        .stdout.decode()
+        .split()
+    )
     for path in ("init", "sbin/vz-agent", "bin/busybox", "sbin/modprobe", "bin/sh",
                  "bin/sha256sum", "sbin/switch_root",
                  f"lib/modules/{RELEASE}/modules.dep",

@@ -69,9 +69,10 @@ def settings(tmp_path: Path) -> Settings:
 
 
 def make_store(settings: Settings, **builders: FakeBuilder) -> ImageStore:
-    factories: dict[str, BuilderFactory] = {
-        name: (lambda b: lambda _s: b)(b) for name, b in builders.items()
-    }
+    def factory(builder: FakeBuilder) -> BuilderFactory:
+        return lambda _settings: builder
+
+    factories = {name: factory(b) for name, b in builders.items()}
     return ImageStore(settings, factories)
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vzkit.guest.protocol import AGENT_PORT_NAME
 from vzkit.host.resources import TCG_TB_SIZE_MIB
 from vzkit.models import Accel, InstanceType
-
-AGENT_PORT_NAME = "org.vzkit.agent"
 
 
 @dataclass(frozen=True)
@@ -71,37 +70,50 @@ def build_argv(binary: str, spec: MachineSpec) -> list[str]:
     argv = [
         binary,
         # The uuid in the command line lets the daemon recognise its QEMU after a restart.
-        "-name", f"vz-{spec.name},debug-threads=on",
-        "-uuid", spec.uuid,
+        "-name",
+        f"vz-{spec.name},debug-threads=on",
+        "-uuid",
+        spec.uuid,
         *machine_args(spec),
-        "-smp", str(spec.cpus),
-        "-m", f"{spec.memory // (1024 * 1024)}M",
+        "-smp",
+        str(spec.cpus),
+        "-m",
+        f"{spec.memory // (1024 * 1024)}M",
         "-nodefaults",
         "-no-user-config",
-        "-display", "none",
-        "-kernel", str(spec.kernel),
-        "-initrd", str(spec.initrd),
-        "-append", spec.cmdline,
-        "-chardev", f"socket,id=qmp,fd={spec.qmp_fd},server=on,wait=off",
-        "-mon", "chardev=qmp,mode=control",
+        "-display",
+        "none",
+        "-kernel",
+        str(spec.kernel),
+        "-initrd",
+        str(spec.initrd),
+        "-append",
+        spec.cmdline,
+        "-chardev",
+        f"socket,id=qmp,fd={spec.qmp_fd},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
         "-chardev",
         f"socket,id=con0,fd={spec.console_fd},server=on,wait=off,"
         f"logfile={spec.console_log},logappend=on",
-        "-serial", "chardev:con0",
-        "-device", f"virtio-serial-{bus},max_ports=2",
-        "-chardev", f"socket,id=agent,fd={spec.agent_fd},server=on,wait=off",
-        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
-        "-object", "rng-builtin,id=rng0",
-        "-device", f"virtio-rng-{bus},rng=rng0",
+        "-serial",
+        "chardev:con0",
+        "-device",
+        f"virtio-serial-{bus},max_ports=2",
+        "-chardev",
+        f"socket,id=agent,fd={spec.agent_fd},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
     ]
     for disk in spec.disks:
         ro = ",read-only=on" if disk.read_only else ""
         argv += [
             "-blockdev",
-            f"driver=file,filename={disk.path},node-name={disk.node}-file,"
-            f"cache.direct=off{ro}",
-            "-blockdev", f"driver={disk.format},file={disk.node}-file,node-name={disk.node}{ro}",
-            "-device", f"virtio-blk-{bus},drive={disk.node}",
+            f"driver=file,filename={disk.path},node-name={disk.node}-file,cache.direct=off{ro}",
+            "-blockdev",
+            f"driver={disk.format},file={disk.node}-file,node-name={disk.node}{ro}",
+            "-device",
+            f"virtio-blk-{bus},drive={disk.node}",
         ]
     argv += ["-daemonize", "-pidfile", str(spec.pid_file), *spec.extra]
     return argv
@@ -116,6 +128,9 @@ def kernel_cmdline(
         parts += [f"tsc_early_khz={tsc_khz}", "tsc=reliable"]
     if root:
         parts.append(f"vz.root={root}")
+    if root or "vz.root=" in extra:
+        # systemd on the root disk takes its hostname from here, not from the initramfs.
+        parts.append(f"systemd.hostname={hostname}")
     if extra:
         parts.append(extra)
     return " ".join(parts)

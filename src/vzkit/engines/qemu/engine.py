@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,17 +110,32 @@ class QemuEngine:
         sdir.mkdir(parents=True, exist_ok=True)
         rootfs = image.files.get("rootfs")
         if rootfs:
-            # A copy-on-write overlay: instant whatever the image size, and the image
-            # stays untouched.
+            # The instance holds its own link to the image's disk, so rebuilding or
+            # deleting the image never pulls the backing file from under it.
+            base = sdir / "base.qcow2"
+            try:
+                os.link(rootfs, base)
+            except OSError:
+                await asyncio.to_thread(shutil.copyfile, rootfs, base)
+            # A copy-on-write overlay: instant whatever the image size.
             await _run(
-                "qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
-                "-b", rootfs, str(sdir / "root.qcow2"),
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                base.name,
+                str(sdir / "root.qcow2"),
             )
         return {}
 
     async def start(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> Started:
         if inst.name in self._live:
             raise EngineError(f"instance {inst.name!r} already has a running QEMU")
+        t0 = time.monotonic()
         image = self.images.get(inst.image)
         self.images.check(image)
         sdir, rdir = self.state_dir(uuid), self.runtime_dir(uuid)
@@ -129,10 +145,11 @@ class QemuEngine:
         accel = inst.accel or Accel(self.host.accel)
         disks: tuple[Disk, ...] = ()
         root = None
+        extra_args = image.files.get("cmdline", "")
         if image.files.get("rootfs"):
             disks = (Disk(sdir / "root.qcow2"),)
-            root = "/dev/vda"
-        extra_args = image.files.get("cmdline", "")
+            # The root disk is the first virtio-blk device; the image may name it itself.
+            root = None if "vz.root=" in extra_args else "/dev/vda"
         cgroup: Cgroup | None = None
         pid: int | None = None
         try:
@@ -149,8 +166,9 @@ class QemuEngine:
                         cpuset_cpus=inst.limits.cpu_pin,
                     ),
                 )
-            socks = [process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock",
-                                                                "console.sock")]
+            socks = [
+                process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock", "console.sock")
+            ]
             with process.closing_all(socks):
                 spec = MachineSpec(
                     name=inst.name,
@@ -162,7 +180,9 @@ class QemuEngine:
                     kernel=Path(image.files["kernel"]),
                     initrd=Path(image.files["initrd"]),
                     cmdline=kernel_cmdline(
-                        hostname=inst.name, tsc_khz=self.host.tsc_khz, root=root,
+                        hostname=inst.name,
+                        tsc_khz=self.host.tsc_khz,
+                        root=root,
                         extra=extra_args,
                     ),
                     qmp_fd=socks[0].fileno(),
@@ -174,6 +194,7 @@ class QemuEngine:
                 )
                 # A fresh boot starts a fresh console log.
                 (sdir / "console.log").write_bytes(b"")
+                t_spawn = time.monotonic()
                 pid = await process.launch(
                     build_argv(self.settings.qemu_binary, spec),
                     pass_fds=[s.fileno() for s in socks],
@@ -181,10 +202,20 @@ class QemuEngine:
                     pid_file=spec.pid_file,
                     log_file=sdir / "qemu.log",
                 )
+            t_launched = time.monotonic()
             live = _Live(inst.name, uuid, pid, rdir, cgroup=cgroup)
             self._live[inst.name] = live
             await self._watch(live)
+            t_watched = time.monotonic()
             agent = await self._wait_agent(live, BOOT_TIMEOUT)
+            log.info(
+                "%s started: set-up %.3fs, qemu launch %.3fs, qmp %.3fs, boot to agent %.3fs",
+                inst.name,
+                t_spawn - t0,
+                t_launched - t_spawn,
+                t_watched - t_launched,
+                time.monotonic() - t_watched,
+            )
             return Started(
                 pid=pid,
                 agent_version=agent.hello.agent_version,
@@ -281,8 +312,14 @@ class QemuEngine:
             if req.tty:
                 env.setdefault("TERM", "xterm-256color")
         return await agent.exec(
-            req.argv, env=env or None, cwd=req.cwd, tty=req.tty, rows=req.rows,
-            cols=req.cols, stdin=req.stdin, timeout=req.timeout,
+            req.argv,
+            env=env or None,
+            cwd=req.cwd,
+            tty=req.tty,
+            rows=req.rows,
+            cols=req.cols,
+            stdin=req.stdin,
+            timeout=req.timeout,
         )
 
     async def push_file(
@@ -338,8 +375,9 @@ class QemuEngine:
     def _get(self, name: str) -> _Live:
         live = self._live.get(name)
         if live is None:
-            raise NotFound(f"instance {name!r} has no running QEMU",
-                           hint=f"start it first: vz start {name}")
+            raise NotFound(
+                f"instance {name!r} has no running QEMU", hint=f"start it first: vz start {name}"
+            )
         return live
 
     async def _watch(self, live: _Live) -> None:
@@ -413,8 +451,7 @@ class QemuEngine:
         async with live.agent_lock:
             if live.agent is not None and not live.agent.closed:
                 return live.agent
-            live.agent = await AgentClient.connect_unix(live.rdir / "agent.sock",
-                                                        timeout=timeout)
+            live.agent = await AgentClient.connect_unix(live.rdir / "agent.sock", timeout=timeout)
             return live.agent
 
     async def _wait_agent(self, live: _Live, timeout: float) -> AgentClient:

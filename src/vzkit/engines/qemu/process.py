@@ -48,8 +48,15 @@ def _cgroup_wrapper(procs_files: Sequence[Path], argv: Sequence[str]) -> list[st
         'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; '
         'shift; n=$((n-1)); done; exec "$@"'
     )
-    return ["/bin/sh", "-c", script, "vz-launch", str(len(procs_files)),
-            *map(str, procs_files), *argv]
+    return [
+        "/bin/sh",
+        "-c",
+        script,
+        "vz-launch",
+        str(len(procs_files)),
+        *map(str, procs_files),
+        *argv,
+    ]
 
 
 async def launch(

@@ -27,6 +27,7 @@
 #include <sys/prctl.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/utsname.h>
@@ -1423,6 +1424,218 @@ static void disconnect(void)
 }
 
 /* ------------------------------------------------------------------------------ */
+/* Init mode: PID 1 of the minimal image                                           */
+/*
+ * Started as /init, the agent sets up the guest itself instead of through a shell
+ * script: under TCG every fork and exec of busybox costs milliseconds, and boot time is
+ * what a sandbox user waits for. Disk images (vz.root=) still go through /init.sh,
+ * which mounts the root disk and switches to the real init.
+ */
+
+#define MODULES_MAX_DEPTH 8
+
+static char *modules_dep; /* the whole modules.dep, NUL-terminated */
+static char modules_dir[256];
+
+static void read_modules_dep(void)
+{
+    struct utsname u;
+    if (uname(&u) < 0)
+        return;
+    snprintf(modules_dir, sizeof modules_dir, "/lib/modules/%s", u.release);
+    char path[320];
+    snprintf(path, sizeof path, "%s/modules.dep", modules_dir);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    size_t cap = 65536, len = 0;
+    char *buf = xrealloc(NULL, cap);
+    for (;;) {
+        if (len + 1 >= cap)
+            buf = xrealloc(buf, cap *= 2);
+        ssize_t n = read(fd, buf + len, cap - len - 1);
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+    }
+    close(fd);
+    buf[len] = 0;
+    modules_dep = buf;
+}
+
+/* The modules.dep line of module `name` (e.g. "virtio_console"), or NULL. */
+static const char *dep_line(const char *name, size_t namelen)
+{
+    for (const char *line = modules_dep; line && *line;) {
+        const char *colon = strchr(line, ':');
+        const char *eol = strchr(line, '\n');
+        if (!colon || (eol && colon > eol))
+            return NULL;
+        const char *base = colon;
+        while (base > line && base[-1] != '/')
+            base--;
+        if ((size_t)(colon - base) == namelen + 3 && strncmp(base, name, namelen) == 0 &&
+            strncmp(base + namelen, ".ko", 3) == 0)
+            return line;
+        line = eol ? eol + 1 : NULL;
+    }
+    return NULL;
+}
+
+static void load_module_path(const char *rel, size_t rellen, int depth);
+
+static void load_module(const char *name, size_t namelen, int depth)
+{
+    const char *line = depth < MODULES_MAX_DEPTH ? dep_line(name, namelen) : NULL;
+    if (!line) {
+        logmsg("init: module %.*s not found", (int)namelen, name);
+        return;
+    }
+    const char *colon = strchr(line, ':');
+    const char *eol = strchr(colon, '\n');
+    if (!eol)
+        eol = colon + strlen(colon);
+    /* Dependencies are listed so that loading them last-to-first satisfies each. */
+    const char *deps[32];
+    size_t lens[32];
+    int ndeps = 0;
+    for (const char *p = colon + 1; p < eol && ndeps < 32;) {
+        while (p < eol && *p == ' ')
+            p++;
+        const char *q = p;
+        while (q < eol && *q != ' ')
+            q++;
+        if (q > p) {
+            deps[ndeps] = p;
+            lens[ndeps++] = (size_t)(q - p);
+        }
+        p = q;
+    }
+    for (int i = ndeps - 1; i >= 0; i--)
+        load_module_path(deps[i], lens[i], depth + 1);
+    load_module_path(line, (size_t)(colon - line), depth);
+}
+
+static void load_module_path(const char *rel, size_t rellen, int depth)
+{
+    (void)depth;
+    char path[512];
+    snprintf(path, sizeof path, "%s/%.*s", modules_dir, (int)rellen, rel);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        logmsg("init: %s: %s", path, strerror(errno));
+        return;
+    }
+    if (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST)
+        logmsg("init: loading %s: %s", path, strerror(errno));
+    close(fd);
+}
+
+static void load(const char *name)
+{
+    load_module(name, strlen(name), 0);
+}
+
+static int dir_has_entries(const char *path)
+{
+    DIR *d = opendir(path);
+    if (!d)
+        return 0;
+    struct dirent *de;
+    int found = 0;
+    while (!found && (de = readdir(d)) != NULL)
+        found = de->d_name[0] != '.';
+    closedir(d);
+    return found;
+}
+
+/* Load the drivers of the virtio devices present (ids from the virtio spec). */
+static void load_virtio_drivers(void)
+{
+    DIR *d = opendir("/sys/bus/virtio/devices");
+    if (!d)
+        return;
+    int want_net = 0, want_blk = 0, want_console = 0, want_rng = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (de->d_name[0] == '.')
+            continue;
+        char path[320], buf[32];
+        snprintf(path, sizeof path, "/sys/bus/virtio/devices/%s/device", de->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0)
+            continue;
+        buf[n] = 0;
+        switch (strtol(buf, NULL, 16)) {
+        case 1: want_net = 1; break;
+        case 2: want_blk = 1; break;
+        case 3: want_console = 1; break;
+        case 4: want_rng = 1; break;
+        }
+    }
+    closedir(d);
+    /* The agent's port first: it is what the host waits for. */
+    if (want_console)
+        load("virtio_console");
+    if (want_blk)
+        load("virtio_blk");
+    if (want_net)
+        load("virtio_net");
+    if (want_rng)
+        load("virtio_rng");
+}
+
+static void mount_or_log(const char *src, const char *dst, const char *type, unsigned long flags,
+                         const char *data)
+{
+    mkdir(dst, 0755);
+    if (mount(src, dst, type, flags, data) < 0 && errno != EBUSY)
+        logmsg("init: mount %s on %s: %s", type, dst, strerror(errno));
+}
+
+static void early_init(void)
+{
+    mount_or_log("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    char cmdline[4096] = "";
+    int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        ssize_t n = read(fd, cmdline, sizeof cmdline - 1);
+        cmdline[n > 0 ? n : 0] = 0;
+        close(fd);
+    }
+    for (char *tok = strtok(cmdline, " \n"); tok; tok = strtok(NULL, " \n")) {
+        if (strncmp(tok, "vz.root=", 8) == 0) {
+            /* A disk image: the shell script mounts it and switches root. */
+            execl("/bin/sh", "sh", "/init.sh", (char *)NULL);
+            logmsg("init: cannot run /init.sh: %s", strerror(errno));
+        } else if (strncmp(tok, "vz.hostname=", 12) == 0) {
+            if (sethostname(tok + 12, strlen(tok + 12)) < 0)
+                logmsg("init: sethostname: %s", strerror(errno));
+        }
+    }
+    mount_or_log("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount_or_log("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    int c = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+    if (c >= 0)
+        log_fd = c;
+    read_modules_dep();
+    /* microvm has its virtio devices on virtio-mmio, a q35 VM on PCI. */
+    load(dir_has_entries("/sys/bus/pci/devices") ? "virtio_pci" : "virtio_mmio");
+    load_virtio_drivers();
+    free(modules_dep);
+    modules_dep = NULL;
+    mount_or_log("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
+                 "gid=5,mode=620,ptmxmode=666");
+    mount_or_log("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    mount_or_log("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755");
+    setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
+}
+
+/* ------------------------------------------------------------------------------ */
 /* Main                                                                             */
 
 static void usage(void)
@@ -1450,6 +1663,11 @@ int main(int argc, char **argv)
     int inherited_fd = -1;
 
     is_pid1 = getpid() == 1;
+    if (is_pid1) {
+        const char *base = strrchr(argv[0], '/');
+        if (strcmp(base ? base + 1 : argv[0], "init") == 0)
+            early_init();
+    }
     ensure_stdio();
     if (is_pid1) {
         int c = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
