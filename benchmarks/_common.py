@@ -21,7 +21,7 @@ VZ = [sys.executable, "-m", "vzkit.cli.main"]
 
 
 @contextlib.contextmanager
-def private_daemon() -> Iterator[tuple[dict[str, str], Client]]:
+def private_daemon(**extra_env: str) -> Iterator[tuple[dict[str, str], Client]]:
     """Start vzd with its own state so a benchmark never touches the user's instances."""
     root = Path(tempfile.mkdtemp(prefix="vzb-"))
     env = dict(os.environ)
@@ -31,6 +31,7 @@ def private_daemon() -> Iterator[tuple[dict[str, str], Client]]:
         VZ_CACHE_DIR=os.environ.get("VZ_CACHE_DIR", str(root / "cache")),
         VZ_CGROUP_PARENT=f"vzkit-bench-{root.name}",
     )
+    env.update(extra_env)
     env.pop("VZ_SOCKET", None)
     log = open(root / "vzd.log", "ab")  # noqa: SIM115 - the daemon keeps it
     proc = subprocess.Popen(

@@ -77,6 +77,16 @@ class Daemon:
     def client(self) -> Client:
         return Client(self.socket, autostart=False)
 
+    def vz(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        """Run the `vz` CLI against this daemon."""
+        return subprocess.run(
+            [sys.executable, "-m", "vzkit.cli.main", *args],
+            env=self.env,
+            input=input,
+            capture_output=True,
+            timeout=300,
+        )
+
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):
             return (self.root / "vzd.log").read_text()[-3000:]
@@ -159,6 +169,21 @@ def vzd(image_cache: Path) -> Iterator[Daemon]:
     finally:
         _cleanup(d)
         assert not d.qemu_pids(), "QEMU processes survived the test session"
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def private_daemon(image_cache: Path) -> Iterator[Daemon]:
+    """A daemon of the test's own, not started: the test may change its env first."""
+    root = Path(tempfile.mkdtemp(prefix="vzt-"))
+    d = _make_daemon(root, image_cache)
+    try:
+        yield d
+    finally:
+        _cleanup(d)
+        # A daemon the CLI started on demand is not d.proc: stop it through the API.
+        with contextlib.suppress(Exception):
+            Client(d.socket, autostart=False).shutdown_daemon()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from vzkit._proc import alive
 from vzkit.engines.qemu.agent import STDOUT, AgentClient
 from vzkit.errors import AgentError
 from vzkit.guest.build import agent_binary
@@ -82,19 +83,10 @@ async def client(local_agent: LocalAgent) -> AsyncIterator[AgentClient]:
         await c.close()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # A zombie has exited: only its parent has not collected it yet.
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
 async def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             return True
         await asyncio.sleep(0.02)
     return False
@@ -229,7 +221,7 @@ async def test_timeout_kills(client: AgentClient) -> None:
     assert result.timed_out
     assert result.signal == signal.SIGKILL
     assert result.exit_code == 128 + signal.SIGKILL
-    assert not _alive(session.pid)
+    assert not alive(session.pid)
 
 
 async def test_signal(client: AgentClient) -> None:
@@ -357,7 +349,7 @@ async def test_host_disconnect_kills_sessions(local_agent: LocalAgent) -> None:
     client = await local_agent.connect()
     session = await client.exec(["sleep", "100"])
     pending = await client.exec(["sleep", "100"])
-    assert session.pid is not None and _alive(session.pid)
+    assert session.pid is not None and alive(session.pid)
     await client.close()
     with pytest.raises(AgentError):
         await pending.wait()

@@ -5,18 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, _cleanup, _make_daemon
+from tests.conftest import Daemon
+from tests.integration.helpers import wait_for
 from vzkit.client import Client
 from vzkit.errors import (
     Conflict,
+    EngineError,
     HostUnsupported,
     ImageError,
     InvalidConfig,
@@ -25,19 +26,10 @@ from vzkit.errors import (
     StateError,
     VzError,
 )
+from vzkit.host import cgroups
 from vzkit.models import InstanceCreate
 
 pytestmark = pytest.mark.integration
-
-
-def vz(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vzkit.cli.main", *args],
-        env=d.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def snapshot(d: Daemon) -> tuple[list[str], list[int], list[str]]:
@@ -69,11 +61,12 @@ def leaves_nothing(d: Daemon) -> Iterator[None]:
 )
 def test_cli_bad_input(vzd: Daemon, args: list[str], message: str, hint: str) -> None:
     with leaves_nothing(vzd):
-        r = vz(vzd, *args)
+        r = vzd.vz(*args)
+    err = r.stderr.decode()
     assert r.returncode != 0
-    assert "error:" in r.stderr and message.lower() in r.stderr.lower(), r.stderr
-    assert "hint:" in r.stderr and hint.lower() in r.stderr.lower(), r.stderr
-    assert "Traceback" not in r.stderr
+    assert "error:" in err and message.lower() in err.lower(), err
+    assert "hint:" in err and hint.lower() in err.lower(), err
+    assert "Traceback" not in err
 
 
 def test_api_errors_are_typed(vzd: Daemon, client: Client) -> None:
@@ -107,17 +100,6 @@ def test_duplicate_name_and_wrong_state(vzd: Daemon, client: Client) -> None:
     client.delete_instance("dup")
 
 
-@pytest.fixture
-def private_daemon(image_cache: Path) -> Iterator[Daemon]:
-    root = Path(tempfile.mkdtemp(prefix="vzt-"))
-    d = _make_daemon(root, image_cache)
-    try:
-        yield d
-    finally:
-        _cleanup(d)
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def test_corrupt_image_is_refused(private_daemon: Daemon) -> None:
     d = private_daemon
     d.start()
@@ -143,3 +125,56 @@ def test_missing_kernel(private_daemon: Daemon, tmp_path: Path) -> None:
         c.create_instance(InstanceCreate(name="nokernel"))
     assert str(tmp_path) in str(e.value) and e.value.hint
     assert "linux-image-cloud-amd64" in e.value.hint
+
+
+def test_qemu_failing_to_start_leaves_nothing(private_daemon: Daemon, tmp_path: Path) -> None:
+    real = shutil.which("qemu-system-x86_64")
+    assert real
+    fake = tmp_path / "qemu-broken"
+    # Answers the probe's --version like QEMU, fails every launch like a broken install.
+    fake.write_text(
+        f'#!/bin/sh\n[ "$1" = --version ] && exec {real} --version\n'
+        'echo "qemu: could not load PC BIOS" >&2\nexit 1\n'
+    )
+    fake.chmod(0o755)
+    d = private_daemon
+    d.env["VZ_QEMU"] = str(fake)
+    d.start()
+    c = d.client()
+    with leaves_nothing(d), pytest.raises(EngineError) as e:
+        c.create_instance(InstanceCreate(name="broken"))
+    assert "could not load PC BIOS" in str(e.value)
+    assert not list(d.settings.instance_runtime_dir.glob("*"))
+    assert cgroups.detect().open(f"{d.env['VZ_CGROUP_PARENT']}/broken") is None
+
+
+def test_qemu_dying_during_boot_leaves_nothing(private_daemon: Daemon) -> None:
+    d = private_daemon
+    d.start()
+    c = d.client()
+    c.build_image("minimal")
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            c.create_instance(InstanceCreate(name="doomed"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    with leaves_nothing(d):
+        t = threading.Thread(target=create)
+        t.start()
+
+        # Booting: QEMU has daemonized (pid file written) and its launcher has exited.
+        def booting() -> bool:
+            pid_files = list(d.settings.instance_runtime_dir.glob("*/qemu.pid"))
+            return bool(pid_files) and pid_files[0].stat().st_size > 0 and len(d.qemu_pids()) == 1
+
+        assert wait_for(booting, 30)
+        pid_file = next(d.settings.instance_runtime_dir.glob("*/qemu.pid"))
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        t.join(60)
+        assert wait_for(lambda: not d.qemu_pids(), 5)
+    assert len(errors) == 1 and isinstance(errors[0], EngineError)
+    assert "exited while 'doomed' was booting" in str(errors[0])
+    assert not list(d.settings.instance_runtime_dir.glob("*"))

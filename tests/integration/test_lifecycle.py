@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +12,7 @@ import pytest
 
 from tests.conftest import Daemon
 from tests.integration.helpers import wait_for
+from vzkit._proc import alive
 from vzkit.client import Client
 from vzkit.errors import StateError
 from vzkit.models import InstanceCreate, InstanceState, InstanceType, Limits
@@ -27,18 +26,8 @@ def launch(client: Client, name: str, **kw: object) -> None:
     client.create_instance(InstanceCreate.model_validate({"name": name, **kw}))
 
 
-def vz(d: Daemon, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "vzkit.cli.main", *args],
-        env=d.env,
-        input=input,
-        capture_output=True,
-        timeout=300,
-    )
-
-
 def test_run_prints_guest_kernel_and_leaves_nothing(vzd: Daemon, client: Client) -> None:
-    r = vz(vzd, "run", "minimal", "--", "uname", "-r")
+    r = vzd.vz("run", "minimal", "--", "uname", "-r")
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode().strip().endswith("-cloud-amd64")
     assert client.list_instances() == []
@@ -46,8 +35,7 @@ def test_run_prints_guest_kernel_and_leaves_nothing(vzd: Daemon, client: Client)
 
 
 def test_run_passes_exit_code_stdin_and_env(vzd: Daemon) -> None:
-    r = vz(
-        vzd,
+    r = vzd.vz(
         "run",
         "minimal",
         "--env",
@@ -69,7 +57,7 @@ def test_microvm_lifecycle(client: Client) -> None:
     inst = client.get_instance("life")
     assert inst.state is InstanceState.RUNNING
     assert inst.type is InstanceType.MICROVM
-    assert inst.pid and os.path.exists(f"/proc/{inst.pid}")
+    assert inst.pid and alive(inst.pid)
     res, out, _ = client.exec_capture("life", ["nproc"])
     assert (res.exit_code, out) == (0, b"2\n")
     res, out, _ = client.exec_capture("life", ["sh", "-c", "grep MemTotal /proc/meminfo"])
@@ -94,7 +82,7 @@ def test_microvm_lifecycle(client: Client) -> None:
     client.stop("life")
     inst = client.get_instance("life")
     assert inst.state is InstanceState.STOPPED and inst.pid is None
-    assert not os.path.exists(f"/proc/{old_pid}")
+    assert old_pid and not alive(old_pid)
     with pytest.raises(StateError):
         client.pause("life")
     with pytest.raises(StateError):
@@ -172,7 +160,7 @@ def test_daemon_sigkill_keeps_instances_running(vzd: Daemon, client: Client) -> 
     client.pause("keep3")
     vzd.kill(signal.SIGKILL)
     for pid in pids.values():
-        assert pid and os.path.exists(f"/proc/{pid}")
+        assert pid and alive(pid)
     vzd.start()
     client = vzd.client()
     for n in names:

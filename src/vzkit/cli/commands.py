@@ -459,6 +459,9 @@ def cmd_host_info(args: argparse.Namespace, client: Client) -> int:
     if _json_mode(args):
         dump_json(info, _out())
     else:
+        for key in ("memory_total", "memory_available"):
+            if isinstance(info.get(key), int):
+                info[key] = format_size(info[key])
         key_values(flatten(info), _out())
     return 0
 

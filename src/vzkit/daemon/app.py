@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from vzkit import __version__
 from vzkit.actions import Actions
 from vzkit.engines.base import ExecSession
 from vzkit.errors import InvalidConfig, VzError
+from vzkit.host.probe import probe_host
 from vzkit.models import (
     ErrorBody,
     ExecRequest,
@@ -32,6 +34,7 @@ from vzkit.models import (
 )
 
 API = "/1.0"
+log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody} for s in (400, 404, 409, 422, 500, 501, 507)
 }
@@ -54,6 +57,17 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     async def _vz_error(request: Request, exc: VzError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.http_status)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a user error: still a JSON body, and the traceback goes to the log.
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        body = {
+            "error": f"internal error: {type(exc).__name__}: {exc}",
+            "code": "internal",
+            "hint": "this is a bug in vzd; its log has the details",
+        }
+        return JSONResponse(body, status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         body = InvalidConfig(
@@ -74,7 +88,9 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
 
     @app.get(f"{API}/host")
     async def host_info(refresh: bool = False) -> dict[str, Any]:
-        return actions.host.model_dump(mode="json")
+        # Served from the per-boot cache (memory figures are read live); refresh re-probes.
+        info = await asyncio.to_thread(probe_host, actions.settings, refresh=refresh)
+        return info.model_dump(mode="json")
 
     @app.get(f"{API}/instances", responses=_ERRORS)
     async def list_instances() -> list[Instance]:

@@ -63,7 +63,7 @@ def test_cpu_overcommit() -> None:
         "cannot allocate 2 vCPUs: the host has 2 CPUs, 7 vCPUs already allocated to "
         "4 instances (overcommit ratio 4 allows 8)"
     )
-    assert "cpu_overcommit" in (exc.value.hint or "")
+    assert "VZ_CPU_OVERCOMMIT" in (exc.value.hint or "")
     check_fit(lim(cpus=2), allocated, host(), OvercommitPolicy(cpu_overcommit=5))
 
 

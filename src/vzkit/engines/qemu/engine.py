@@ -205,7 +205,12 @@ class QemuEngine:
             t_launched = time.monotonic()
             live = _Live(inst.name, uuid, pid, rdir, cgroup=cgroup)
             self._live[inst.name] = live
-            await self._watch(live)
+            try:
+                await self._watch(live)
+            except Exception as exc:
+                if not process.is_our_qemu(pid, uuid):
+                    raise self._boot_failure(live) from exc
+                raise EngineError(f"cannot connect to QEMU's monitor: {exc}") from exc
             t_watched = time.monotonic()
             agent = await self._wait_agent(live, BOOT_TIMEOUT)
             log.info(
@@ -461,14 +466,23 @@ class QemuEngine:
         done, _ = await asyncio.wait({connect, died}, return_when=asyncio.FIRST_COMPLETED)
         died.cancel()
         if connect in done:
-            return connect.result()
+            try:
+                return connect.result()
+            except AgentError as exc:
+                # The socket broke because QEMU died: say that, not "connection reset".
+                if await asyncio.to_thread(process.wait_gone, live.pid, 1.0):
+                    raise self._boot_failure(live) from exc
+                raise
         connect.cancel()
         with contextlib.suppress(BaseException):
             await connect
+        raise self._boot_failure(live)
+
+    def _boot_failure(self, live: _Live) -> EngineError:
         tail = self.console_log(live.name, live.uuid)[-2000:].decode(errors="replace")
-        raise EngineError(
+        return EngineError(
             f"QEMU exited while {live.name!r} was booting",
-            hint="the guest console said:\n" + tail if tail.strip() else None,
+            hint="the guest console said:\n" + tail if tail.strip() else "see vzd's log",
         )
 
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from vzkit._proc import alive
 from vzkit.errors import EngineError
 
 # Enough for QEMU to load a kernel and initramfs from a slow disk, not enough to hide a hang.
@@ -95,7 +96,8 @@ async def launch(
                 hint=f"see {log_file}",
             ) from None
     if rc != 0:
-        message = _tail(log_file, start).strip() or f"exit status {rc}"
+        status = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+        message = _tail(log_file, start).strip() or status
         raise EngineError(f"QEMU failed to start: {message}", hint=f"see {log_file}")
     try:
         return int(pid_file.read_text().strip())
@@ -129,13 +131,13 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 def wait_gone(pid: int, timeout: float) -> bool:
-    """Poll until pid disappears (it is not our child, so we cannot waitpid it)."""
+    """Poll until pid has exited (it is not our child, so we cannot waitpid it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
+        if not alive(pid):
             return True
         time.sleep(0.01)
-    return not Path(f"/proc/{pid}").exists()
+    return not alive(pid)
 
 
 @contextlib.contextmanager
