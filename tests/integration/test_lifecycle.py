@@ -208,3 +208,12 @@ def test_debian_image_boots_with_its_own_disk(client: Client) -> None:
     assert client.exec_capture("deb", ["cat", "/root/state"])[1] == b"kept\n"
     res, out, _ = client.exec_capture("deb", ["python3", "-c", "print(6 * 7)"])
     assert out == b"42\n"
+
+
+def test_cli_exec_passes_binary_through(vzd: Daemon, client: Client) -> None:
+    launch(client, "bin")
+    blob = os.urandom(256 * 1024) + bytes(range(256))
+    r = vzd.vz("exec", "bin", "--", "sh", "-c", "cat; exit 5", input=blob)
+    assert r.returncode == 5 and r.stdout == blob, r.stderr
+    r = vzd.vz("file", "pull", "bin:/proc/version", "-")
+    assert r.returncode == 0 and r.stdout.startswith(b"Linux version")
