@@ -1394,7 +1394,9 @@ static int open_port(const char *name, const char *path)
             logmsg("still waiting for port %s", path ? path : name);
             start = now_ms();
         }
-        sleep_ms(10);
+        /* The port appears a moment after virtio_console probes it; the host is
+         * waiting for our hello, so look often. */
+        sleep_ms(2);
     }
 }
 
