@@ -107,7 +107,7 @@ def test_real_cgroup_lifecycle(test_group_root: str) -> None:
         assert stats.memory_current > 0
         assert stats.oom_kills == 0
 
-        group.update(limits.model_copy(update={"memory_max": 128 * MiB}))
+        group.update(limits.replace(memory_max=128 * MiB))
         group.kill()
         assert proc.wait(timeout=5) == -9
         assert group.pids() == []

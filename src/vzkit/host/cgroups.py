@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
-
-from pydantic import Field
 
 from vzkit.errors import EngineError, HostUnsupported, InvalidConfig
-from vzkit.models import Strict
+
+# vz-runtime imports this module on every container operation and must start in a few
+# milliseconds: typing, logging and dataclasses (through inspect) cost several between
+# them, so they are kept off the import path (mypy treats any TYPE_CHECKING as true).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
 
 __all__ = [
     "CPU_PERIOD_US",
@@ -44,7 +46,17 @@ __all__ = [
     "weight_to_shares",
 ]
 
-log = logging.getLogger(__name__)
+
+class _LazyLog:
+    """logging.getLogger(__name__), imported on the first (rare) warning."""
+
+    def warning(self, msg: str, *args: object) -> None:
+        import logging
+
+        logging.getLogger(__name__).warning(msg, *args)
+
+
+log = _LazyLog()
 
 DEFAULT_ROOT = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000
@@ -55,24 +67,135 @@ _KILL_WAIT_S = 2.0
 _POLL_S = 0.02
 
 
-class CgroupLimits(Strict):
-    """Limits in cgroup v2 terms; None means unlimited (or the kernel default)."""
-
-    memory_max: int | None = Field(None, gt=0, description="Bytes of memory")
-    memory_swap_max: int | None = Field(None, ge=0, description="Bytes of swap on top of memory")
-    cpu_weight: int | None = Field(None, ge=1, le=10000, description="v2 cpu.weight")
-    cpu_quota: float | None = Field(None, gt=0, description="CPUs worth of time, e.g. 0.5")
-    cpuset_cpus: list[int] | None = Field(None, min_length=1, description="Host CPUs allowed")
-    pids_max: int | None = Field(None, gt=0, description="Maximum number of tasks")
-    io_weight: int | None = Field(None, ge=1, le=10000, description="v2 io.weight")
+def _check(name: str, value: float | None, low: float, high: float | None = None) -> None:
+    if value is None:
+        return
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in {low}..{high}"
+        raise InvalidConfig(f"invalid {name} {value!r}: must be {bound}")
 
 
-class CgroupStats(Strict):
-    memory_current: int
-    memory_peak: int | None
-    cpu_usage_ns: int
-    pids_current: int
-    oom_kills: int
+_LIMIT_FIELDS = (
+    "memory_max",
+    "memory_swap_max",
+    "cpu_weight",
+    "cpu_quota",
+    "cpuset_cpus",
+    "pids_max",
+    "io_weight",
+)
+
+
+class CgroupLimits:
+    """Limits in cgroup v2 terms; None means unlimited (or the kernel default).
+
+    Immutable and hashable, compared by value. A hand-written class rather than a pydantic
+    model or a dataclass: vz-runtime imports this module, and pydantic (~100 ms) or
+    dataclasses (inspect, several ms) would dominate its start-up.
+    """
+
+    __slots__ = _LIMIT_FIELDS
+
+    memory_max: int | None  # bytes of memory
+    memory_swap_max: int | None  # bytes of swap on top of memory
+    cpu_weight: int | None  # v2 cpu.weight, 1..10000
+    cpu_quota: float | None  # CPUs worth of time, e.g. 0.5
+    cpuset_cpus: tuple[int, ...] | None  # host CPUs allowed
+    pids_max: int | None  # maximum number of tasks
+    io_weight: int | None  # v2 io.weight, 1..10000
+
+    def __init__(
+        self,
+        *,
+        memory_max: int | None = None,
+        memory_swap_max: int | None = None,
+        cpu_weight: int | None = None,
+        cpu_quota: float | None = None,
+        cpuset_cpus: Sequence[int] | None = None,
+        pids_max: int | None = None,
+        io_weight: int | None = None,
+    ) -> None:
+        _check("memory_max", memory_max, 1)
+        _check("memory_swap_max", memory_swap_max, 0)
+        _check("cpu_weight", cpu_weight, 1, 10000)
+        _check("pids_max", pids_max, 1)
+        _check("io_weight", io_weight, 1, 10000)
+        if cpu_quota is not None and cpu_quota <= 0:
+            raise InvalidConfig(f"invalid cpu_quota {cpu_quota!r}: must be > 0")
+        if cpuset_cpus is not None and not cpuset_cpus:
+            raise InvalidConfig("invalid cpuset_cpus []: name at least one CPU")
+        values = (
+            memory_max,
+            memory_swap_max,
+            cpu_weight,
+            cpu_quota,
+            None if cpuset_cpus is None else tuple(cpuset_cpus),
+            pids_max,
+            io_weight,
+        )
+        for name, value in zip(_LIMIT_FIELDS, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"CgroupLimits is immutable; use replace({name}=...)")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f) for f in _LIMIT_FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CgroupLimits):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        parts = (f"{f}={getattr(self, f)!r}" for f in _LIMIT_FIELDS if getattr(self, f) is not None)
+        return f"CgroupLimits({', '.join(parts)})"
+
+    def as_dict(self) -> dict[str, object]:
+        return {f: getattr(self, f) for f in _LIMIT_FIELDS}
+
+    def replace(self, **changes: object) -> CgroupLimits:
+        """A copy with ``changes`` applied (and validated)."""
+        unknown = set(changes) - set(_LIMIT_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown CgroupLimits field(s): {', '.join(sorted(unknown))}")
+        fields = self.as_dict()
+        fields.update(changes)
+        return CgroupLimits(**fields)  # type: ignore[arg-type]
+
+
+class CgroupStats:
+    """Usage counters read from one cgroup."""
+
+    __slots__ = ("cpu_usage_ns", "memory_current", "memory_peak", "oom_kills", "pids_current")
+
+    def __init__(
+        self,
+        *,
+        memory_current: int,
+        memory_peak: int | None,
+        cpu_usage_ns: int,
+        pids_current: int,
+        oom_kills: int,
+    ) -> None:
+        self.memory_current = memory_current
+        self.memory_peak = memory_peak
+        self.cpu_usage_ns = cpu_usage_ns
+        self.pids_current = pids_current
+        self.oom_kills = oom_kills
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CgroupStats):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "CgroupStats(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__) + ")"
 
 
 # ---------------------------------------------------------------------------- conversions
@@ -312,6 +435,19 @@ class Cgroup(ABC):
         for d in self.dirs:
             _rmdir_tree(d, timeout)
 
+    def freeze(self, frozen: bool) -> None:
+        """Freeze (or thaw) every task; returns once the kernel has been asked."""
+        if not self._freeze(frozen):
+            raise HostUnsupported(
+                f"cannot {'freeze' if frozen else 'thaw'} cgroup {self.path}: no freezer",
+                hint="mount the v1 freezer controller, or use cgroup v2 (Linux 5.2+)",
+            )
+
+    @abstractmethod
+    def freezer_file(self) -> Path | None:
+        """The file that tells whether the group is frozen (v1 freezer.state, v2
+        cgroup.events), so callers can check without this module; None if no freezer."""
+
     @abstractmethod
     def update(self, limits: CgroupLimits) -> None:
         """Apply ``limits`` as the complete desired state (None resets to unlimited)."""
@@ -434,6 +570,10 @@ class V1Cgroup(Cgroup):
     def _kill_native(self) -> bool:
         return False
 
+    def freezer_file(self) -> Path | None:
+        d = self.hier.get("freezer")
+        return None if d is None else d / "freezer.state"
+
     def _freeze(self, frozen: bool) -> bool:
         d = self.hier.get("freezer")
         if d is None or not d.is_dir():
@@ -510,6 +650,10 @@ class V2Cgroup(Cgroup):
             oom_kills=events.get("oom_kill", 0),
         )
 
+    def freezer_file(self) -> Path | None:
+        target = self.dir / "cgroup.freeze"
+        return self.dir / "cgroup.events" if target.exists() else None
+
     def _kill_native(self) -> bool:
         target = self.dir / "cgroup.kill"  # Linux 5.14+
         if not target.exists():
@@ -532,20 +676,23 @@ def _max(value: int | None) -> str:
 # ---------------------------------------------------------------------------- drivers
 
 
-class CgroupDriver(Protocol):
+class CgroupDriver(ABC):
+    """One cgroup hierarchy layout (v1 or v2). An ABC, not a typing.Protocol: typing is
+    kept off this module's import path (see the top)."""
+
     version: Literal[1, 2]
     root: Path
 
+    @abstractmethod
     def create(self, path: str, limits: CgroupLimits) -> Cgroup:
         """Create ``path`` (and its parents) with ``limits``; an existing group is reused."""
-        ...
 
+    @abstractmethod
     def open(self, path: str) -> Cgroup | None:
         """The existing cgroup at ``path``, or None."""
-        ...
 
 
-class CgroupV1:
+class CgroupV1(CgroupDriver):
     """Hybrid and legacy hosts: one mounted hierarchy per controller (or co-mounted set)."""
 
     version: Literal[1, 2] = 1
@@ -618,7 +765,7 @@ def _init_cpuset(d: Path) -> None:
             _write(d / name, parent)
 
 
-class CgroupV2:
+class CgroupV2(CgroupDriver):
     """The unified hierarchy: one tree, controllers enabled top-down via subtree_control."""
 
     version: Literal[1, 2] = 2

@@ -121,10 +121,27 @@ def test_format_cpus() -> None:
 
 
 def test_limits_validation() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidConfig):
         CgroupLimits(cpu_weight=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidConfig):
+        CgroupLimits(cpuset_cpus=[])
+    with pytest.raises(InvalidConfig):
+        CgroupLimits(cpu_quota=0)
+    with pytest.raises(TypeError):
         CgroupLimits(bogus=1)  # type: ignore[call-arg]
+
+
+def test_limits_are_frozen_and_hashable() -> None:
+    limits = CgroupLimits(cpuset_cpus=[0, 1])
+    assert limits.cpuset_cpus == (0, 1)
+    assert hash(limits) == hash(CgroupLimits(cpuset_cpus=(0, 1)))
+    with pytest.raises(AttributeError):
+        limits.pids_max = 3
+    assert limits.replace(pids_max=3) == CgroupLimits(cpuset_cpus=(0, 1), pids_max=3)
+    with pytest.raises(InvalidConfig):
+        limits.replace(pids_max=0)
+    with pytest.raises(TypeError):
+        limits.replace(bogus=1)
 
 
 # ---------------------------------------------------------------------------- v1

@@ -1,0 +1,135 @@
+"""vz-runtime against runc and crun: create+start+wait+delete of /bin/true, whole processes.
+
+Measured from one busybox bundle, each runtime with its own --root, median of N runs:
+
+- vz-runtime run                     (one process: the fast path)
+- vz-runtime create/start/(wait)/delete   (four processes, as a container engine drives it)
+- runc run
+- crun run, inside ``unshare -m`` with /sys/fs/cgroup/unified unmounted: crun refuses the
+  hybrid cgroup layout of this host otherwise (the unshare+umount cost is included, so
+  crun's number is a little pessimistic).
+
+Needs root, /bin/busybox, runc and crun (scripts/setup installs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+VZ_RUNTIME = shutil.which("vz-runtime", path=str(Path(sys.executable).parent)) or "vz-runtime"
+
+
+def make_bundle(root: Path) -> Path:
+    bundle = root / "bundle"
+    rootfs = bundle / "rootfs"
+    for d in ("bin", "proc", "dev", "sys", "tmp", "etc"):
+        (rootfs / d).mkdir(parents=True)
+    shutil.copy2("/bin/busybox", rootfs / "bin" / "busybox")
+    (rootfs / "bin" / "true").symlink_to("busybox")
+    (rootfs / "bin" / "sh").symlink_to("busybox")
+    subprocess.run([VZ_RUNTIME, "spec", "--bundle", str(bundle)], check=True)
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["/bin/true"]
+    (bundle / "config.json").write_text(json.dumps(config, indent=2))
+    return bundle
+
+
+def timed(fn: Callable[[str], None], runs: int, warmup: int = 3) -> float:
+    """Median seconds of ``fn(container_id)``."""
+    times: list[float] = []
+    for i in range(warmup + runs):
+        cid = f"bench-{os.getpid()}-{i}"
+        start = time.perf_counter()
+        fn(cid)
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", "--runs", type=int, default=20)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("benchmarks/runtime.py needs root")
+    work = Path(tempfile.mkdtemp(prefix="vz-runtime-bench-"))
+    try:
+        bundle = make_bundle(work)
+        b = str(bundle)
+        vz_root = str(work / "vz")
+        results: dict[str, float] = {}
+
+        def vz_run(cid: str) -> None:
+            sh(VZ_RUNTIME, "--root", vz_root, "run", "--bundle", b, cid)
+
+        def vz_four(cid: str) -> None:
+            base = [VZ_RUNTIME, "--root", vz_root]
+            sh(*base, "create", "--bundle", b, cid)
+            sh(*base, "start", cid)
+            # The init is not our child: wait like an engine would, by polling the state.
+            while (
+                '"stopped"'
+                not in subprocess.run(
+                    [*base, "state", cid], capture_output=True, text=True, check=True
+                ).stdout
+            ):
+                time.sleep(0.0005)
+            sh(*base, "delete", cid)
+
+        results["vz-runtime run"] = timed(vz_run, args.runs)
+        results["vz-runtime create+start+state+delete"] = timed(vz_four, args.runs)
+        runc = shutil.which("runc")
+        if runc:
+            runc_root = str(work / "runc")
+            results["runc run"] = timed(
+                lambda cid: sh(runc, "--root", runc_root, "run", "--bundle", b, cid), args.runs
+            )
+        crun = shutil.which("crun")
+        if crun:
+            crun_root = str(work / "crun")
+            script = f"umount /sys/fs/cgroup/unified; exec {crun} --root {crun_root} run"
+            results["crun run"] = timed(
+                lambda cid: sh("unshare", "-m", "sh", "-c", f"{script} --bundle {b} {cid}"),
+                args.runs,
+            )
+        base_runc = results.get("runc run")
+        base_crun = results.get("crun run")
+        print(f"create+start+wait+delete of /bin/true, median of {args.runs}")
+        for name, t in results.items():
+            ratios = []
+            if base_runc:
+                ratios.append(f"{t / base_runc:.2f}x runc")
+            if base_crun:
+                ratios.append(f"{t / base_crun:.2f}x crun")
+            print(f"  {name:<40} {t * 1000:7.1f} ms   {'  '.join(ratios)}")
+        print("targets: vz-runtime run <= 1.0x runc and <= 2.0x crun")
+    finally:
+        for rt_root in (work / "vz", work / "runc", work / "crun"):
+            if rt_root.is_dir():
+                for cid in os.listdir(rt_root):
+                    exe = VZ_RUNTIME if rt_root.name == "vz" else rt_root.name
+                    subprocess.run(
+                        [exe, "--root", str(rt_root), "delete", "--force", cid],
+                        capture_output=True,
+                    )
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""`vz-runtime`: an OCI runtime with runc's command line.
+
+Start-up time is the runtime's main cost (a container engine runs it several times per
+container), so this module imports only argparse/json/os at the top and each command
+imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from vzkit.engines.container.state import DEFAULT_ROOT
+from vzkit.errors import HostUnsupported, InvalidConfig, VzError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is slow to import; see spec.py
+    from typing import Any
+
+    from vzkit.engines.container.spec import Json
+
+
+class Logger:
+    """--log / --log-format: runc writes its errors there for the caller to read."""
+
+    def __init__(self, path: str | None, fmt: str, debug: bool) -> None:
+        self.path = path
+        self.fmt = fmt
+        self.debug_on = debug
+
+    def _write(self, level: str, msg: str) -> None:
+        if not self.path:
+            return
+        t = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+        if self.fmt == "json":
+            line = json.dumps({"level": level, "msg": msg, "time": stamp})
+        else:
+            line = f"time={json.dumps(stamp)} level={level} msg={json.dumps(msg)}"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass  # logging must never be why a container operation fails
+
+    def error(self, msg: str) -> None:
+        self._write("error", msg)
+
+    def warn(self, msg: str) -> None:
+        self._write("warning", msg)
+        sys.stderr.write(f"warning: {msg}\n")
+
+    def debug(self, msg: str) -> None:
+        if self.debug_on:
+            self._write("debug", msg)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vz-runtime", description="vzkit's OCI runtime (runc-compatible command line)"
+    )
+    p.add_argument("--root", default=DEFAULT_ROOT, help="state directory (%(default)s)")
+    p.add_argument("--log", help="append errors and warnings to this file")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    p.add_argument("--systemd-cgroup", action="store_true", help="unsupported; rejected")
+    p.add_argument("--rootless", default="auto", help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_)
+
+    def create_flags(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--bundle", "-b", default=".", help="bundle directory (default: cwd)")
+        c.add_argument("--pid-file", help="write the init's host pid here")
+        c.add_argument("--console-socket", help="unix socket that receives the pty master")
+        c.add_argument("--no-pivot", action="store_true", help="accepted; pivot_root is used")
+        c.add_argument("--no-new-keyring", action="store_true", help="accepted; ignored")
+        c.add_argument("--preserve-fds", type=int, default=0, help="pass fds 3..3+N-1 on")
+        c.add_argument("id")
+
+    create_flags(cmd("create", "create a container (its process waits for start)"))
+    r = cmd("run", "create, start, wait for and delete a container")
+    create_flags(r)
+    r.add_argument("--detach", "-d", action="store_true", help="do not wait for the process")
+    r.add_argument("--keep", action="store_true", help="do not delete the container after")
+    r.add_argument("--rm", action="store_true", help=argparse.SUPPRESS)
+    cmd("start", "start a created container").add_argument("id")
+    s = cmd("state", "print the container's state as JSON")
+    s.add_argument("id")
+    k = cmd("kill", "send a signal to the container's init (or all its processes)")
+    k.add_argument("--all", "-a", action="store_true")
+    k.add_argument("id")
+    k.add_argument("signal", nargs="?", default="TERM")
+    d = cmd("delete", "delete a stopped container")
+    d.add_argument("--force", "-f", action="store_true", help="kill it first if it runs")
+    d.add_argument("id")
+    e = cmd("exec", "run a process in a running container")
+    e.add_argument("--process", "-p", help="OCI process JSON file")
+    e.add_argument("--tty", "-t", action="store_true")
+    e.add_argument("--console-socket")
+    e.add_argument("--cwd")
+    e.add_argument("--env", "-e", action="append", default=[])
+    e.add_argument("--user", "-u")
+    e.add_argument("--cap", "-c", action="append", default=[])
+    e.add_argument("--no-new-privs", action="store_true")
+    e.add_argument("--pid-file")
+    e.add_argument("--detach", "-d", action="store_true")
+    e.add_argument("--preserve-fds", type=int, default=0)
+    e.add_argument("id")
+    e.add_argument("args", nargs=argparse.REMAINDER)
+    for name in ("ps", "list"):
+        c = cmd(name, "list the container's processes" if name == "ps" else "list containers")
+        c.add_argument("--format", "-f", choices=("table", "json"), default="table")
+        if name == "ps":
+            c.add_argument("id")
+        else:
+            c.add_argument("--quiet", "-q", action="store_true")
+    cmd("pause", "freeze every process of the container").add_argument("id")
+    cmd("resume", "thaw a paused container").add_argument("id")
+    sp = cmd("spec", "write a default config.json")
+    sp.add_argument("--bundle", "-b", default=".")
+    sp.add_argument("--rootless", action="store_true")
+    cmd("features", "print what this runtime supports (JSON)")
+    u = cmd("update", "change a running container's cgroup limits")
+    u.add_argument("--resources", "-r", help="OCI linux.resources JSON file ('-' = stdin)")
+    u.add_argument("--memory", type=int)
+    u.add_argument("--memory-swap", type=int)
+    u.add_argument("--cpu-quota", type=int)
+    u.add_argument("--cpu-period", type=int)
+    u.add_argument("--cpu-shares", type=int)
+    u.add_argument("--cpuset-cpus")
+    u.add_argument("--pids-limit", type=int)
+    u.add_argument("--blkio-weight", type=int)
+    u.add_argument("id")
+    return p
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _dispatch(a: argparse.Namespace, log: Logger) -> int:
+    from vzkit.engines.container import runtime as rt
+
+    root = a.root
+    c = a.command
+    if c == "state":
+        from vzkit.engines.container.state import load
+
+        _print_json(load(root, a.id).oci())
+        return 0
+    if c == "create":
+        rt.create(
+            root,
+            a.id,
+            a.bundle,
+            pid_file=a.pid_file,
+            console_socket=a.console_socket,
+            preserve_fds=a.preserve_fds,
+            warn=log.warn,
+        )
+        return 0
+    if c == "run":
+        return rt.run(
+            root,
+            a.id,
+            a.bundle,
+            pid_file=a.pid_file,
+            console_socket=a.console_socket,
+            detach=a.detach,
+            keep=a.keep,
+            preserve_fds=a.preserve_fds,
+            warn=log.warn,
+        )
+    if c == "start":
+        rt.start(root, a.id, warn=log.warn)
+        return 0
+    if c == "kill":
+        rt.kill(root, a.id, rt.parse_signal(a.signal), all_=a.all)
+        return 0
+    if c == "delete":
+        rt.delete(root, a.id, force=a.force, warn=log.warn)
+        return 0
+    if c == "exec":
+        return _exec(a, rt)
+    if c == "ps":
+        pids = rt.ps(root, a.id)
+        if a.format == "json":
+            sys.stdout.write(json.dumps(pids) + "\n")
+        else:
+            sys.stdout.write("PID     CMD\n")
+            for pid in pids:
+                sys.stdout.write(f"{pid:<7} {rt.cmdline(pid)}\n")
+        return 0
+    if c == "list":
+        return _list(a)
+    if c in ("pause", "resume"):
+        rt.pause(root, a.id, frozen=c == "pause")
+        return 0
+    if c == "spec":
+        return _spec(a)
+    if c == "features":
+        from vzkit.engines.container.spec import features
+
+        _print_json(features())
+        return 0
+    if c == "update":
+        rt.update(root, a.id, _resources(a))
+        return 0
+    raise InvalidConfig(f"unknown command {c!r}")
+
+
+def _exec(a: argparse.Namespace, rt: Any) -> int:
+    from vzkit.engines.container.state import load
+
+    if a.process:
+        try:
+            with open(a.process) as f:
+                process: Json = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise InvalidConfig(f"cannot read process file {a.process}: {exc}") from None
+    else:
+        args = list(a.args)
+        if args and args[0] == "--":
+            args = args[1:]
+        process = rt.exec_process_from(
+            load(a.root, a.id).config(),
+            args=args,
+            tty=a.tty,
+            cwd=a.cwd,
+            env=a.env,
+            user=a.user,
+            no_new_privs=a.no_new_privs,
+            caps_add=a.cap,
+        )
+    code: int = rt.exec_process(
+        a.root,
+        a.id,
+        process,
+        console_socket=a.console_socket,
+        pid_file=a.pid_file,
+        detach=a.detach,
+        preserve_fds=a.preserve_fds,
+    )
+    return code
+
+
+def _list(a: argparse.Namespace) -> int:
+    from vzkit.engines.container.state import list_ids, load
+
+    rows: list[Json] = []
+    for cid in list_ids(a.root):
+        try:
+            st = load(a.root, cid)
+        except VzError:
+            continue
+        state = st.oci()
+        state["owner"] = st.data.get("owner", 0)
+        rows.append(state)
+    if a.quiet:
+        sys.stdout.write("".join(f"{r['id']}\n" for r in rows))
+    elif a.format == "json":
+        sys.stdout.write(json.dumps(rows) + "\n")
+    else:
+        sys.stdout.write(f"{'ID':<20} {'PID':<8} {'STATUS':<10} {'BUNDLE':<40} CREATED\n")
+        for r in rows:
+            sys.stdout.write(
+                f"{r['id']:<20} {r['pid']:<8} {r['status']:<10} {r['bundle']:<40} "
+                f"{r.get('created', '')}\n"
+            )
+    return 0
+
+
+def _spec(a: argparse.Namespace) -> int:
+    from vzkit.engines.container.spec import default_spec
+    from vzkit.engines.container.state import write_atomic
+
+    path = os.path.join(a.bundle, "config.json")
+    if os.path.exists(path):
+        raise InvalidConfig(f"{path} already exists", hint="remove it first")
+    write_atomic(path, (json.dumps(default_spec(rootless=a.rootless), indent=2) + "\n").encode())
+    return 0
+
+
+def _resources(a: argparse.Namespace) -> Json:
+    if a.resources:
+        try:
+            if a.resources == "-":
+                res: Json = json.load(sys.stdin)
+            else:
+                with open(a.resources) as f:
+                    res = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise InvalidConfig(f"cannot read resources {a.resources}: {exc}") from None
+        return res
+    res = {}
+    mem: Json = {}
+    if a.memory is not None:
+        mem["limit"] = a.memory
+    if a.memory_swap is not None:
+        mem["swap"] = a.memory_swap
+    if mem:
+        res["memory"] = mem
+    cpu: Json = {}
+    if a.cpu_shares is not None:
+        cpu["shares"] = a.cpu_shares
+    if a.cpu_quota is not None:
+        cpu["quota"] = a.cpu_quota
+    if a.cpu_period is not None:
+        cpu["period"] = a.cpu_period
+    if a.cpuset_cpus:
+        cpu["cpus"] = a.cpuset_cpus
+    if cpu:
+        res["cpu"] = cpu
+    if a.pids_limit is not None:
+        res["pids"] = {"limit": a.pids_limit}
+    if a.blkio_weight is not None:
+        res["blockIO"] = {"weight": a.blkio_weight}
+    if not res:
+        raise InvalidConfig("update: nothing to change", hint="pass e.g. --memory BYTES")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    log = Logger(a.log, a.log_format, a.debug)
+    try:
+        if a.systemd_cgroup:
+            raise HostUnsupported(
+                "--systemd-cgroup is not supported",
+                hint="vz-runtime manages cgroupfs directly; drop the flag",
+            )
+        return _dispatch(a, log)
+    except VzError as exc:
+        log.error(exc.message)
+        sys.stderr.write(f"error: {exc.message}\n")
+        if exc.hint:
+            sys.stderr.write(f"hint: {exc.hint}\n")
+        if a.debug:
+            import traceback
+
+            traceback.print_exc()
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

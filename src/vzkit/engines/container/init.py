@@ -1,0 +1,482 @@
+"""What runs in the forked children: the middle process and the container init (or an
+exec'd process), up to execve.
+
+Process tree of ``create``::
+
+    vz-runtime create (P) --fork--> middle (M) --fork--> init (I, PID 1 of the new pid ns)
+
+M joins the cgroup, enters or creates the namespaces (unshare affects M's children for
+the pid namespace, hence the second fork), reports I's pid and exits, so I is reparented
+away from P: whoever called create never owns the container. I builds the container and
+waits on the exec fifo until ``start``.
+
+Children talk to P over a pipe of JSON lines ({"type": "pid"|"userns"|"hook"|"ready"|
+"error", ...}); P answers on a second pipe with one byte per request. Nothing here
+returns to the caller: every path ends in execve or os._exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+from vzkit.engines.container.spec import DEFAULT_PATH
+from vzkit.errors import EngineError, InvalidConfig, VzError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is slow to import; see spec.py
+    from typing import Any, NoReturn
+
+    from vzkit.engines.container.spec import Json
+
+_NS_FILE = {"network": "net", "mount": "mnt"}
+# setns order: user first (it grants the rights for the others), mount last (it changes
+# what /proc paths mean for the ones after it).
+_JOIN_ORDER = ("user", "ipc", "uts", "network", "pid", "cgroup", "time", "mount")
+
+
+class Pipe:
+    """The child's end: JSON lines out, one-byte answers in."""
+
+    __slots__ = ("rfd", "wfd")
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+
+    def send(self, msg: Json) -> None:
+        os.write(self.wfd, json.dumps(msg).encode() + b"\n")
+
+    def wait(self) -> None:
+        if os.read(self.rfd, 1) != b"1":
+            # P died or gave up: nothing to continue for.
+            os._exit(1)
+
+    def close(self) -> None:
+        for fd in (self.rfd, self.wfd):
+            if fd >= 0:
+                os.close(fd)
+        self.rfd = self.wfd = -1
+
+
+class InitContext:
+    """Everything the children need, captured before fork."""
+
+    __slots__ = (
+        "console_fd",
+        "exec_mode",
+        "fifo_fd",
+        "join_pid",
+        "namespaces",
+        "pipe",
+        "preserve_fds",
+        "process",
+        "procs_files",
+        "rootfs",
+        "spec",
+    )
+
+    def __init__(
+        self,
+        *,
+        spec: Json,
+        process: Json,
+        rootfs: str,
+        namespaces: dict[str, str | None],
+        procs_files: list[str],
+        pipe: Pipe,
+        fifo_fd: int = -1,
+        console_fd: int = -1,
+        preserve_fds: int = 0,
+        join_pid: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.process = process
+        self.rootfs = rootfs
+        self.namespaces = namespaces
+        self.procs_files = procs_files
+        self.pipe = pipe
+        self.fifo_fd = fifo_fd
+        self.console_fd = console_fd
+        self.preserve_fds = preserve_fds
+        self.join_pid = join_pid
+        self.exec_mode = join_pid > 0
+
+
+class _Step:
+    """The name of the step in progress, prefixed to any error the init reports."""
+
+    name = "start"
+
+
+def _fail(pipe: Pipe, exc: BaseException, step: str) -> NoReturn:
+    if isinstance(exc, VzError):
+        msg, hint = exc.message, exc.hint
+    elif isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        msg, hint = f"{exc.strerror or exc}{where}", None
+    else:
+        msg, hint = f"{type(exc).__name__}: {exc}", None
+    try:
+        pipe.send({"type": "error", "msg": f"{step}: {msg}", "hint": hint})
+    except OSError:
+        os.write(2, f"vz-runtime init: {step}: {msg}\n".encode())
+    os._exit(1)
+
+
+# ---------------------------------------------------------------------------- middle
+
+
+def middle(ctx: InitContext) -> NoReturn:
+    """M: cgroup, namespaces, fork the init, report its pid, exit."""
+    from vzkit.engines.container import syscalls as sc
+
+    step = _Step()
+    try:
+        step.name = "load modules"
+        _preload(ctx)
+        step.name = "join cgroup"
+        join_cgroup(ctx.procs_files)
+        if ctx.exec_mode:
+            _join_all(ctx.join_pid, sc)
+        else:
+            _enter_namespaces(ctx, step, sc)
+        step.name = "fork the container process"
+        pid = os.fork()
+        if pid == 0:
+            if ctx.exec_mode:
+                exec_process(ctx)
+            container_init(ctx)
+        ctx.pipe.send({"type": "pid", "pid": pid})
+    except BaseException as exc:
+        _fail(ctx.pipe, exc, step.name)
+    os._exit(0)
+
+
+def join_cgroup(procs_files: list[str]) -> None:
+    """Move this (single-threaded) process into the cgroup in every hierarchy.
+
+    On v1, "0" goes to ``tasks``, not ``cgroup.procs``: moving only the calling thread
+    lets the kernel skip the global threadgroup rwsem, whose write side waits for an RCU
+    grace period (10-40 ms measured here, most of a container's start-up). With a single
+    thread, moving the thread moves the process. v2 has no such file for domain cgroups.
+    """
+    for procs in procs_files:
+        tasks = procs[: -len("cgroup.procs")] + "tasks"
+        try:
+            fd = os.open(tasks, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
+def _preload(ctx: InitContext) -> None:
+    """Import and load everything the child will need before it enters the container:
+    after pivot_root (or setns into the mount namespace) the host's Python library,
+    libc.so and libseccomp.so are out of reach."""
+    from vzkit.engines.container import caps, syscalls
+
+    syscalls.libc()
+    caps.last_cap()
+    if ctx.process.get("rlimits"):
+        import resource  # noqa: F401
+    if (ctx.spec.get("linux") or {}).get("seccomp"):
+        from vzkit.engines.container import seccomp
+
+        seccomp._libseccomp()
+    if ctx.process.get("terminal"):
+        from vzkit.engines.container import console  # noqa: F401
+    if not ctx.exec_mode:
+        from vzkit.engines.container import mounts  # noqa: F401
+
+        if (ctx.spec.get("hooks") or {}).get("startContainer"):
+            from vzkit.engines.container import hooks  # noqa: F401
+
+
+def _enter_namespaces(ctx: InitContext, step: _Step, sc: Any) -> None:
+    ns = ctx.namespaces
+    # Open every namespace to join before entering any: a path is a host path.
+    join: list[tuple[str, int]] = []
+    step.name = "open namespace paths"
+    for kind in _JOIN_ORDER:
+        path = ns.get(kind)
+        if kind in ns and path:
+            join.append((kind, os.open(path, os.O_RDONLY | os.O_CLOEXEC)))
+    if "user" in ns:
+        step.name = "user namespace"
+        if ns["user"]:
+            fd = join.pop(0)[1]
+            sc.setns(fd, sc.NAMESPACES["user"])
+            os.close(fd)
+        else:
+            sc.unshare(sc.NAMESPACES["user"])
+            ctx.pipe.send({"type": "userns"})
+            ctx.pipe.wait()
+        # Become the namespace's root (when mapped) so the init starts with full caps there.
+        try:
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+        except OSError as exc:
+            raise EngineError(
+                "become root in the user namespace: " + (exc.strerror or str(exc)),
+                hint="map container uid/gid 0 in linux.uidMappings/gidMappings",
+            ) from None
+    for kind, fd in join:
+        step.name = f"join {kind} namespace {ns[kind]}"
+        sc.setns(fd, sc.NAMESPACES[kind])
+        os.close(fd)
+    flags = 0
+    for kind, path in ns.items():
+        if kind != "user" and not path:
+            flags |= sc.NAMESPACES[kind]
+    if flags:
+        step.name = "create namespaces"
+        sc.unshare(flags)
+
+
+def _join_all(pid: int, sc: Any) -> None:
+    """exec: join every namespace of ``pid`` that differs from ours."""
+    fds: list[tuple[str, int]] = []
+    for kind in _JOIN_ORDER:
+        name = _NS_FILE.get(kind, kind)
+        path = f"/proc/{pid}/ns/{name}"
+        try:
+            if os.readlink(path) == os.readlink(f"/proc/self/ns/{name}"):
+                continue
+            fds.append((kind, os.open(path, os.O_RDONLY | os.O_CLOEXEC)))
+        except FileNotFoundError:
+            if kind in ("time", "cgroup"):
+                continue  # older kernels
+            raise
+    for kind, fd in fds:
+        try:
+            sc.setns(fd, sc.NAMESPACES[kind])
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------- init
+
+
+def container_init(ctx: InitContext) -> NoReturn:
+    """I: build the container, wait for start, exec the process."""
+    from vzkit.engines.container import caps, mounts
+
+    spec, process = ctx.spec, ctx.process
+    step = _Step()
+    pipe = ctx.pipe
+    try:
+        hooks = spec.get("hooks") or {}
+        if hooks.get("prestart") or hooks.get("createRuntime"):
+            step.name = "wait for createRuntime hooks"
+            pipe.wait()
+        os.setsid()
+        ns = ctx.namespaces
+        in_userns = "user" in ns
+        step.name = "prepare rootfs"
+        if "mount" in ns:
+            mounts.prepare_rootfs(ctx.rootfs, spec, in_userns=in_userns)
+        else:
+            raise InvalidConfig(
+                "the container needs a mount namespace",
+                hint='add {"type": "mount"} to linux.namespaces',
+            )
+        if hooks.get("createContainer"):
+            step.name = "createContainer hooks"
+            pipe.send({"type": "hook"})
+            pipe.wait()
+        if process.get("terminal"):
+            step.name = "set up the terminal"
+            slave = _terminal(ctx)
+            mounts.mount_console(slave)
+        hostname = spec.get("hostname")
+        if hostname:
+            step.name = f"set hostname {hostname!r}"
+            if "uts" not in ns:
+                raise InvalidConfig("hostname is set but there is no uts namespace")
+            from vzkit.engines.container import syscalls as sc
+
+            sc.sethostname(hostname)
+        linux = spec.get("linux") or {}
+        for key, value in (linux.get("sysctl") or {}).items():
+            step.name = f"sysctl {key}={value}"
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(str(value))
+        exe = _prepare_process(ctx, step, caps)
+        step.name = "report ready"
+        pipe.send({"type": "ready"})
+        pipe.close()
+    except BaseException as exc:
+        _fail(pipe, exc, step.name)
+    try:
+        # Blocks until `start` opens the fifo for reading. The O_PATH fd was opened before
+        # pivot_root; /proc/self/fd reopens it in the container's mount namespace.
+        fd = os.open(f"/proc/self/fd/{ctx.fifo_fd}", os.O_WRONLY | os.O_CLOEXEC)
+        os.write(fd, b"0")
+        os.close(fd)
+        os.close(ctx.fifo_fd)
+        start_hooks = (spec.get("hooks") or {}).get("startContainer")
+        if start_hooks:
+            from vzkit.engines.container.hooks import run_hooks
+
+            run_hooks("startContainer", start_hooks, b"{}")
+        _exec(ctx, exe)
+    except BaseException as exc:
+        msg = exc.message if isinstance(exc, VzError) else str(exc)
+        os.write(2, f"vz-runtime: start {process['args'][0]}: {msg}\n".encode())
+        os._exit(127)
+
+
+def exec_process(ctx: InitContext) -> NoReturn:
+    """An exec'd process, already in the container's namespaces and cgroup."""
+    from vzkit.engines.container import caps
+
+    step = _Step()
+    try:
+        os.setsid()
+        if ctx.process.get("terminal"):
+            step.name = "set up the terminal"
+            _terminal(ctx)
+        exe = _prepare_process(ctx, step, caps)
+        step.name = f"exec {exe}"
+        _exec(ctx, exe)
+    except BaseException as exc:
+        _fail(ctx.pipe, exc, step.name)
+
+
+def _terminal(ctx: InitContext) -> str:
+    from vzkit.engines.container import console
+
+    if ctx.console_fd < 0:
+        raise InvalidConfig(
+            "process.terminal is true but no --console-socket was given",
+            hint="pass --console-socket, or set process.terminal to false",
+        )
+    return console.setup_pty(ctx.console_fd)
+
+
+def _prepare_process(ctx: InitContext, step: _Step, caps: Any) -> str:
+    """rlimits, user, capabilities, no_new_privs, cwd, seccomp; returns the executable."""
+    from vzkit.engines.container import syscalls as sc
+
+    process = ctx.process
+    seccomp_cfg = (ctx.spec.get("linux") or {}).get("seccomp")
+    nnp = bool(process.get("noNewPrivileges"))
+    for rl in process.get("rlimits") or []:
+        step.name = f"set rlimit {rl.get('type')}"
+        set_rlimit(rl)
+    if seccomp_cfg and not nnp:
+        # Without no_new_privs, loading a filter needs CAP_SYS_ADMIN: load it while the
+        # init still has it (runc does the same).
+        step.name = "load seccomp filter"
+        _load_seccomp(seccomp_cfg)
+    user = process.get("user") or {}
+    uid, gid = int(user.get("uid", 0)), int(user.get("gid", 0))
+    groups = [int(g) for g in user.get("additionalGids") or []]
+    if "umask" in user:
+        os.umask(int(user["umask"]))
+    step.name = f"set user {uid}:{gid}"
+    if uid or gid or groups:
+        caps.keep_caps_across_setuid()
+    if _setgroups_allowed():
+        os.setgroups(groups)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    step.name = "apply capabilities"
+    caps.apply_capabilities(process.get("capabilities"))
+    if nnp:
+        step.name = "set no_new_privileges"
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+    cwd = process.get("cwd") or "/"
+    step.name = f"chdir {cwd}"
+    os.chdir(cwd)
+    step.name = "find the executable"
+    exe = find_executable(process["args"][0], _env(process).get("PATH", DEFAULT_PATH))
+    if seccomp_cfg and nnp:
+        step.name = "load seccomp filter"
+        _load_seccomp(seccomp_cfg)
+    return exe
+
+
+def _load_seccomp(cfg: Json) -> None:
+    from vzkit.engines.container import seccomp
+
+    seccomp.load_seccomp(cfg)
+
+
+def _setgroups_allowed() -> bool:
+    try:
+        with open("/proc/self/setgroups") as f:
+            return f.read().strip() != "deny"
+    except OSError:
+        return True
+
+
+def _env(process: Json) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in process.get("env") or []:
+        key, sep, value = str(item).partition("=")
+        if sep:
+            env[key] = value
+    return env
+
+
+def _exec(ctx: InitContext, exe: str) -> NoReturn:
+    keep = 3 + ctx.preserve_fds
+    # Python's own fds are close-on-exec; ones inherited from our caller are not.
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd >= keep:
+            with contextlib.suppress(OSError):  # the fd listdir itself used is gone
+                os.set_inheritable(fd, False)
+    os.execve(exe, ctx.process["args"], _env(ctx.process))
+
+
+def find_executable(name: str, path: str) -> str:
+    if "/" in name:
+        if os.access(name, os.X_OK):
+            return name
+        raise InvalidConfig(f"exec: {name!r}: no such executable in the container")
+    for d in path.split(":"):
+        cand = os.path.join(d or ".", name)
+        if os.access(cand, os.X_OK) and not os.path.isdir(cand):
+            return cand
+    raise InvalidConfig(
+        f"exec: {name!r}: executable file not found in $PATH",
+        hint="check process.args[0] and process.env PATH",
+    )
+
+
+_RLIM_INFINITY_OCI = 2**64 - 1
+
+
+def set_rlimit(rl: dict[str, Any]) -> None:
+    import resource
+
+    name = str(rl.get("type", ""))
+    num = getattr(resource, name, None) if name.startswith("RLIMIT_") else None
+    if not isinstance(num, int):
+        raise InvalidConfig(f"unknown rlimit type {name!r}", hint="use names like RLIMIT_NOFILE")
+
+    def conv(v: Any) -> int:
+        v = int(v)
+        return resource.RLIM_INFINITY if v >= 2**63 else v
+
+    soft, hard = conv(rl.get("soft", 0)), conv(rl.get("hard", 0))
+    try:
+        resource.setrlimit(num, (soft, hard))
+    except (ValueError, OSError) as exc:
+        cur_hard = resource.getrlimit(num)[1]
+        shown = "unlimited" if cur_hard == resource.RLIM_INFINITY else str(cur_hard)
+        raise EngineError(
+            f"setrlimit {name} soft={rl.get('soft')} hard={rl.get('hard')}: "
+            f"{getattr(exc, 'strerror', None) or exc}",
+            hint=(
+                f"raising a hard limit needs CAP_SYS_RESOURCE, which this host lacks; "
+                f"keep the hard limit <= the current {shown}"
+            ),
+        ) from None

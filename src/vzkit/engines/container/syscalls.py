@@ -1,0 +1,313 @@
+"""Thin ctypes wrappers over the syscalls the container runtime needs.
+
+Only stdlib and ctypes are imported: ``vz-runtime`` must start about as fast as runc, so
+this module must not pull in pydantic or anything heavy. libc is loaded on first use.
+
+Every wrapper raises :class:`SyscallError` naming the syscall and the path (or argument)
+it acted on, with a hint chosen from the errno, so a failure deep in container set-up
+reads like ``mount(proc on /proc): Operation not permitted``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+from typing import ClassVar
+
+from vzkit.errors import EngineError
+
+# -- namespaces ----------------------------------------------------------------------------
+
+CLONE_NEWTIME = 0x00000080
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+#: OCI ``linux.namespaces[].type`` -> CLONE_NEW* flag.
+NAMESPACES: dict[str, int] = {
+    "pid": CLONE_NEWPID,
+    "network": CLONE_NEWNET,
+    "mount": CLONE_NEWNS,
+    "ipc": CLONE_NEWIPC,
+    "uts": CLONE_NEWUTS,
+    "user": CLONE_NEWUSER,
+    "cgroup": CLONE_NEWCGROUP,
+    "time": CLONE_NEWTIME,
+}
+
+#: OCI ``linux.namespaces[].type`` -> file name under ``/proc/PID/ns/``.
+NAMESPACE_FILES: dict[str, str] = {
+    "pid": "pid",
+    "network": "net",
+    "mount": "mnt",
+    "ipc": "ipc",
+    "uts": "uts",
+    "user": "user",
+    "cgroup": "cgroup",
+    "time": "time",
+}
+
+# -- mount flags (<linux/mount.h>) ---------------------------------------------------------
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
+MS_REMOUNT = 0x20
+MS_MANDLOCK = 0x40
+MS_DIRSYNC = 0x80
+MS_NOSYMFOLLOW = 0x100
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_MOVE = 0x2000
+MS_REC = 0x4000
+MS_SILENT = 0x8000
+MS_POSIXACL = 0x10000
+MS_UNBINDABLE = 0x20000
+MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
+MS_SHARED = 0x100000
+MS_RELATIME = 0x200000
+MS_I_VERSION = 0x800000
+MS_STRICTATIME = 0x1000000
+MS_LAZYTIME = 0x2000000
+
+MNT_FORCE = 0x1
+MNT_DETACH = 0x2
+MNT_EXPIRE = 0x4
+UMOUNT_NOFOLLOW = 0x8
+
+# -- prctl (<linux/prctl.h>) ---------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+PR_GET_PDEATHSIG = 2
+PR_GET_KEEPCAPS = 7
+PR_SET_KEEPCAPS = 8
+PR_SET_NAME = 15
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_IS_SET = 1
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_LOWER = 3
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+# pivot_root has no glibc wrapper; numbers from the kernel's syscall tables.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "i686": 217, "i386": 217}
+
+
+# -- errors --------------------------------------------------------------------------------
+
+_HINTS: dict[int, str] = {
+    _errno.EPERM: "needs root / CAP_SYS_ADMIN, or the user namespace lacks the mapping",
+    _errno.EACCES: "permission denied: check the path's permissions and any LSM "
+    "(AppArmor/SELinux) policy, and that the uid/gid is mapped in the user namespace",
+    _errno.ENOENT: "the path does not exist in the rootfs",
+    _errno.ENOTDIR: "a component of the path is not a directory "
+    "(a file cannot be mounted over a directory or the reverse)",
+    _errno.EINVAL: "invalid argument: check the flags and options; for pivot_root the new "
+    "root must be a mount point not on a shared mount or on rootfs/initramfs",
+    _errno.EBUSY: "the target is busy or already mounted; is something still using it?",
+    _errno.ENODEV: "the kernel does not support this filesystem type (is the module loaded?)",
+    _errno.ENOSYS: "the running kernel does not implement this syscall",
+    _errno.EROFS: "the filesystem is mounted read-only",
+    _errno.ELOOP: "too many levels of symbolic links in the path",
+    _errno.ENOSPC: "no space left, or a namespace/keyring limit was reached "
+    "(see /proc/sys/user/max_*_namespaces)",
+    _errno.EUSERS: "too many nested user namespaces",
+    _errno.EBADF: "the file descriptor is not open or not a namespace file",
+    _errno.EEXIST: "the path already exists",
+}
+
+
+def hint_for_errno(err: int, syscall: str = "") -> str:
+    """A one-line suggestion for ``err`` raised by ``syscall``."""
+    if syscall == "setns" and err == _errno.EINVAL:
+        return "the fd does not refer to a namespace of the requested type"
+    if syscall == "unshare" and err == _errno.EINVAL:
+        return "the kernel does not support one of the requested namespaces"
+    if syscall == "seccomp_load" and err in (_errno.EACCES, _errno.EPERM):
+        return (
+            "loading a filter without no_new_privs needs CAP_SYS_ADMIN: set "
+            "process.noNewPrivileges, or load it before capabilities are dropped"
+        )
+    if syscall in ("capset", "prctl") and err == _errno.EPERM:
+        return "the process lacks CAP_SETPCAP or the capability is outside its bounding set"
+    return _HINTS.get(err, "see the errno for this syscall in its man page")
+
+
+class SyscallError(EngineError):
+    """A syscall failed; carries the syscall name, the errno and the path it acted on."""
+
+    code: ClassVar[str] = "syscall_error"
+
+    def __init__(self, syscall: str, err: int, path: str | None = None) -> None:
+        target = f"({path})" if path is not None else "()"
+        super().__init__(
+            f"{syscall}{target}: {os.strerror(err)}",
+            hint_for_errno(err, syscall),
+            syscall=syscall,
+            errno=err,
+            path=path,
+        )
+        self.syscall = syscall
+        self.errno = err
+        self.path = path
+
+
+# -- libc ----------------------------------------------------------------------------------
+
+_libc: ctypes.CDLL | None = None
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def libc() -> ctypes.CDLL:
+    """The process's libc with errno capture, loaded on first use."""
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL("libc.so.6", use_errno=True)
+        lib.mount.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_char_p,
+        ]
+        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        lib.unshare.argtypes = [ctypes.c_int]
+        lib.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        lib.setdomainname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        lib.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+        lib.capget.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+        lib.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+        lib.syscall.restype = ctypes.c_long
+        _libc = lib
+    return _libc
+
+
+def _check(ret: int, syscall: str, path: str | None = None) -> int:
+    if ret < 0:
+        raise SyscallError(syscall, ctypes.get_errno(), path)
+    return ret
+
+
+def _b(value: str | os.PathLike[str] | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def _flag_names(flags: int) -> str:
+    names = [name for name, bit in NAMESPACES.items() if flags & bit]
+    rest = flags & ~sum(NAMESPACES.values())
+    if rest:
+        names.append(hex(rest))
+    return "|".join(names) or "0"
+
+
+# -- wrappers ------------------------------------------------------------------------------
+
+
+def unshare(flags: int) -> None:
+    """unshare(2): move the calling thread into new namespaces (CLONE_NEW* flags)."""
+    _check(libc().unshare(flags), "unshare", _flag_names(flags))
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """setns(2): join the namespace open at ``fd`` (0 = any type)."""
+    _check(libc().setns(fd, nstype), "setns", f"fd {fd}, {_flag_names(nstype)}")
+
+
+def mount(
+    source: str | os.PathLike[str] | None,
+    target: str | os.PathLike[str],
+    fstype: str | None = None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    """mount(2). The error names source, type and target, e.g. ``mount(proc on /proc)``."""
+    ret = libc().mount(_b(source), _b(target), _b(fstype), flags, _b(data))
+    if ret < 0:
+        what = os.fspath(source) if source else (fstype or "none")
+        raise SyscallError("mount", ctypes.get_errno(), f"{what} on {os.fspath(target)}")
+
+
+def umount2(target: str | os.PathLike[str], flags: int = 0) -> None:
+    """umount2(2)."""
+    _check(libc().umount2(_b(target), flags), "umount2", os.fspath(target))
+
+
+def pivot_root(new_root: str | os.PathLike[str], put_old: str | os.PathLike[str]) -> None:
+    """pivot_root(2) through syscall(2): glibc has no wrapper."""
+    nr = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if nr is None:
+        raise SyscallError("pivot_root", _errno.ENOSYS, os.fspath(new_root))
+    ret = libc().syscall(ctypes.c_long(nr), _b(new_root), _b(put_old))
+    _check(ret, "pivot_root", f"{os.fspath(new_root)}, {os.fspath(put_old)}")
+
+
+def sethostname(name: str) -> None:
+    """sethostname(2) in the current UTS namespace."""
+    raw = name.encode()
+    _check(libc().sethostname(raw, len(raw)), "sethostname", name)
+
+
+def setdomainname(name: str) -> None:
+    """setdomainname(2) in the current UTS namespace."""
+    raw = name.encode()
+    _check(libc().setdomainname(raw, len(raw)), "setdomainname", name)
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """prctl(2); returns the call's non-negative result."""
+    ret: int = libc().prctl(option, arg2, arg3, arg4, arg5)
+    return _check(ret, "prctl", f"option {option}, {arg2}")
+
+
+def capget(pid: int = 0) -> tuple[int, int, int]:
+    """capget(2): (effective, permitted, inheritable) as 64-bit masks."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, pid)
+    data = (_CapData * 2)()
+    _check(libc().capget(ctypes.byref(header), data), "capget", f"pid {pid}")
+    return (
+        data[0].effective | (data[1].effective << 32),
+        data[0].permitted | (data[1].permitted << 32),
+        data[0].inheritable | (data[1].inheritable << 32),
+    )
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """capset(2) on the calling thread with 64-bit masks."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i, shift in enumerate((0, 32)):
+        data[i].effective = (effective >> shift) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
+    _check(
+        libc().capset(ctypes.byref(header), data),
+        "capset",
+        f"eff={effective:#x} prm={permitted:#x} inh={inheritable:#x}",
+    )
