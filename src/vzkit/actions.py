@@ -173,7 +173,8 @@ class Actions:
             return inst
 
     async def _start(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> Instance:
-        accel = inst.accel or self.host.accel
+        # Containers share the host kernel: no accelerator.
+        accel = None if inst.type is InstanceType.CONTAINER else inst.accel or self.host.accel
         inst = self._save(inst, state=InstanceState.STARTING, reason=None)
         try:
             started = await self._engine(inst.type).start(inst, uuid, runtime)

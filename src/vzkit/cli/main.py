@@ -51,7 +51,9 @@ def _globals(defaults: bool) -> _Parser:
 
 
 def _instance_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--type", choices=["microvm", "vm"], default=None, help="default: microvm")
+    p.add_argument(
+        "--type", choices=["microvm", "vm", "container"], default=None, help="default: microvm"
+    )
     p.add_argument("--cpus", type=int, default=None)
     p.add_argument("--memory", default=None, metavar="SIZE", help="e.g. 512MiB, 1G (bare = MiB)")
     p.add_argument("--accel", choices=["kvm", "tcg"], default=None)

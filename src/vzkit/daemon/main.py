@@ -24,6 +24,7 @@ from vzkit.actions import Actions
 from vzkit.daemon.app import create_app
 from vzkit.db import Database
 from vzkit.engines.base import Engine
+from vzkit.engines.container.engine import ContainerEngine
 from vzkit.engines.qemu.engine import QemuEngine
 from vzkit.errors import VzError
 from vzkit.host import cgroups
@@ -84,7 +85,12 @@ async def serve(settings: Settings) -> None:
         log.warning("cgroups unavailable, instances run without limits: %s", exc.message)
         driver = None
     qemu = QemuEngine(settings, host, images, driver)
-    engines: dict[InstanceType, Engine] = {InstanceType.MICROVM: qemu, InstanceType.VM: qemu}
+    containers = ContainerEngine(settings, images, driver)
+    engines: dict[InstanceType, Engine] = {
+        InstanceType.MICROVM: qemu,
+        InstanceType.VM: qemu,
+        InstanceType.CONTAINER: containers,
+    }
     actions = Actions(settings, db, host, images, engines)
     await actions.reconcile()
 

@@ -1638,11 +1638,50 @@ static void early_init(void)
 }
 
 /* ------------------------------------------------------------------------------ */
+/* Reaper mode: PID 1 of a system container                                        */
+/*
+ * A container needs no port: vz-runtime exec joins its namespaces. It needs a PID 1
+ * that collects orphans and stops the container when asked: SIGTERM (or busybox
+ * poweroff's SIGUSR2, halt's SIGUSR1, SIGPWR, SIGINT) asks every process to go, waits
+ * up to 5 s, kills the rest and exits.
+ */
+static int reaper_main(void)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    int sigs[] = {SIGCHLD, SIGTERM, SIGINT, SIGPWR, SIGUSR1, SIGUSR2};
+    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+        sigaddset(&set, sigs[i]);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    for (;;) {
+        int sig;
+        if (sigwait(&set, &sig) != 0)
+            continue;
+        if (sig == SIGCHLD) {
+            while (waitpid(-1, NULL, WNOHANG) > 0)
+                ;
+            continue;
+        }
+        kill(-1, SIGTERM);
+        int64_t deadline = now_ms() + 5000;
+        while (now_ms() < deadline) {
+            pid_t p = waitpid(-1, NULL, WNOHANG);
+            if (p < 0 && errno == ECHILD)
+                break;
+            if (p <= 0)
+                sleep_ms(10);
+        }
+        kill(-1, SIGKILL);
+        return 0;
+    }
+}
+
+/* ------------------------------------------------------------------------------ */
 /* Main                                                                             */
 
 static void usage(void)
 {
-    logmsg("usage: vz-agent [--port-name NAME | --port PATH | --fd N] [--no-poweroff]");
+    logmsg("usage: vz-agent [--port-name NAME | --port PATH | --fd N] [--no-poweroff] | --reaper");
 }
 
 static void ensure_stdio(void)
@@ -1663,6 +1702,7 @@ int main(int argc, char **argv)
     const char *port_name = "org.vzkit.agent";
     const char *port_path = NULL;
     int inherited_fd = -1;
+    int reaper = 0;
 
     is_pid1 = getpid() == 1;
     if (is_pid1) {
@@ -1691,6 +1731,8 @@ int main(int argc, char **argv)
             inherited_fd = (int)v;
         } else if (strcmp(argv[i], "--no-poweroff") == 0) {
             no_poweroff = 1;
+        } else if (strcmp(argv[i], "--reaper") == 0) {
+            reaper = 1;
         } else if (strcmp(argv[i], "--version") == 0) {
             logmsg("%s (protocol %d)", AGENT_VERSION, PROTO_VERSION);
             return 0;
@@ -1700,6 +1742,9 @@ int main(int argc, char **argv)
                 return 2;
         }
     }
+
+    if (reaper)
+        return reaper_main();
 
     /* Dispositions ignored by whoever started the agent would be inherited by every
      * command; start from the defaults (see child_main). */

@@ -1,0 +1,474 @@
+"""The container engine: system containers run by vz-runtime, managed like VMs.
+
+Each container gets an overlayfs root (the image's unpacked tree below, its own upper
+layer above), an OCI bundle generated from the instance's config, and the agent in
+reaper mode as PID 1. The daemon drives ``vz-runtime`` as a subprocess, never forking
+itself: the container's init is reparented away from the daemon and survives it, and the
+daemon re-attaches with a pidfd, as it does for QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vzkit._proc import alive
+from vzkit.engines.base import ConsoleStream, ExecSession, ExitCallback, ExitInfo, Started
+from vzkit.engines.container import syscalls
+from vzkit.engines.container.spec import default_spec
+from vzkit.errors import AgentError, EngineError, NotFound
+from vzkit.host.cgroups import CgroupDriver, weight_to_shares
+from vzkit.images.rootfs import container_rootfs
+from vzkit.images.store import ImageStore
+from vzkit.models import ExecRequest, ExecResult, Instance
+from vzkit.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUNTIME = [sys.executable, "-m", "vzkit.engines.container.cli"]
+INIT = ["/sbin/vz-agent", "--reaper"]
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CPU_PERIOD_US = 100_000
+
+
+@dataclass
+class _Live:
+    name: str
+    uuid: str
+    pid: int
+    pidfd: int | None = None
+    stop_requested: bool = False
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Proc:
+    """An ExecSession over a `vz-runtime exec` child process."""
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        timeout: float | None,
+        oom_kills: Callable[[], int] | None = None,
+    ) -> None:
+        self.proc = proc
+        # Read before and after: a SIGKILL with a new OOM kill in between was the OOM killer.
+        self._oom_kills = oom_kills
+        self._oom_before = oom_kills() if oom_kills else 0
+        self._queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(64)
+        self._open = 2
+        self._timed_out = False
+        self._pumps = [
+            asyncio.create_task(self._pump(proc.stdout, 1)),
+            asyncio.create_task(self._pump(proc.stderr, 2)),
+        ]
+        self._timer = (
+            asyncio.get_running_loop().call_later(timeout, self._timeout) if timeout else None
+        )
+
+    def _timeout(self) -> None:
+        self._timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+
+    async def _pump(self, stream: asyncio.StreamReader | None, channel: int) -> None:
+        assert stream is not None
+        while data := await stream.read(65536):
+            await self._queue.put((channel, data))
+        self._open -= 1
+        if self._open == 0:
+            await self._queue.put(None)
+
+    async def write_stdin(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        with contextlib.suppress(ConnectionError):
+            await self.proc.stdin.drain()
+
+    async def close_stdin(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+
+    async def signal(self, signum: int) -> None:
+        # vz-runtime exec forwards signals to the command it waits for.
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signum)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        raise EngineError("terminal resize is not supported for container exec yet")
+
+    async def read(self) -> tuple[int, bytes] | None:
+        return await self._queue.get()
+
+    async def wait(self) -> ExecResult:
+        code = await self.proc.wait()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+        if code < 0:  # vz-runtime itself was killed (timeout)
+            return ExecResult(exit_code=128 - code, signal=-code, timed_out=self._timed_out)
+        sig = code - 128 if code > 128 else None
+        error = None
+        if sig == signal.SIGKILL and self._oom_kills and self._oom_kills() > self._oom_before:
+            error = "killed by the out-of-memory killer: the container's memory limit was hit"
+        return ExecResult(exit_code=code, signal=sig, timed_out=self._timed_out, error=error)
+
+
+class _LogConsole:
+    """A container has no serial port: its console is its init's output, followed live."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._f.seek(0, os.SEEK_END)
+
+    async def read(self, n: int) -> bytes:
+        while True:
+            data = self._f.read(n)
+            if data:
+                return data
+            await asyncio.sleep(0.2)
+
+    async def write(self, data: bytes) -> None:
+        pass  # nothing reads a container's console input
+
+    async def close(self) -> None:
+        self._f.close()
+
+
+class ContainerEngine:
+    def __init__(self, settings: Settings, images: ImageStore, cgroups: CgroupDriver | None):
+        self.settings = settings
+        self.images = images
+        self.cgroups = cgroups
+        self.root = settings.runtime_dir / "containers"
+        self._live: dict[str, _Live] = {}
+        self._exit_cb: ExitCallback | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def set_exit_callback(self, cb: ExitCallback) -> None:
+        self._exit_cb = cb
+
+    def state_dir(self, uuid: str) -> Path:
+        return self.settings.instances_dir / uuid
+
+    def _cgroup_path(self, name: str) -> str:
+        return f"{self.settings.cgroup_parent}/{name}"
+
+    # -- the runtime -------------------------------------------------------------------
+
+    async def _runtime(self, *args: str, check: bool = True) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *RUNTIME,
+            "--root",
+            str(self.root),
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        rc = proc.returncode or 0
+        if check and rc != 0:
+            raise EngineError(
+                f"vz-runtime {args[0]} failed: {err.decode(errors='replace').strip()[-2000:]}"
+            )
+        return rc, out.decode()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def create(self, inst: Instance, uuid: str) -> dict[str, Any]:
+        image = self.images.get(inst.image)
+        lower = await asyncio.to_thread(container_rootfs, self.settings, image)
+        sdir = self.state_dir(uuid)
+        for d in ("upper", "work", "rootfs", "bundle"):
+            (sdir / d).mkdir(parents=True, exist_ok=True)
+        self._write_bundle(inst, sdir)
+        return {"lower": str(lower)}
+
+    def _write_bundle(self, inst: Instance, sdir: Path) -> None:
+        spec = default_spec()
+        process = spec["process"]
+        process.update(
+            terminal=False,
+            args=INIT,
+            cwd="/",
+            env=[f"PATH={DEFAULT_PATH}", "TERM=xterm", "container=vz"],
+        )
+        spec["root"] = {"path": str(sdir / "rootfs"), "readonly": False}
+        spec["hostname"] = inst.name
+        limits = inst.limits
+        cpu: dict[str, Any] = {
+            "shares": weight_to_shares(limits.cpu_weight),
+            "quota": limits.cpus * CPU_PERIOD_US,
+            "period": CPU_PERIOD_US,
+        }
+        if limits.cpu_pin:
+            cpu["cpus"] = ",".join(map(str, limits.cpu_pin))
+        linux = spec.setdefault("linux", {})
+        linux["cgroupsPath"] = self._cgroup_path(inst.name)
+        linux["resources"] = {"memory": {"limit": limits.memory}, "cpu": cpu}
+        (sdir / "bundle" / "config.json").write_text(json.dumps(spec, indent=1))
+
+    def _mount_rootfs(self, sdir: Path, lower: str) -> None:
+        target = sdir / "rootfs"
+        if os.path.ismount(target):
+            return
+        options = f"lowerdir={lower},upperdir={sdir / 'upper'},workdir={sdir / 'work'}"
+        syscalls.mount("overlay", str(target), "overlay", 0, options)
+
+    def _unmount_rootfs(self, sdir: Path) -> None:
+        target = sdir / "rootfs"
+        if os.path.ismount(target):
+            syscalls.umount2(str(target), syscalls.MNT_DETACH)
+
+    async def start(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> Started:
+        if inst.name in self._live:
+            raise EngineError(f"container {inst.name!r} is already running")
+        sdir = self.state_dir(uuid)
+        self._write_bundle(inst, sdir)  # limits may have changed since create
+        self._mount_rootfs(sdir, runtime["lower"])
+        log_path = sdir / "console.log"
+        error_log = sdir / "runtime.log"
+        pid_file = sdir / "init.pid"
+        for stale in (pid_file, error_log):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        try:
+            with open(log_path, "ab") as console:
+                # The init inherits these as its stdio, so no pipe may be among them (it
+                # would never reach EOF); the runtime's own errors go to its --log file.
+                proc = await asyncio.create_subprocess_exec(
+                    *RUNTIME,
+                    "--root",
+                    str(self.root),
+                    "--log",
+                    str(error_log),
+                    "create",
+                    "--bundle",
+                    str(sdir / "bundle"),
+                    "--pid-file",
+                    str(pid_file),
+                    uuid,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=console,
+                    stderr=console,
+                )
+                await proc.wait()
+            if proc.returncode != 0:
+                why = ""
+                with contextlib.suppress(OSError):
+                    why = error_log.read_text().strip()[-2000:]
+                raise EngineError(
+                    f"creating container {inst.name!r} failed: {why or 'see ' + str(log_path)}"
+                )
+            await self._runtime("start", uuid)
+            pid = int(pid_file.read_text())
+            live = _Live(inst.name, uuid, pid)
+            self._live[inst.name] = live
+            self._watch(live)
+        except BaseException:
+            self._live.pop(inst.name, None)
+            await self._runtime("delete", "--force", uuid, check=False)
+            self._unmount_rootfs(sdir)
+            raise
+        return Started(pid=pid)
+
+    async def attach(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> str | None:
+        rc, out = await self._runtime("state", uuid, check=False)
+        status = json.loads(out).get("status") if rc == 0 else None
+        if status not in ("running", "paused") or inst.pid is None or not alive(inst.pid):
+            await self._cleanup(uuid)
+            return None
+        live = _Live(inst.name, uuid, inst.pid)
+        self._live[inst.name] = live
+        self._watch(live)
+        return str(status)
+
+    async def stop(self, name: str, *, force: bool, timeout: float) -> None:
+        live = self._get(name)
+        live.stop_requested = True
+        if not force:
+            await self._runtime("kill", live.uuid, "TERM", check=False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.exited.wait(), timeout)
+                return
+            log.info("%s did not stop within %.0fs: killing it", name, timeout)
+        await self._runtime("kill", "--all", live.uuid, "KILL", check=False)
+        await live.exited.wait()
+
+    async def pause(self, name: str) -> None:
+        await self._runtime("pause", self._get(name).uuid)
+
+    async def resume(self, name: str) -> None:
+        await self._runtime("resume", self._get(name).uuid)
+
+    async def destroy(self, inst: Instance, uuid: str) -> None:
+        live = self._live.get(inst.name)
+        if live is not None:
+            live.stop_requested = True
+            await self._runtime("kill", "--all", uuid, "KILL", check=False)
+            await live.exited.wait()
+        await self._cleanup(uuid)
+        shutil.rmtree(self.state_dir(uuid), ignore_errors=True)
+
+    async def _cleanup(self, uuid: str) -> None:
+        await self._runtime("delete", "--force", uuid, check=False)
+        await asyncio.to_thread(self._unmount_rootfs, self.state_dir(uuid))
+
+    async def close(self) -> None:
+        for live in self._live.values():
+            self._unwatch(live)
+        self._live.clear()
+
+    # -- guest access ------------------------------------------------------------------
+
+    async def exec(self, name: str, req: ExecRequest) -> ExecSession:
+        live = self._get(name)
+        if req.tty:
+            raise EngineError(
+                "terminal exec in containers is not supported yet",
+                hint="run the command without a terminal (no -t)",
+            )
+        args = ["exec"]
+        if req.cwd:
+            args += ["--cwd", req.cwd]
+        for k, v in req.env.items():
+            args += ["--env", f"{k}={v}"]
+        proc = await asyncio.create_subprocess_exec(
+            *RUNTIME,
+            "--root",
+            str(self.root),
+            *args,
+            live.uuid,
+            "--",
+            *req.argv,
+            stdin=asyncio.subprocess.PIPE if req.stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return _Proc(proc, req.timeout, lambda: self._oom_kills(name))
+
+    async def _run(self, name: str, argv: list[str], stdin: bytes = b"") -> tuple[int, bytes]:
+        session = await self.exec(name, ExecRequest(argv=argv, stdin=bool(stdin)))
+        if stdin:
+            await session.write_stdin(stdin)
+            await session.close_stdin()
+        out, err = bytearray(), bytearray()
+        while (item := await session.read()) is not None:
+            (out if item[0] == 1 else err).extend(item[1])
+        result = await session.wait()
+        if result.exit_code != 0:
+            raise AgentError(err.decode(errors="replace").strip() or f"exit {result.exit_code}")
+        return result.exit_code, bytes(out)
+
+    async def push_file(
+        self, name: str, path: str, data: AsyncIterator[bytes], mode: int, parents: bool
+    ) -> None:
+        # Through the container's own view (its mounts, e.g. a tmpfs /tmp), not the host's.
+        script = (
+            'mkdir -p "$(dirname "$1")" && ' if parents else ""
+        ) + 'cat > "$1.vz-tmp" && chmod "$2" "$1.vz-tmp" && mv -f "$1.vz-tmp" "$1"'
+        session = await self.exec(
+            name, ExecRequest(argv=["sh", "-c", script, "push", path, f"{mode:o}"], stdin=True)
+        )
+        async for chunk in data:
+            await session.write_stdin(chunk)
+        await session.close_stdin()
+        err = bytearray()
+        while (item := await session.read()) is not None:
+            err.extend(item[1])
+        if (await session.wait()).exit_code != 0:
+            raise AgentError(
+                f"cannot write {path} in {name!r}: {err.decode(errors='replace').strip()}",
+                hint="check that the directory exists (or pass parents) and is writable",
+            )
+
+    async def pull_file(self, name: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
+        try:
+            _, out = await self._run(name, ["stat", "-c", "%f", path])
+        except AgentError as exc:
+            raise AgentError(f"cannot read {path} in {name!r}: {exc.message}") from exc
+        mode = int(out.strip(), 16)
+        session = await self.exec(name, ExecRequest(argv=["cat", path], stdin=False))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while (item := await session.read()) is not None:
+                if item[0] == 1:
+                    yield item[1]
+            await session.wait()
+
+        return mode, chunks()
+
+    async def open_console(self, name: str) -> ConsoleStream:
+        return _LogConsole(self.state_dir(self._get(name).uuid) / "console.log")
+
+    def console_log(self, name: str, uuid: str) -> bytes:
+        try:
+            return (self.state_dir(uuid) / "console.log").read_bytes()[-1024 * 1024 :]
+        except FileNotFoundError:
+            return b""
+
+    # -- exits ---------------------------------------------------------------------------
+
+    def _get(self, name: str) -> _Live:
+        live = self._live.get(name)
+        if live is None:
+            raise NotFound(
+                f"container {name!r} is not running", hint=f"start it first: vz start {name}"
+            )
+        return live
+
+    def _watch(self, live: _Live) -> None:
+        live.pidfd = os.pidfd_open(live.pid)
+        asyncio.get_running_loop().add_reader(live.pidfd, self._on_exit, live)
+
+    def _unwatch(self, live: _Live) -> None:
+        if live.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(live.pidfd)
+            os.close(live.pidfd)
+            live.pidfd = None
+
+    def _on_exit(self, live: _Live) -> None:
+        self._unwatch(live)
+        task = asyncio.create_task(self._handle_exit(live))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle_exit(self, live: _Live) -> None:
+        if self._live.get(live.name) is live:
+            del self._live[live.name]
+        oom = self._oom_kills(live.name)
+        await self._cleanup(live.uuid)
+        live.exited.set()
+        if live.stop_requested:
+            info = ExitInfo(live.pid, True, "stopped")
+        elif oom:
+            info = ExitInfo(
+                live.pid,
+                False,
+                "killed by the out-of-memory killer: the "
+                "container used all the memory its limit allows",
+            )
+        else:
+            info = ExitInfo(live.pid, False, f"its init (pid {live.pid}) exited unexpectedly")
+        if self._exit_cb is not None:
+            await self._exit_cb(live.name, info)
+
+    def _oom_kills(self, name: str) -> int:
+        if self.cgroups is None:
+            return 0
+        cg = self.cgroups.open(self._cgroup_path(name))
+        if cg is None:
+            return 0
+        with contextlib.suppress(Exception):
+            return int(cg.stats().oom_kills or 0)
+        return 0
