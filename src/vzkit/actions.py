@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from vzkit import lifecycle
 from vzkit.db import Database
 from vzkit.engines.base import ConsoleStream, Engine, ExecSession, ExitInfo
@@ -30,6 +32,8 @@ from vzkit.models import (
     InstanceCreate,
     InstanceState,
     InstanceType,
+    InstanceUpdate,
+    Limits,
     StateAction,
     StateChange,
 )
@@ -171,6 +175,21 @@ class Actions:
             if action is StateAction.RESTART:
                 inst = await self._start(inst, uuid, runtime)
             return inst
+
+    async def update(self, name: str, change: InstanceUpdate) -> Instance:
+        """Change an instance's limits; live where the engine can, else refused while running."""
+        async with self._lock(name):
+            inst = self.get(name)
+            merged = inst.limits.model_dump() | change.limits.model_dump(exclude_none=True)
+            try:
+                limits = Limits.model_validate(merged)
+            except ValidationError as exc:
+                raise InvalidConfig(f"invalid limits: {exc.errors()[0]['msg']}") from exc
+            if inst.state in lifecycle.ACTIVE:
+                others = [i.limits for i in self.db.list(lifecycle.ACTIVE) if i.name != name]
+                check_fit(limits, others, self.host, self.policy)
+                await self._engine(inst.type).update(inst, limits)
+            return self._save(inst, limits=limits)
 
     async def _start(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> Instance:
         # Containers share the host kernel: no accelerator.

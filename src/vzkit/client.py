@@ -46,7 +46,14 @@ from vzkit.settings import Settings
 if TYPE_CHECKING:
     from websockets.sync.client import ClientConnection
 
-    from vzkit.models import ExecResult, ImageInfo, Instance, InstanceCreate, StateChange
+    from vzkit.models import (
+        ExecResult,
+        ImageInfo,
+        Instance,
+        InstanceCreate,
+        InstanceUpdate,
+        StateChange,
+    )
 
 __all__ = ["Client", "EphemeralInstance", "ProgressCallback", "preload"]
 
@@ -414,6 +421,13 @@ class Client:
 
     def delete_instance(self, name: str, force: bool = False) -> None:
         self._raw("DELETE", f"{API}/instances/{_q(name)}", query={"force": force or None})
+
+    def update_instance(self, name: str, change: InstanceUpdate | Mapping[str, Any]) -> Instance:
+        """Change limits, e.g. ``{"limits": {"memory": "512MiB"}}``; live where possible."""
+        payload = dict(change) if isinstance(change, Mapping) else change.model_dump(mode="json")
+        data = self._json("PATCH", f"{API}/instances/{_q(name)}", payload)
+        result: Instance = _parse("Instance", data)
+        return result
 
     def change_state(self, name: str, change: StateChange | Mapping[str, Any]) -> Instance:
         payload = dict(change) if isinstance(change, Mapping) else change.model_dump(mode="json")

@@ -73,6 +73,21 @@ class Limits(Strict):
     )
 
 
+class LimitsUpdate(Strict):
+    """A partial Limits: only the fields given change."""
+
+    cpus: int | None = Field(None, ge=1, le=256)
+    memory: MemoryBytes | None = None
+    cpu_weight: int | None = Field(None, ge=1, le=10000)
+    cpu_pin: list[int] | None = None
+
+
+class InstanceUpdate(Strict):
+    """Request body of PATCH /1.0/instances/{name}."""
+
+    limits: LimitsUpdate
+
+
 class InstanceCreate(Strict):
     """Request body for creating (and optionally starting) an instance."""
 

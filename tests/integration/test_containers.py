@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,41 @@ def test_container_survives_daemon_sigkill(vzd: Daemon, client: Client, box: str
     inst = c.get_instance(box)
     assert inst.state is InstanceState.RUNNING and inst.pid == pid
     assert c.exec_capture(box, ["echo", "ok"])[1] == b"ok\n"
+
+
+def test_config_set_changes_limits_live(vzd: Daemon, client: Client, box: str) -> None:
+    r = vzd.vz("config", "set", box, "limits.memory=128MiB", "limits.cpu_weight=300")
+    assert r.returncode == 0, r.stderr
+    assert client.get_instance(box).limits.memory == 128 * 1024 * 1024
+    # The container sees its new limit at once (cgroup v1: memory.limit_in_bytes).
+    pid = client.get_instance(box).pid
+    assert pid
+    line = next(
+        ln
+        for ln in open(f"/proc/{pid}/cgroup").read().splitlines()
+        if ":memory:" in ln or ln.startswith("0::")
+    )
+    path = line.split(":", 2)[2].lstrip("/")
+    base = "/sys/fs/cgroup/" + ("memory/" if ":memory:" in line else "")
+    limit_file = "memory.limit_in_bytes" if ":memory:" in line else "memory.max"
+    assert int(Path(base, path, limit_file).read_text()) == 128 * 1024 * 1024
+    r = vzd.vz("config", "show", box)
+    assert b"limits.memory" in r.stdout and b"128MiB" in r.stdout
+    r = vzd.vz("config", "set", box, "limits.bogus=1")
+    assert r.returncode != 0 and b"limits.cpus" in r.stderr
+
+
+def test_config_set_on_a_running_vm_refuses_memory(vzd: Daemon, client: Client) -> None:
+    client.create_instance(InstanceCreate(name="cfgvm"))
+    try:
+        r = vzd.vz("config", "set", "cfgvm", "limits.memory=512MiB")
+        assert r.returncode != 0 and b"while it runs" in r.stderr and b"hint:" in r.stderr
+        assert vzd.vz("config", "set", "cfgvm", "limits.cpu_weight=50").returncode == 0
+        assert client.get_instance("cfgvm").limits.cpu_weight == 50
+        client.stop("cfgvm")
+        assert vzd.vz("config", "set", "cfgvm", "limits.memory=512MiB").returncode == 0
+        client.start("cfgvm")
+        _, out, _ = client.exec_capture("cfgvm", ["sh", "-c", "grep MemTotal /proc/meminfo"])
+        assert int(out.split()[1]) > 400 * 1024
+    finally:
+        client.delete_instance("cfgvm", force=True)

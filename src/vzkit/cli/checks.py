@@ -42,6 +42,21 @@ def check_cpus(value: int) -> int:
     return value
 
 
+def _int(value: str, what: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"invalid {what} {value!r}", hint="give a whole number") from None
+
+
+def check_cpus_text(value: str) -> int:
+    return check_cpus(_int(value, "limits.cpus"))
+
+
+def check_cpu_weight_text(value: str) -> int:
+    return check_cpu_weight(_int(value, "limits.cpu_weight"))
+
+
 def check_cpu_weight(value: int) -> int:
     if not 1 <= value <= 10000:
         raise UsageError(

@@ -42,7 +42,7 @@ def _client(args: argparse.Namespace, *, autostart: bool = True) -> Client:
 
 def dispatch(args: argparse.Namespace) -> int:
     key = args.cmd
-    for sub in ("file_cmd", "image_cmd", "host_cmd", "daemon_cmd"):
+    for sub in ("file_cmd", "config_cmd", "image_cmd", "host_cmd", "daemon_cmd"):
         if getattr(args, sub, None):
             key = f"{args.cmd}.{getattr(args, sub)}"
     handler = _HANDLERS[key]
@@ -502,6 +502,42 @@ def cmd_daemon_status(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+_CONFIG_KEYS = {
+    "limits.cpus": checks.check_cpus_text,
+    "limits.memory": checks.check_memory,
+    "limits.cpu_weight": checks.check_cpu_weight_text,
+    "limits.cpu_pin": checks.parse_cpu_list,
+}
+
+
+def cmd_config_show(args: argparse.Namespace, client: Client) -> int:
+    inst = client.get_instance(checks.check_name(args.name))
+    limits = inst.limits.model_dump(mode="json")
+    if _json_mode(args):
+        dump_json({"limits": limits}, _out())
+    else:
+        limits["memory"] = format_size(inst.limits.memory)
+        key_values([(f"limits.{k}", v) for k, v in limits.items()], _out())
+    return 0
+
+
+def cmd_config_set(args: argparse.Namespace, client: Client) -> int:
+    name = checks.check_name(args.name)
+    limits: dict[str, Any] = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in _CONFIG_KEYS:
+            raise checks.UsageError(
+                f"invalid setting {item!r}",
+                hint="use KEY=VALUE with KEY one of " + ", ".join(_CONFIG_KEYS),
+            )
+        limits[key.removeprefix("limits.")] = _CONFIG_KEYS[key](value)
+    inst = client.update_instance(name, {"limits": limits})
+    if _json_mode(args):
+        _out().write(inst.model_dump_json(indent=2) + "\n")
+    return 0
+
+
 _HANDLERS: dict[str, Handler] = {
     "run": cmd_run,
     "launch": cmd_launch,
@@ -513,6 +549,8 @@ _HANDLERS: dict[str, Handler] = {
     "file.push": cmd_file_push,
     "file.pull": cmd_file_pull,
     "delete": cmd_delete,
+    "config.show": cmd_config_show,
+    "config.set": cmd_config_set,
     "image.list": cmd_image_list,
     "image.info": cmd_image_info,
     "image.build": cmd_image_build,

@@ -143,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", metavar="NAME")
     p.add_argument("--force", action="store_true", help="kill running instances")
 
+    p = add("config", "show or change an instance's limits")
+    csub = p.add_subparsers(dest="config_cmd", metavar="show|set", parser_class=_Parser)
+    csub.required = True
+    csub.add_parser("show", help="show the limits", parents=[g]).add_argument("name")
+    cp = csub.add_parser("set", help="change limits (live where possible)", parents=[g])
+    cp.add_argument("name")
+    cp.add_argument(
+        "settings",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="limits.cpus, limits.memory, limits.cpu_weight, limits.cpu_pin",
+    )
+
     p = add("image", "manage images")
     isub = p.add_subparsers(
         dest="image_cmd", metavar="list|info|build|delete", parser_class=_Parser

@@ -30,6 +30,7 @@ from vzkit.models import (
     ImageInfo,
     Instance,
     InstanceCreate,
+    InstanceUpdate,
     StateChange,
 )
 
@@ -108,6 +109,10 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     async def delete_instance(name: str, force: bool = False) -> Response:
         await actions.delete(name, force=force)
         return Response(status_code=204)
+
+    @app.patch(f"{API}/instances/{{name}}", responses=_ERRORS)
+    async def update_instance(name: str, change: InstanceUpdate) -> Instance:
+        return await actions.update(name, change)
 
     @app.put(f"{API}/instances/{{name}}/state", responses=_ERRORS)
     async def change_state(name: str, change: StateChange) -> Instance:

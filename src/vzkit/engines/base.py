@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vzkit.models import ExecRequest, ExecResult, Instance
+from vzkit.models import ExecRequest, ExecResult, Instance, Limits
 
 
 @dataclass
@@ -63,6 +63,10 @@ class Engine(Protocol):
         ...
 
     async def stop(self, name: str, *, force: bool, timeout: float) -> None: ...
+    async def update(self, inst: Instance, limits: Limits) -> None:
+        """Apply new limits to a running instance (StateError if that needs a restart)."""
+        ...
+
     async def pause(self, name: str) -> None: ...
     async def resume(self, name: str) -> None: ...
     async def exec(self, name: str, req: ExecRequest) -> ExecSession: ...

@@ -30,7 +30,7 @@ from vzkit.errors import AgentError, EngineError, NotFound
 from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
 from vzkit.images.store import ImageStore
-from vzkit.models import ExecRequest, ExecResult, Instance
+from vzkit.models import ExecRequest, ExecResult, Instance, Limits
 from vzkit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -304,6 +304,24 @@ class ContainerEngine:
             log.info("%s did not stop within %.0fs: killing it", name, timeout)
         await self._runtime("kill", "--all", live.uuid, "KILL", check=False)
         await live.exited.wait()
+
+    async def update(self, inst: Instance, limits: Limits) -> None:
+        live = self._get(inst.name)
+        args = [
+            "update",
+            "--memory",
+            str(limits.memory),
+            "--cpu-quota",
+            str(limits.cpus * CPU_PERIOD_US),
+            "--cpu-period",
+            str(CPU_PERIOD_US),
+            "--cpu-shares",
+            str(weight_to_shares(limits.cpu_weight)),
+        ]
+        if limits.cpu_pin:
+            args += ["--cpuset-cpus", ",".join(map(str, limits.cpu_pin))]
+        await self._runtime(*args, live.uuid)
+        self._write_bundle(inst.model_copy(update={"limits": limits}), self.state_dir(live.uuid))
 
     async def pause(self, name: str) -> None:
         await self._runtime("pause", self._get(name).uuid)

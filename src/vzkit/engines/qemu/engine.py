@@ -25,12 +25,12 @@ from vzkit.engines.base import ConsoleStream, ExecSession, ExitCallback, ExitInf
 from vzkit.engines.qemu import process
 from vzkit.engines.qemu.agent import AgentClient
 from vzkit.engines.qemu.cmdline import Disk, MachineSpec, build_argv, kernel_cmdline
-from vzkit.errors import AgentError, EngineError, NotFound
+from vzkit.errors import AgentError, EngineError, NotFound, StateError
 from vzkit.host.cgroups import Cgroup, CgroupDriver, CgroupLimits
 from vzkit.host.probe import HostInfo
 from vzkit.host.resources import TCG_TB_SIZE_MIB, qemu_memory_limit
 from vzkit.images.store import ImageStore
-from vzkit.models import Accel, ExecRequest, Instance
+from vzkit.models import Accel, ExecRequest, Instance, Limits
 from vzkit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -156,15 +156,7 @@ class QemuEngine:
             if self.cgroups is not None:
                 cgroup = self.cgroups.create(
                     f"{self.settings.cgroup_parent}/{inst.name}",
-                    CgroupLimits(
-                        memory_max=qemu_memory_limit(
-                            inst.limits.memory,
-                            cpus=inst.limits.cpus,
-                            tb_size_mib=TCG_TB_SIZE_MIB if accel is Accel.TCG else 0,
-                        ),
-                        cpu_weight=inst.limits.cpu_weight,
-                        cpuset_cpus=inst.limits.cpu_pin,
-                    ),
+                    self._cgroup_limits(inst, inst.limits),
                 )
             socks = [
                 process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock", "console.sock")
@@ -292,6 +284,28 @@ class QemuEngine:
             return
         process.kill(live.pid)
         await live.exited.wait()
+
+    async def update(self, inst: Instance, limits: Limits) -> None:
+        if (limits.cpus, limits.memory) != (inst.limits.cpus, inst.limits.memory):
+            raise StateError(
+                f"cannot change the vCPUs or memory of {inst.name!r} while it runs",
+                hint=f"stop it, change the limits, start it: vz stop {inst.name}",
+            )
+        live = self._get(inst.name)
+        if live.cgroup is not None:
+            await asyncio.to_thread(live.cgroup.update, self._cgroup_limits(inst, limits))
+
+    def _cgroup_limits(self, inst: Instance, limits: Limits) -> CgroupLimits:
+        accel = inst.accel or Accel(self.host.accel)
+        return CgroupLimits(
+            memory_max=qemu_memory_limit(
+                limits.memory,
+                cpus=limits.cpus,
+                tb_size_mib=TCG_TB_SIZE_MIB if accel is Accel.TCG else 0,
+            ),
+            cpu_weight=limits.cpu_weight,
+            cpuset_cpus=limits.cpu_pin,
+        )
 
     async def pause(self, name: str) -> None:
         await self._qmp(name, "stop")
