@@ -75,7 +75,7 @@ def test_config_set_changes_limits_live(vzd: Daemon, client: Client, box: str) -
     assert pid
     line = next(
         ln
-        for ln in open(f"/proc/{pid}/cgroup").read().splitlines()
+        for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
         if ":memory:" in ln or ln.startswith("0::")
     )
     path = line.split(":", 2)[2].lstrip("/")
