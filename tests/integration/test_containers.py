@@ -102,3 +102,10 @@ def test_config_set_on_a_running_vm_refuses_memory(vzd: Daemon, client: Client) 
         assert int(out.split()[1]) > 400 * 1024
     finally:
         client.delete_instance("cfgvm", force=True)
+
+
+def test_terminal_exec(client: Client, box: str) -> None:
+    res, out, _ = client.exec_capture(box, ["sh", "-c", "tty; stty size; exit 6"], tty=True)
+    assert res.exit_code == 6
+    lines = out.replace(b"\r\n", b"\n").split(b"\n")
+    assert lines[0].startswith(b"/dev/pts/") and lines[1] == b"24 80"

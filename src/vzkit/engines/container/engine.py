@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
+import struct
 import sys
+import termios
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +127,72 @@ class _Proc:
         return ExecResult(exit_code=code, signal=sig, timed_out=self._timed_out, error=error)
 
 
+class _TtyProc:
+    """An ExecSession over `vz-runtime exec --tty`: the pty master came over a socket."""
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        master: int,
+        reader: asyncio.StreamReader,
+        timeout: float | None,
+    ) -> None:
+        self.proc = proc
+        self.master = master
+        self._reader = reader
+        self._timed_out = False
+        self._timer = (
+            asyncio.get_running_loop().call_later(timeout, self._timeout) if timeout else None
+        )
+
+    def _timeout(self) -> None:
+        self._timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+
+    async def write_stdin(self, data: bytes) -> None:
+        # A terminal's input is small (keystrokes); a blocking write cannot stall for long.
+        await asyncio.to_thread(_write_all, self.master, data)
+
+    async def close_stdin(self) -> None:
+        pass  # a terminal has no end of input: ^D is the user's to type
+
+    async def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signum)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        _set_winsize(self.master, rows, cols)
+
+    async def read(self) -> tuple[int, bytes] | None:
+        try:
+            data = await self._reader.read(65536)
+        except OSError:  # EIO: every slave end is closed
+            data = b""
+        return (1, data) if data else None
+
+    async def wait(self) -> ExecResult:
+        code = await self.proc.wait()
+        if self._timer is not None:
+            self._timer.cancel()
+        with contextlib.suppress(OSError):
+            os.close(self.master)
+        sig = code - 128 if code > 128 else (-code if code < 0 else None)
+        return ExecResult(
+            exit_code=code if code >= 0 else 128 - code, signal=sig, timed_out=self._timed_out
+        )
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
 class _LogConsole:
     """A container has no serial port: its console is its init's output, followed live."""
 
@@ -142,6 +212,17 @@ class _LogConsole:
 
     async def close(self) -> None:
         self._f.close()
+
+
+def _receive_fd(server: socket.socket) -> int:
+    """Accept the runtime's connection and take the pty master it sends (as runc does)."""
+    server.settimeout(30)
+    conn, _ = server.accept()
+    with conn:
+        _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
+    if not fds:
+        raise EngineError("vz-runtime sent no terminal")
+    return fds[0]
 
 
 class ContainerEngine:
@@ -352,10 +433,7 @@ class ContainerEngine:
     async def exec(self, name: str, req: ExecRequest) -> ExecSession:
         live = self._get(name)
         if req.tty:
-            raise EngineError(
-                "terminal exec in containers is not supported yet",
-                hint="run the command without a terminal (no -t)",
-            )
+            return await self._exec_tty(live, req)
         args = ["exec"]
         if req.cwd:
             args += ["--cwd", req.cwd]
@@ -374,6 +452,50 @@ class ContainerEngine:
             stderr=asyncio.subprocess.PIPE,
         )
         return _Proc(proc, req.timeout, lambda: self._oom_kills(name))
+
+    async def _exec_tty(self, live: _Live, req: ExecRequest) -> ExecSession:
+        sock_dir = self.settings.runtime_dir / "consoles"
+        sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = sock_dir / f"{live.uuid[:8]}-{os.urandom(4).hex()}.sock"
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        server.listen(1)
+        args = ["exec", "--tty", "--console-socket", str(path)]
+        if req.cwd:
+            args += ["--cwd", req.cwd]
+        for k, v in {"TERM": "xterm-256color", **req.env}.items():
+            args += ["--env", f"{k}={v}"]
+        proc = await asyncio.create_subprocess_exec(
+            *RUNTIME,
+            "--root",
+            str(self.root),
+            *args,
+            live.uuid,
+            "--",
+            *req.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            master = await asyncio.wait_for(asyncio.to_thread(_receive_fd, server), 30)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            _, err = await proc.communicate()
+            raise EngineError(
+                f"terminal exec in {live.name!r} failed: {err.decode(errors='replace').strip()}"
+            ) from None
+        finally:
+            server.close()
+            path.unlink(missing_ok=True)
+        _set_winsize(master, req.rows, req.cols)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(master), "rb", 0)
+        )
+        return _TtyProc(proc, master, reader, req.timeout)
 
     async def _run(self, name: str, argv: list[str], stdin: bytes = b"") -> tuple[int, bytes]:
         session = await self.exec(name, ExecRequest(argv=argv, stdin=bool(stdin)))
