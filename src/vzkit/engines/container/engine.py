@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from vzkit._proc import alive
-from vzkit.engines.base import ConsoleStream, ExecSession, ExitCallback, ExitInfo, Started
+from vzkit.engines.base import ConsoleStream, ExecSession, ExitInfo, Started
+from vzkit.engines.common import ProcessEngine
 from vzkit.engines.container import syscalls
 from vzkit.engines.container.spec import default_spec
 from vzkit.errors import AgentError, EngineError, NotFound
@@ -50,7 +51,6 @@ class _Live:
     name: str
     uuid: str
     pid: int
-    pidfd: int | None = None
     stop_requested: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -225,21 +225,13 @@ def _receive_fd(server: socket.socket) -> int:
     return fds[0]
 
 
-class ContainerEngine:
+class ContainerEngine(ProcessEngine):
     def __init__(self, settings: Settings, images: ImageStore, cgroups: CgroupDriver | None):
-        self.settings = settings
+        super().__init__(settings)
         self.images = images
         self.cgroups = cgroups
         self.root = settings.runtime_dir / "containers"
         self._live: dict[str, _Live] = {}
-        self._exit_cb: ExitCallback | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def set_exit_callback(self, cb: ExitCallback) -> None:
-        self._exit_cb = cb
-
-    def state_dir(self, uuid: str) -> Path:
-        return self.settings.instances_dir / uuid
 
     def _cgroup_path(self, name: str) -> str:
         return f"{self.settings.cgroup_parent}/{name}"
@@ -425,7 +417,7 @@ class ContainerEngine:
 
     async def close(self) -> None:
         for live in self._live.values():
-            self._unwatch(live)
+            self.unwatch_exit(live.pid)
         self._live.clear()
 
     # -- guest access ------------------------------------------------------------------
@@ -551,12 +543,6 @@ class ContainerEngine:
     async def open_console(self, name: str) -> ConsoleStream:
         return _LogConsole(self.state_dir(self._get(name).uuid) / "console.log")
 
-    def console_log(self, name: str, uuid: str) -> bytes:
-        try:
-            return (self.state_dir(uuid) / "console.log").read_bytes()[-1024 * 1024 :]
-        except FileNotFoundError:
-            return b""
-
     # -- exits ---------------------------------------------------------------------------
 
     def _get(self, name: str) -> _Live:
@@ -568,20 +554,7 @@ class ContainerEngine:
         return live
 
     def _watch(self, live: _Live) -> None:
-        live.pidfd = os.pidfd_open(live.pid)
-        asyncio.get_running_loop().add_reader(live.pidfd, self._on_exit, live)
-
-    def _unwatch(self, live: _Live) -> None:
-        if live.pidfd is not None:
-            asyncio.get_running_loop().remove_reader(live.pidfd)
-            os.close(live.pidfd)
-            live.pidfd = None
-
-    def _on_exit(self, live: _Live) -> None:
-        self._unwatch(live)
-        task = asyncio.create_task(self._handle_exit(live))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.watch_exit(live.pid, lambda: self._handle_exit(live))
 
     async def _handle_exit(self, live: _Live) -> None:
         if self._live.get(live.name) is live:
@@ -600,8 +573,7 @@ class ContainerEngine:
             )
         else:
             info = ExitInfo(live.pid, False, f"its init (pid {live.pid}) exited unexpectedly")
-        if self._exit_cb is not None:
-            await self._exit_cb(live.name, info)
+        await self.report_exit(live.name, info)
 
     def _oom_kills(self, name: str) -> int:
         if self.cgroups is None:

@@ -21,7 +21,8 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
-from vzkit.engines.base import ConsoleStream, ExecSession, ExitCallback, ExitInfo, Started
+from vzkit.engines.base import ConsoleStream, ExecSession, ExitInfo, Started
+from vzkit.engines.common import CONSOLE_LOG_MAX, ProcessEngine
 from vzkit.engines.qemu import process
 from vzkit.engines.qemu.agent import AgentClient
 from vzkit.engines.qemu.cmdline import Disk, MachineSpec, build_argv, kernel_cmdline
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 BOOT_TIMEOUT = 180.0
-CONSOLE_LOG_MAX = 1024 * 1024
 _QMP_BUF = 1024 * 1024
 
 
@@ -47,7 +47,6 @@ class _Live:
     uuid: str
     pid: int
     rdir: Path
-    pidfd: int | None = None
     qmp: QMPClient | None = None
     events: asyncio.Task[None] | None = None
     agent: AgentClient | None = None
@@ -75,7 +74,7 @@ class _UnixConsole:
             await self._w.wait_closed()
 
 
-class QemuEngine:
+class QemuEngine(ProcessEngine):
     def __init__(
         self,
         settings: Settings,
@@ -83,21 +82,11 @@ class QemuEngine:
         images: ImageStore,
         cgroups: CgroupDriver | None,
     ) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.host = host
         self.images = images
         self.cgroups = cgroups
         self._live: dict[str, _Live] = {}
-        self._exit_cb: ExitCallback | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def set_exit_callback(self, cb: ExitCallback) -> None:
-        self._exit_cb = cb
-
-    # -- paths -------------------------------------------------------------------------
-
-    def state_dir(self, uuid: str) -> Path:
-        return self.settings.instances_dir / uuid
 
     def runtime_dir(self, uuid: str) -> Path:
         return self.settings.instance_runtime_dir / uuid
@@ -356,12 +345,6 @@ class QemuEngine:
         reader, writer = await asyncio.open_unix_connection(str(live.rdir / "console.sock"))
         return _UnixConsole(reader, writer)
 
-    def console_log(self, name: str, uuid: str) -> bytes:
-        try:
-            return (self.state_dir(uuid) / "console.log").read_bytes()[-CONSOLE_LOG_MAX:]
-        except FileNotFoundError:
-            return b""
-
     def trim_console_logs(self) -> None:
         """Keep each console log bounded; QEMU appends (O_APPEND), so truncating is safe."""
         for live in self._live.values():
@@ -401,10 +384,7 @@ class QemuEngine:
 
     async def _watch(self, live: _Live) -> None:
         """Connect QMP and watch the pid, so an exit is noticed at once."""
-        loop = asyncio.get_running_loop()
-        fd = os.pidfd_open(live.pid)
-        live.pidfd = fd
-        loop.add_reader(fd, self._on_exit, live)
+        self.watch_exit(live.pid, lambda: self._handle_exit(live))
         qmp = QMPClient(live.name, readbuflen=_QMP_BUF)
         await qmp.connect(str(live.rdir / "qmp.sock"))
         live.qmp = qmp
@@ -417,15 +397,6 @@ class QemuEngine:
             data = event.get("data")
             if isinstance(data, dict) and data.get("guest"):
                 live.guest_shutdown = True
-
-    def _on_exit(self, live: _Live) -> None:
-        if live.pidfd is not None:
-            asyncio.get_running_loop().remove_reader(live.pidfd)
-            os.close(live.pidfd)
-            live.pidfd = None
-        task = asyncio.create_task(self._handle_exit(live))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _handle_exit(self, live: _Live) -> None:
         if self._live.get(live.name) is live:
@@ -448,15 +419,11 @@ class QemuEngine:
                 f"QEMU (pid {live.pid}) exited without a guest shutdown (killed or crashed)"
                 + (f"; last console line: {last}" if last else ""),
             )
-        if self._exit_cb is not None:
-            await self._exit_cb(live.name, info)
+        await self.report_exit(live.name, info)
 
     async def _detach(self, live: _Live) -> None:
         """Drop our connections to an instance (it may keep running)."""
-        if live.pidfd is not None:
-            asyncio.get_running_loop().remove_reader(live.pidfd)
-            os.close(live.pidfd)
-            live.pidfd = None
+        self.unwatch_exit(live.pid)
         if live.events is not None:
             live.events.cancel()
         if live.agent is not None:
