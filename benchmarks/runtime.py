@@ -9,12 +9,14 @@ Measured from one busybox bundle, each runtime with its own --root, median of N 
   hybrid cgroup layout of this host otherwise (the unshare+umount cost is included, so
   crun's number is a little pessimistic).
 
-Needs root, /bin/busybox, runc and crun (scripts/setup installs them).
+Needs root, /bin/busybox, runc and crun (scripts/setup installs them). vz-runtime is the
+launcher scripts/setup writes to .venv/bin (python -IS), the way an engine would run it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -69,6 +71,9 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("benchmarks/runtime.py needs root")
     work = Path(tempfile.mkdtemp(prefix="vz-runtime-bench-"))
+    # vz-runtime's default cgroup parent: removed after if this run made it (and it is
+    # empty: rmdir refuses a cgroup something else still uses).
+    parents_before = set(Path("/sys/fs/cgroup").glob("*/vz-runtime"))
     try:
         bundle = make_bundle(work)
         b = str(bundle)
@@ -122,13 +127,17 @@ def main() -> None:
     finally:
         for rt_root in (work / "vz", work / "runc", work / "crun"):
             if rt_root.is_dir():
-                for cid in os.listdir(rt_root):
+                # Dot names are the runtime's own (vz-runtime's .cache), not containers.
+                for cid in (n for n in os.listdir(rt_root) if not n.startswith(".")):
                     exe = VZ_RUNTIME if rt_root.name == "vz" else rt_root.name
                     subprocess.run(
                         [exe, "--root", str(rt_root), "delete", "--force", cid],
                         capture_output=True,
                     )
         shutil.rmtree(work, ignore_errors=True)
+        for parent in set(Path("/sys/fs/cgroup").glob("*/vz-runtime")) - parents_before:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 if __name__ == "__main__":

@@ -1,23 +1,24 @@
 """`vz-runtime`: an OCI runtime with runc's command line.
 
 Start-up time is the runtime's main cost (a container engine runs it several times per
-container), so this module imports only argparse/json/os at the top and each command
-imports what it needs.
+container), so the hot commands (create, run, start, state, kill, delete) are parsed by
+hand and import only os, sys and the modules they use; argparse (several ms with the
+``re``, ``gettext``, ``shutil`` and ``locale`` it pulls in) is imported only for the other
+commands, ``--help`` and usage errors, which it reports exactly as before.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 
+from vzkit.engines.container import jsonfast as json
 from vzkit.engines.container.state import DEFAULT_ROOT
 from vzkit.errors import HostUnsupported, InvalidConfig, VzError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is slow to import; see spec.py
+    import argparse
     from typing import Any
 
     from vzkit.engines.container.spec import Json
@@ -34,6 +35,8 @@ class Logger:
     def _write(self, level: str, msg: str) -> None:
         if not self.path:
             return
+        import time
+
         t = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
         if self.fmt == "json":
@@ -59,6 +62,8 @@ class Logger:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
     p = argparse.ArgumentParser(
         prog="vz-runtime", description="vzkit's OCI runtime (runc-compatible command line)"
     )
@@ -139,13 +144,127 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Args:
+    """argparse.Namespace's stand-in for the hand-parsed commands."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(name)
+
+
+_GLOBAL_VALUES = {
+    "--root": "root",
+    "--log": "log",
+    "--log-format": "log_format",
+    "--rootless": "rootless",
+}
+_GLOBAL_FLAGS = {"--debug": "debug", "--systemd-cgroup": "systemd_cgroup"}
+_CREATE_VALUES = {
+    "--bundle": "bundle",
+    "-b": "bundle",
+    "--pid-file": "pid_file",
+    "--console-socket": "console_socket",
+    "--preserve-fds": "preserve_fds",
+}
+_CREATE_FLAGS = {"--no-pivot": "no_pivot", "--no-new-keyring": "no_new_keyring"}
+_RUN_FLAGS = {**_CREATE_FLAGS, "--detach": "detach", "-d": "detach", "--keep": "keep", "--rm": "rm"}
+#: command -> (options taking a value, flags, positional names, optional positional defaults)
+_FAST: dict[str, tuple[dict[str, str], dict[str, str], tuple[str, ...], dict[str, str]]] = {
+    "create": (_CREATE_VALUES, _CREATE_FLAGS, ("id",), {}),
+    "run": (_CREATE_VALUES, _RUN_FLAGS, ("id",), {}),
+    "start": ({}, {}, ("id",), {}),
+    "state": ({}, {}, ("id",), {}),
+    "delete": ({}, {"--force": "force", "-f": "force"}, ("id",), {}),
+    "kill": ({}, {"--all": "all", "-a": "all"}, ("id", "signal"), {"signal": "TERM"}),
+}
+_DEFAULTS: dict[str, Any] = {
+    "root": DEFAULT_ROOT,
+    "log": None,
+    "log_format": "text",
+    "debug": False,
+    "systemd_cgroup": False,
+    "rootless": "auto",
+    "bundle": ".",
+    "pid_file": None,
+    "console_socket": None,
+    "preserve_fds": 0,
+}
+
+
+def _fast_parse(argv: list[str]) -> Args | None:
+    """The hot commands without argparse; None for anything else (argparse decides)."""
+    out: dict[str, Any] = {}
+    i, n = 0, len(argv)
+    while i < n and argv[i].startswith("-"):
+        opt, eq, val = argv[i].partition("=")
+        if opt in _GLOBAL_VALUES:
+            if not eq:
+                i += 1
+                if i >= n:
+                    return None
+                val = argv[i]
+            out[_GLOBAL_VALUES[opt]] = val
+        elif opt in _GLOBAL_FLAGS and not eq:
+            out[_GLOBAL_FLAGS[opt]] = True
+        else:
+            return None
+        i += 1
+    if i >= n or argv[i] not in _FAST:
+        return None
+    command = argv[i]
+    values, flags, names, optional = _FAST[command]
+    pos: list[str] = []
+    only_pos = False
+    for name in values.values():
+        out[name] = _DEFAULTS[name]
+    for name in flags.values():
+        out[name] = False
+    i += 1
+    while i < n:
+        tok = argv[i]
+        i += 1
+        if only_pos or not tok.startswith("-") or tok == "-":
+            pos.append(tok)
+            continue
+        if tok == "--":
+            only_pos = True
+            continue
+        opt, eq, val = tok.partition("=")
+        if opt in values:
+            if not eq:
+                if i >= n:
+                    return None
+                val = argv[i]
+                i += 1
+            out[values[opt]] = val
+        elif opt in flags and not eq:
+            out[flags[opt]] = True
+        else:
+            return None
+    if not len(names) - len(optional) <= len(pos) <= len(names):
+        return None
+    for k, name in enumerate(names):
+        out[name] = pos[k] if k < len(pos) else optional[name]
+    if "preserve_fds" in out:
+        try:
+            out["preserve_fds"] = int(out["preserve_fds"])
+        except ValueError:
+            return None
+    for name in ("root", "log", "log_format", "debug", "systemd_cgroup", "rootless"):
+        out.setdefault(name, _DEFAULTS[name])
+    if out["log_format"] not in ("text", "json"):
+        return None
+    out["command"] = command
+    return Args(**out)
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
-def _dispatch(a: argparse.Namespace, log: Logger) -> int:
-    from vzkit.engines.container import runtime as rt
-
+def _dispatch(a: Any, log: Logger) -> int:
     root = a.root
     c = a.command
     if c == "state":
@@ -153,6 +272,8 @@ def _dispatch(a: argparse.Namespace, log: Logger) -> int:
 
         _print_json(load(root, a.id).oci())
         return 0
+    from vzkit.engines.container import runtime as rt
+
     if c == "create":
         rt.create(
             root,
@@ -214,13 +335,13 @@ def _dispatch(a: argparse.Namespace, log: Logger) -> int:
     raise InvalidConfig(f"unknown command {c!r}")
 
 
-def _exec(a: argparse.Namespace, rt: Any) -> int:
+def _exec(a: Any, rt: Any) -> int:
     from vzkit.engines.container.state import load
 
     if a.process:
         try:
             with open(a.process) as f:
-                process: Json = json.load(f)
+                process: Json = json.loads(f.read())
         except (OSError, ValueError) as exc:
             raise InvalidConfig(f"cannot read process file {a.process}: {exc}") from None
     else:
@@ -249,7 +370,7 @@ def _exec(a: argparse.Namespace, rt: Any) -> int:
     return code
 
 
-def _list(a: argparse.Namespace) -> int:
+def _list(a: Any) -> int:
     from vzkit.engines.container.state import list_ids, load
 
     rows: list[Json] = []
@@ -275,7 +396,7 @@ def _list(a: argparse.Namespace) -> int:
     return 0
 
 
-def _spec(a: argparse.Namespace) -> int:
+def _spec(a: Any) -> int:
     from vzkit.engines.container.spec import default_spec
     from vzkit.engines.container.state import write_atomic
 
@@ -286,14 +407,14 @@ def _spec(a: argparse.Namespace) -> int:
     return 0
 
 
-def _resources(a: argparse.Namespace) -> Json:
+def _resources(a: Any) -> Json:
     if a.resources:
         try:
             if a.resources == "-":
-                res: Json = json.load(sys.stdin)
+                res: Json = json.loads(sys.stdin.read())
             else:
                 with open(a.resources) as f:
-                    res = json.load(f)
+                    res = json.loads(f.read())
         except (OSError, ValueError) as exc:
             raise InvalidConfig(f"cannot read resources {a.resources}: {exc}") from None
         return res
@@ -326,7 +447,9 @@ def _resources(a: argparse.Namespace) -> Json:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    a = _fast_parse(argv) or _parser().parse_args(argv)
     log = Logger(a.log, a.log_format, a.debug)
     try:
         if a.systemd_cgroup:

@@ -3,12 +3,18 @@ exec'd process), up to execve.
 
 Process tree of ``create``::
 
-    vz-runtime create (P) --fork--> middle (M) --fork--> init (I, PID 1 of the new pid ns)
+    vz-runtime create (P) --fork--> init (I, PID 1 of the new pid ns)
 
-M joins the cgroup, enters or creates the namespaces (unshare affects M's children for
-the pid namespace, hence the second fork), reports I's pid and exits, so I is reparented
-away from P: whoever called create never owns the container. I builds the container and
-waits on the exec fifo until ``start``.
+P points its children's pid namespace at the new one (unshare(CLONE_NEWPID), or setns
+to a given path) just for that fork and then back. I joins the cgroup, creates or joins
+the other namespaces (:func:`container_child`), builds the container and waits on the
+exec fifo until ``start``. When P exits, I is reparented away from it: whoever called
+create never owns the container.
+
+With a user or time namespace (created before the others so it owns them, and the
+time namespace, like the pid one, applies to children only), and for exec, a middle
+process (M) sits between: P --fork--> M --fork--> I. M joins the cgroup and the
+namespaces, reports I's pid and exits.
 
 Children talk to P over a pipe of JSON lines ({"type": "pid"|"userns"|"hook"|"ready"|
 "error", ...}); P answers on a second pipe with one byte per request. Nothing here
@@ -17,10 +23,9 @@ returns to the caller: every path ends in execve or os._exit.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 
+from vzkit.engines.container import jsonfast as json
 from vzkit.engines.container.spec import DEFAULT_PATH
 from vzkit.errors import EngineError, InvalidConfig, VzError
 
@@ -74,6 +79,8 @@ class InitContext:
         "process",
         "procs_files",
         "rootfs",
+        "seccomp_bpf",
+        "seccomp_flags",
         "spec",
     )
 
@@ -90,6 +97,8 @@ class InitContext:
         console_fd: int = -1,
         preserve_fds: int = 0,
         join_pid: int = 0,
+        seccomp_bpf: bytes | None = None,
+        seccomp_flags: int = 0,
     ) -> None:
         self.spec = spec
         self.process = process
@@ -102,6 +111,9 @@ class InitContext:
         self.preserve_fds = preserve_fds
         self.join_pid = join_pid
         self.exec_mode = join_pid > 0
+        #: linux.seccomp compiled by P (runtime.seccomp_program); None: compile here.
+        self.seccomp_bpf = seccomp_bpf
+        self.seccomp_flags = seccomp_flags
 
 
 class _Step:
@@ -135,7 +147,7 @@ def middle(ctx: InitContext) -> NoReturn:
     step = _Step()
     try:
         step.name = "load modules"
-        _preload(ctx)
+        preload(ctx)
         step.name = "join cgroup"
         join_cgroup(ctx.procs_files)
         if ctx.exec_mode:
@@ -152,6 +164,21 @@ def middle(ctx: InitContext) -> NoReturn:
     except BaseException as exc:
         _fail(ctx.pipe, exc, step.name)
     os._exit(0)
+
+
+def container_child(ctx: InitContext) -> NoReturn:
+    """I forked straight from P (no user or time namespace): P has already pointed it at
+    its pid namespace. Join the cgroup and the other namespaces, then build the container."""
+    from vzkit.engines.container import syscalls as sc
+
+    step = _Step()
+    try:
+        step.name = "join cgroup"
+        join_cgroup(ctx.procs_files)
+        _enter_namespaces(ctx, step, sc, skip=("pid",))
+    except BaseException as exc:
+        _fail(ctx.pipe, exc, step.name)
+    container_init(ctx)
 
 
 def join_cgroup(procs_files: list[str]) -> None:
@@ -174,17 +201,18 @@ def join_cgroup(procs_files: list[str]) -> None:
             os.close(fd)
 
 
-def _preload(ctx: InitContext) -> None:
+def preload(ctx: InitContext) -> None:
     """Import and load everything the child will need before it enters the container:
     after pivot_root (or setns into the mount namespace) the host's Python library,
-    libc.so and libseccomp.so are out of reach."""
+    libc.so and libseccomp.so are out of reach. P calls it before forking I, M before
+    forking an exec'd process."""
     from vzkit.engines.container import caps, syscalls
 
     syscalls.libc()
     caps.last_cap()
     if ctx.process.get("rlimits"):
         import resource  # noqa: F401
-    if (ctx.spec.get("linux") or {}).get("seccomp"):
+    if (ctx.spec.get("linux") or {}).get("seccomp") and ctx.seccomp_bpf is None:
         from vzkit.engines.container import seccomp
 
         seccomp._libseccomp()
@@ -197,8 +225,8 @@ def _preload(ctx: InitContext) -> None:
             from vzkit.engines.container import hooks  # noqa: F401
 
 
-def _enter_namespaces(ctx: InitContext, step: _Step, sc: Any) -> None:
-    ns = ctx.namespaces
+def _enter_namespaces(ctx: InitContext, step: _Step, sc: Any, skip: tuple[str, ...] = ()) -> None:
+    ns = {k: v for k, v in ctx.namespaces.items() if k not in skip}
     # Open every namespace to join before entering any: a path is a host path.
     join: list[tuple[str, int]] = []
     step.name = "open namespace paths"
@@ -373,7 +401,7 @@ def _prepare_process(ctx: InitContext, step: _Step, caps: Any) -> str:
         # Without no_new_privs, loading a filter needs CAP_SYS_ADMIN: load it while the
         # init still has it (runc does the same).
         step.name = "load seccomp filter"
-        _load_seccomp(seccomp_cfg)
+        _load_seccomp(ctx, seccomp_cfg)
     user = process.get("user") or {}
     uid, gid = int(user.get("uid", 0)), int(user.get("gid", 0))
     groups = [int(g) for g in user.get("additionalGids") or []]
@@ -398,11 +426,16 @@ def _prepare_process(ctx: InitContext, step: _Step, caps: Any) -> str:
     exe = find_executable(process["args"][0], _env(process).get("PATH", DEFAULT_PATH))
     if seccomp_cfg and nnp:
         step.name = "load seccomp filter"
-        _load_seccomp(seccomp_cfg)
+        _load_seccomp(ctx, seccomp_cfg)
     return exe
 
 
-def _load_seccomp(cfg: Json) -> None:
+def _load_seccomp(ctx: InitContext, cfg: Json) -> None:
+    if ctx.seccomp_bpf is not None:
+        from vzkit.engines.container import syscalls as sc
+
+        sc.seccomp_filter(ctx.seccomp_bpf, ctx.seccomp_flags)
+        return
     from vzkit.engines.container import seccomp
 
     seccomp.load_seccomp(cfg)
@@ -431,8 +464,10 @@ def _exec(ctx: InitContext, exe: str) -> NoReturn:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd >= keep:
-            with contextlib.suppress(OSError):  # the fd listdir itself used is gone
+            try:
                 os.set_inheritable(fd, False)
+            except OSError:  # the fd listdir itself used is gone
+                pass
     os.execve(exe, ctx.process["args"], _env(ctx.process))
 
 

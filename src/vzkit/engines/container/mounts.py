@@ -29,19 +29,19 @@ Imports stdlib + ctypes only: this runs in ``vz-runtime``'s container init.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
-from typing import TYPE_CHECKING, Any
 
 from vzkit.engines.container import syscalls as sc
 from vzkit.engines.container.syscalls import SyscallError
 from vzkit.errors import InvalidConfig
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    # pathlib costs ~3 ms to import; paths are plain strings at run time.
+    # typing and pathlib cost milliseconds to import; paths are plain strings at run time.
     from pathlib import Path
+    from typing import Any
 
 # option -> (clear?, flag); from mount(8), the same table runc uses.
 _FLAG_OPTIONS: dict[str, tuple[bool, int]] = {
@@ -125,6 +125,9 @@ _DEV_TMPFS = {
 }
 
 _MAX_SYMLINKS = 255
+
+#: /proc/self/mountinfo as prepare_rootfs found it (the init runs it once).
+_host_mounts: list[dict[str, str]] | None = None
 
 
 class MountOptions:
@@ -391,7 +394,8 @@ def _own_cgroups() -> dict[str, str]:
 
 def _mount_cgroup(root: str, target: str, opts: MountOptions) -> None:
     hierarchy = "/sys/fs/cgroup"
-    infos = read_mountinfo()
+    # The host's hierarchies, as prepare_rootfs read them before mounting anything.
+    infos = _host_mounts or read_mountinfo()
     top = [i for i in infos if i["mountpoint"] == hierarchy]
     flags = opts.flags & ~sc.MS_BIND
     if top and top[-1]["fstype"] == "cgroup2":
@@ -550,8 +554,10 @@ def setup_dev(root: str, spec_devices: list[dict[str, Any]], *, in_userns: bool)
     if os.path.exists("/proc/kcore"):
         links.append(("/proc/kcore", "core"))
     for src, name in links:
-        with contextlib.suppress(FileExistsError):
+        try:
             os.symlink(src, os.path.join(dev_dir, name))
+        except FileExistsError:
+            pass
     ptmx = os.path.join(dev_dir, "ptmx")
     if os.path.lexists(ptmx):
         os.unlink(ptmx)
@@ -561,10 +567,10 @@ def setup_dev(root: str, spec_devices: list[dict[str, Any]], *, in_userns: bool)
 # -- pivot and finalize --------------------------------------------------------------------
 
 
-def make_parent_private(root: str) -> None:
+def make_parent_private(root: str, infos: list[dict[str, str]] | None = None) -> None:
     """pivot_root fails if the new root's parent mount is shared; make it private."""
     best: dict[str, str] | None = None
-    for info in read_mountinfo():
+    for info in infos if infos is not None else read_mountinfo():
         mp = info["mountpoint"]
         if _within(mp, root) and (best is None or len(mp) >= len(best["mountpoint"])):
             best = info
@@ -653,7 +659,9 @@ def prepare_rootfs(rootfs: str | Path, spec: dict[str, Any], *, in_userns: bool)
             "use one of: " + ", ".join(PROPAGATION),
         )
     sc.mount(None, "/", None, PROPAGATION[propagation], None)
-    make_parent_private(root)
+    global _host_mounts
+    _host_mounts = read_mountinfo()  # parsed once: cgroup mounts need it again
+    make_parent_private(root, _host_mounts)
     sc.mount(root, root, "bind", sc.MS_BIND | sc.MS_REC, None)
 
     dev_mounts = [m for m in mounts if os.path.normpath(str(m.get("destination", ""))) == "/dev"]

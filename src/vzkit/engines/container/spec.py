@@ -6,9 +6,9 @@ config.json has many optional, extensible parts that the runtime passes through 
 
 from __future__ import annotations
 
-import json
 import os
 
+from vzkit.engines.container import jsonfast as json
 from vzkit.errors import Conflict, InvalidConfig, NotFound
 
 # typing costs milliseconds to import and vz-runtime's start-up is its main cost: the
@@ -137,6 +137,12 @@ def check_id(container_id: str) -> None:
 
 def load_bundle(bundle: str) -> tuple[Json, str]:
     """Read ``bundle``/config.json; returns the spec and the absolute rootfs path."""
+    spec, rootfs, _raw = read_bundle(bundle)
+    return spec, rootfs
+
+
+def read_bundle(bundle: str) -> tuple[Json, str, bytes]:
+    """:func:`load_bundle` plus the file's bytes (create keeps a copy without re-encoding)."""
     path = os.path.join(bundle, "config.json")
     try:
         with open(path, "rb") as f:
@@ -156,7 +162,7 @@ def load_bundle(bundle: str) -> tuple[Json, str]:
         ) from None
     if not isinstance(spec, dict):
         raise InvalidConfig(f"malformed {path}: the top level must be a JSON object")
-    return spec, validate(spec, bundle)
+    return spec, validate(spec, bundle), raw
 
 
 def _section(spec: Json, key: str, where: str = "") -> Json:

@@ -7,10 +7,9 @@ so a crashed runtime or a reboot cannot leave a stale "running" behind.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 
+from vzkit.engines.container import jsonfast as json
 from vzkit.engines.container.spec import OCI_VERSION
 from vzkit.errors import NotFound
 
@@ -135,8 +134,10 @@ class State:
         write_atomic(os.path.join(self.cdir, STATE_FILE), json.dumps(self.data).encode())
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
+def write_atomic(path: str, data: bytes, *, unique: bool = False) -> None:
+    """Write to a temporary file and rename it over ``path``; ``unique``: a temporary name
+    of its own per process, for files that several processes may write at once."""
+    tmp = f"{path}.{os.getpid()}.tmp" if unique else f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, data)
@@ -158,10 +159,14 @@ def remove_tree(path: str) -> None:
         if entry.is_dir(follow_symlinks=False):
             remove_tree(entry.path)
         else:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(entry.path)
-    with contextlib.suppress(FileNotFoundError):
+            except FileNotFoundError:
+                pass
+    try:
         os.rmdir(path)
+    except FileNotFoundError:
+        pass
 
 
 def load(root: str, container_id: str) -> State:
@@ -187,4 +192,7 @@ def list_ids(root: str) -> list[str]:
         names = os.listdir(root)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if os.path.isdir(os.path.join(root, n)))
+    # Dot names are the runtime's own (.cache), not containers.
+    return sorted(
+        n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(root, n))
+    )
