@@ -143,6 +143,8 @@ class Podman:
             text=True,
             timeout=timeout,
             env=env,
+            # conmon writes an "oom" marker file into its working directory.
+            cwd=self.base,
             stdin=subprocess.DEVNULL,
         )
         if check and proc.returncode != 0:
