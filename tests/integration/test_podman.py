@@ -47,7 +47,6 @@ RUN_FLAGS = ["--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit", "n
 # podman 4.3 adds the sysctl net.ipv4.ping_group_range to every container with its own
 # network namespace (containers.conf default_sysctls). vz-runtime cannot apply it (see
 # test_default_sysctls); this configuration drops it so the other tests can run.
-NO_DEFAULT_SYSCTLS = "[containers]\ndefault_sysctls = []\n"
 
 WRAPPER = """#!/bin/sh
 {env}echo "argv: $*" >> {log}
@@ -104,8 +103,6 @@ class Podman:
             WRAPPER.format(log=self.log, runtime=_ENTRY, root=self.state_root, env=_env_line())
         )
         self.wrapper.chmod(0o755)
-        self.conf = base / "containers.conf"
-        self.conf.write_text(NO_DEFAULT_SYSCTLS)
         self.cgroup_parent = f"vz-ptest-{uuid.uuid4().hex[:8]}"
         self.image = f"localhost/vzkit-test-busybox-{uuid.uuid4().hex[:8]}:latest"
         self.names: list[str] = []
@@ -131,12 +128,9 @@ class Podman:
         check: bool = True,
         timeout: float = 60,
         runtime: str | None = None,
-        default_conf: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ)
         env.pop("CONTAINERS_CONF", None)
-        if not default_conf:
-            env["CONTAINERS_CONF"] = str(self.conf)
         proc = subprocess.run(
             [*self.globals(runtime), *args],
             capture_output=True,
@@ -251,18 +245,10 @@ def test_run_echo(podman: Podman) -> None:
     assert "argv: create " in log and "argv: start " in log and "argv: delete " in log
 
 
-@pytest.mark.xfail(
-    reason=(
-        "runtime gap: podman's default sysctl net.ipv4.ping_group_range fails with "
-        "'Read-only file system /proc/sys/net/ipv4/ping_group_range': vz-runtime writes "
-        "linux.sysctl after the readonlyPaths (/proc/sys) are applied; runc writes them first"
-    ),
-    strict=True,
-)
 def test_default_sysctls(podman: Podman) -> None:
     out = podman(
         "run", "--rm", *podman.run_flags(), podman.image, "cat",
-        "/proc/sys/net/ipv4/ping_group_range", default_conf=True,
+        "/proc/sys/net/ipv4/ping_group_range",
     )  # fmt: skip
     assert out.stdout.split() == ["0", "0"]
 

@@ -329,11 +329,6 @@ def container_init(ctx: InitContext) -> NoReturn:
             from vzkit.engines.container import syscalls as sc
 
             sc.sethostname(hostname)
-        linux = spec.get("linux") or {}
-        for key, value in (linux.get("sysctl") or {}).items():
-            step.name = f"sysctl {key}={value}"
-            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
-                f.write(str(value))
         exe = _prepare_process(ctx, step, caps)
         step.name = "report ready"
         pipe.send({"type": "ready"})

@@ -633,6 +633,21 @@ def mount_console(slave: str) -> None:
     sc.mount(slave, "/dev/console", None, sc.MS_BIND, None)
 
 
+def apply_sysctls(sysctl: dict[str, Any]) -> None:
+    """Write linux.sysctl entries through the container's own /proc/sys."""
+    for key, value in sysctl.items():
+        path = "/proc/sys/" + str(key).replace(".", "/")
+        try:
+            with open(path, "w") as f:
+                f.write(str(value))
+        except OSError as exc:
+            raise InvalidConfig(
+                f"sysctl {key}={value}: {exc.strerror} ({path})",
+                "only namespaced sysctls (net.*, kernel.shm*, kernel.msg*, fs.mqueue.*) "
+                "can be set in a container",
+            ) from None
+
+
 def prepare_rootfs(rootfs: str | Path, spec: dict[str, Any], *, in_userns: bool) -> None:
     """Build the container's filesystem view and pivot into it.
 
@@ -682,6 +697,8 @@ def prepare_rootfs(rootfs: str | Path, spec: dict[str, Any], *, in_userns: bool)
         # Applied again to the new "/" so shared/slave roots behave as asked after pivot.
         sc.mount(None, "/", None, PROPAGATION[propagation], None)
 
+    # Before readonlyPaths makes /proc/sys read-only (runc's order).
+    apply_sysctls(linux.get("sysctl") or {})
     mask_paths(linux.get("maskedPaths") or [])
     readonly_paths(linux.get("readonlyPaths") or [])
     if not dev_is_bind and dev_opts.flags & sc.MS_RDONLY:
