@@ -388,3 +388,15 @@ def test_features_and_spec(rt: Runtime, tmp_path: Path) -> None:
 def test_systemd_cgroup_is_rejected(rt: Runtime) -> None:
     proc = rt("--systemd-cgroup", "list", check=False)
     assert proc.returncode != 0 and "systemd" in proc.stderr
+
+
+def test_force_delete_of_a_missing_container_succeeds(rt: Runtime) -> None:
+    r = rt("delete", "--force", "never-made", check=False)
+    assert r.returncode == 0, r.stderr
+    r = rt("delete", "never-made", check=False)
+    assert r.returncode != 0 and "does not exist" in r.stderr
+
+
+def test_spec_into_a_missing_directory_is_a_clear_error(rt: Runtime, tmp_path: Path) -> None:
+    r = rt("spec", "--bundle", str(tmp_path / "nope"), check=False)
+    assert r.returncode != 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr

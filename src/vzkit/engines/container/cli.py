@@ -401,6 +401,10 @@ def _spec(a: Any) -> int:
     from vzkit.engines.container.state import write_atomic
 
     path = os.path.join(a.bundle, "config.json")
+    if not os.path.isdir(a.bundle):
+        raise InvalidConfig(
+            f"bundle directory {a.bundle} does not exist", hint="create it, or pass --bundle DIR"
+        )
     if os.path.exists(path):
         raise InvalidConfig(f"{path} already exists", hint="remove it first")
     write_atomic(path, (json.dumps(default_spec(rootless=a.rootless), indent=2) + "\n").encode())

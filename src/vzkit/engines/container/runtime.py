@@ -28,6 +28,7 @@ from vzkit.errors import (
     EngineError,
     HostUnsupported,
     InvalidConfig,
+    NotFound,
     StateError,
     VzError,
 )
@@ -644,7 +645,15 @@ def kill(root: str, container_id: str, sig: int, *, all_: bool = False) -> None:
 
 
 def delete(root: str, container_id: str, *, force: bool = False, warn: Warn = _noop) -> None:
-    st = load(root, container_id)
+    try:
+        st = load(root, container_id)
+    except NotFound:
+        if not force:
+            raise
+        # As runc: forcing the delete of what is already gone succeeds (podman relies on it
+        # after a failed create); a corrupt leftover directory is removed.
+        remove_tree(container_dir(root, container_id))
+        return
     status = st.status()
     if status in ("running", "paused") and not force:
         raise StateError(
