@@ -239,15 +239,6 @@ def test_memory_limit_oom_kills_an_allocation_loop(rt: Runtime) -> None:
     assert not cg_dir(rt.cgroup(cid), "memory").exists()
 
 
-@pytest.mark.xfail(
-    not V2,
-    reason=(
-        "runtime gap: on cgroup v1 with a cgroup namespace, the container's /sys/fs/cgroup "
-        "lacks the hierarchies it was moved into (memory, cpu, pids, ...): mountinfo shows "
-        "their root as '/../..' from inside the namespace and mounts._mount_cgroup skips them"
-    ),
-    strict=True,
-)
 def test_container_sees_its_own_memory_limit(rt: Runtime) -> None:
     cid = rt.new_id()
     name = "memory.max" if V2 else "memory/memory.limit_in_bytes"

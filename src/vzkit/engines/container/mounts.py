@@ -410,6 +410,19 @@ def _mount_cgroup(root: str, target: str, opts: MountOptions) -> None:
         if info["fstype"] not in ("cgroup", "cgroup2") or os.path.dirname(mp) != hierarchy:
             continue
         keys = [""] if info["fstype"] == "cgroup2" else info["super"].split(",")
+        sub = os.path.join(target, os.path.basename(mp))
+        if info["root"].startswith("/.."):
+            # We are in a cgroup namespace whose root (the container's cgroup) lies below
+            # this mount's: a fresh mount of the hierarchy starts at our own cgroup.
+            os.makedirs(sub, exist_ok=True)
+            data = None if info["fstype"] == "cgroup2" else ",".join(
+                k for k in keys if k not in ("rw", "ro")
+            )
+            mount_in_root(
+                root, info["fstype"], sub, info["fstype"],
+                (flags & sc.MS_RDONLY) | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, data,
+            )  # fmt: skip
+            continue
         path = next((own[k] for k in keys if k in own), None)
         if path is None or not _within(info["root"], path):
             continue
@@ -417,7 +430,6 @@ def _mount_cgroup(root: str, target: str, opts: MountOptions) -> None:
         if not os.path.isdir(src):
             # Never fall back to the hierarchy's top: that would show the host's tree.
             continue
-        sub = os.path.join(target, os.path.basename(mp))
         os.makedirs(sub, exist_ok=True)
         mount_in_root(root, src, sub, None, sc.MS_BIND)
         remount_bind(sub, flags | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, opts.clear)
