@@ -83,27 +83,34 @@ def main() -> None:
         def vz_run(cid: str) -> None:
             sh(VZ_RUNTIME, "--root", vz_root, "run", "--bundle", b, cid)
 
-        def vz_four(cid: str) -> None:
-            base = [VZ_RUNTIME, "--root", vz_root]
-            sh(*base, "create", "--bundle", b, cid)
-            sh(*base, "start", cid)
-            # The init is not our child: wait like an engine would, by polling the state.
-            while (
-                '"stopped"'
-                not in subprocess.run(
-                    [*base, "state", cid], capture_output=True, text=True, check=True
-                ).stdout
-            ):
-                time.sleep(0.0005)
-            sh(*base, "delete", cid)
+        def four(base: list[str]) -> Callable[[str], None]:
+            def run(cid: str) -> None:
+                sh(*base, "create", "--bundle", b, cid)
+                sh(*base, "start", cid)
+                # The init is not our child: wait as an engine would, by polling the state.
+                while (
+                    '"stopped"'
+                    not in subprocess.run(
+                        [*base, "state", cid], capture_output=True, text=True, check=True
+                    ).stdout
+                ):
+                    time.sleep(0.0005)
+                sh(*base, "delete", cid)
+
+            return run
 
         results["vz-runtime run"] = timed(vz_run, args.runs)
-        results["vz-runtime create+start+state+delete"] = timed(vz_four, args.runs)
+        results["vz-runtime create+start+state+delete"] = timed(
+            four([VZ_RUNTIME, "--root", vz_root]), args.runs
+        )
         runc = shutil.which("runc")
         if runc:
             runc_root = str(work / "runc")
             results["runc run"] = timed(
                 lambda cid: sh(runc, "--root", runc_root, "run", "--bundle", b, cid), args.runs
+            )
+            results["runc create+start+state+delete"] = timed(
+                four([runc, "--root", runc_root]), args.runs
             )
         crun = shutil.which("crun")
         if crun:
@@ -123,6 +130,10 @@ def main() -> None:
             if base_crun:
                 ratios.append(f"{t / base_crun:.2f}x crun")
             print(f"  {name:<40} {t * 1000:7.1f} ms   {'  '.join(ratios)}")
+        four_vz = results["vz-runtime create+start+state+delete"]
+        four_runc = results.get("runc create+start+state+delete")
+        if four_runc:
+            print(f"  four commands, like for like: {four_vz / four_runc:.2f}x runc")
         print("targets: vz-runtime run <= 1.0x runc and <= 2.0x crun")
     finally:
         for rt_root in (work / "vz", work / "runc", work / "crun"):
