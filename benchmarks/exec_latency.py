@@ -1,7 +1,7 @@
-"""Exec round trip on a running micro-VM: median of 100 `exec true` through the SDK.
+"""Exec round trip on a running instance: median of 100 `exec true` through the SDK.
 
-Also reports the floor under it, a raw agent round trip from inside the daemon's
-process (the guest-side part), so the SDK/daemon overhead can be read off.
+`--type microvm` (default) goes through the guest agent; `--type container` through
+`vz-runtime exec`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ from benchmarks._common import median, private_daemon
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", "--runs", type=int, default=100)
+    parser.add_argument("--type", default="microvm", choices=["microvm", "vm", "container"])
     args = parser.parse_args()
     with private_daemon() as (_env, client):
-        client.create_instance({"name": "bench-exec", "limits": {"cpus": 1, "memory": "256MiB"}})
+        client.create_instance(
+            {"name": "bench-exec", "type": args.type, "limits": {"cpus": 1, "memory": "256MiB"}}
+        )
         for _ in range(5):
             client.exec_capture("bench-exec", ["true"])
         times = []
@@ -28,7 +31,8 @@ def main() -> None:
             assert res.exit_code == 0
         times.sort()
     print(
-        f"exec true round trip over {args.runs} runs: median {median(times) * 1000:.1f} ms, "
+        f"{args.type}: exec true round trip over {args.runs} runs: "
+        f"median {median(times) * 1000:.1f} ms, "
         f"p90 {times[int(len(times) * 0.9)] * 1000:.1f} ms, min {times[0] * 1000:.1f} ms"
     )
 

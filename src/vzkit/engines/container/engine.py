@@ -40,7 +40,14 @@ from vzkit.settings import Settings
 
 log = logging.getLogger(__name__)
 
-RUNTIME = [sys.executable, "-m", "vzkit.engines.container.cli"]
+def _runtime_command() -> list[str]:
+    # scripts/setup puts a fast launcher (python -IS) beside the interpreter; each call
+    # of the runtime pays Python's start-up, so it matters for exec latency.
+    launcher = shutil.which("vz-runtime", path=os.path.dirname(sys.executable))
+    return [launcher] if launcher else [sys.executable, "-m", "vzkit.engines.container.cli"]
+
+
+RUNTIME = _runtime_command()
 INIT = ["/sbin/vz-agent", "--reaper"]
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CPU_PERIOD_US = 100_000
