@@ -614,6 +614,10 @@ def mask_paths(paths: list[str]) -> None:
     """Hide ``paths`` (after pivot): /dev/null over files, a read-only tmpfs over
     directories; missing paths are skipped."""
     for path in paths:
+        # Most listed paths do not exist on a given kernel: a stat is cheaper than the
+        # failed mount and its exception.
+        if not os.path.lexists(path):
+            continue
         try:
             sc.mount("/dev/null", path, None, sc.MS_BIND, None)
         except SyscallError as exc:
@@ -628,6 +632,8 @@ def readonly_paths(paths: list[str]) -> None:
     """Make ``paths`` read-only (after pivot) with a bind and a read-only remount;
     missing paths are skipped."""
     for path in paths:
+        if not os.path.lexists(path):
+            continue
         try:
             sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC, None)
         except SyscallError as exc:
