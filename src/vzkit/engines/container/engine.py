@@ -40,6 +40,7 @@ from vzkit.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
 def _runtime_command() -> list[str]:
     # scripts/setup puts a fast launcher (python -IS) beside the interpreter; each call
     # of the runtime pays Python's start-up, so it matters for exec latency.

@@ -58,6 +58,16 @@ class Pipe:
             # P died or gave up: nothing to continue for.
             os._exit(1)
 
+    def read_line(self) -> bytes:
+        """One newline-terminated answer (P writes nothing unasked, so no over-read)."""
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = os.read(self.rfd, 65536)
+            if not chunk:
+                os._exit(1)  # P died or gave up
+            buf += chunk
+        return buf[:-1]
+
     def close(self) -> None:
         for fd in (self.rfd, self.wfd):
             if fd >= 0:
@@ -330,6 +340,12 @@ def container_init(ctx: InitContext) -> NoReturn:
 
             sc.sethostname(hostname)
         exe = _prepare_process(ctx, step, caps)
+        start_state = b"{}"
+        if hooks.get("startContainer"):
+            # The hooks get the container state on stdin, which only P knows (id, host pid).
+            step.name = "fetch the state for startContainer hooks"
+            pipe.send({"type": "state"})
+            start_state = pipe.read_line()
         step.name = "report ready"
         pipe.send({"type": "ready"})
         pipe.close()
@@ -346,7 +362,7 @@ def container_init(ctx: InitContext) -> NoReturn:
         if start_hooks:
             from vzkit.engines.container.hooks import run_hooks
 
-            run_hooks("startContainer", start_hooks, b"{}")
+            run_hooks("startContainer", start_hooks, start_state)
         _exec(ctx, exe)
     except BaseException as exc:
         msg = exc.message if isinstance(exc, VzError) else str(exc)

@@ -415,8 +415,10 @@ def _mount_cgroup(root: str, target: str, opts: MountOptions) -> None:
             # We are in a cgroup namespace whose root (the container's cgroup) lies below
             # this mount's: a fresh mount of the hierarchy starts at our own cgroup.
             os.makedirs(sub, exist_ok=True)
-            data = None if info["fstype"] == "cgroup2" else ",".join(
-                k for k in keys if k not in ("rw", "ro")
+            data = (
+                None
+                if info["fstype"] == "cgroup2"
+                else ",".join(k for k in keys if k not in ("rw", "ro"))
             )
             mount_in_root(
                 root, info["fstype"], sub, info["fstype"],

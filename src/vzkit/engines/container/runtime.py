@@ -395,6 +395,10 @@ def _create(
 
     fifo = os.path.join(cdir, FIFO)
     os.mkfifo(fifo, 0o622)
+    if "user" in namespaces:
+        # The init reopens the fifo as the user namespace's root, which is not the host
+        # owner: as runc, let others write it (mkfifo's mode was cut by the umask).
+        os.chmod(fifo, 0o622)
     fifo_fd = os.open(fifo, os.O_PATH | os.O_CLOEXEC)
     undo.push(lambda: os.close(fifo_fd))
     console_fd = -1
@@ -478,6 +482,9 @@ def _create(
             state_json = json.dumps(st.oci("creating")).encode()
             run_hooks("createContainer", hooks.get("createContainer"), state_json, ns_pid=pid)
             os.write(p2c_w, b"1")
+        elif kind == "state":
+            # For the startContainer hooks, which run in the init when it is started.
+            os.write(p2c_w, json.dumps(st.oci("created")).encode() + b"\n")
         elif kind == "ready":
             break
     data["created"] = True
