@@ -181,14 +181,9 @@ def test_hooks_order_and_state(rt: Runtime, bundle: BundleFactory, hook_dir: Pat
             # Runs inside the container: its path and output are container paths.
             _hook_script(hook_dir / f"{name}.sh", name, "/hooks")
             hooks[name] = [{"path": f"/hooks/{name}.sh"}]
-        elif name == "createContainer":
-            # Host binary, run in the container's mount namespace (after pivot_root): a
-            # #! script cannot be used here, see test_create_container_script_hook.
-            _hook_script(hook_dir / f"{name}.sh", name, "/hooks")
-            script = (hook_dir / f"{name}.sh").read_text()
-            args = ["busybox", "sh", "-c", script]
-            hooks[name] = [{"path": str(BUSYBOX), "args": args}]
         else:
+            # createContainer runs in the container's namespaces but before pivot_root, so
+            # it sees host paths, like the runtime-side hooks.
             _hook_script(hook_dir / f"{name}.sh", name, str(hook_dir))
             hooks[name] = [{"path": str(hook_dir / f"{name}.sh"), "timeout": 10}]
 
@@ -222,14 +217,6 @@ def test_hooks_order_and_state(rt: Runtime, bundle: BundleFactory, hook_dir: Pat
         assert st["pid"] == (0 if name == "poststop" else pid), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="createContainer hooks run after pivot_root in the container's mount namespace "
-    "but not its pid namespace: fexecve of a #! script makes the interpreter (resolved in "
-    "the container) open /dev/fd/N -> /proc/self/fd/N, and /proc/self does not exist in "
-    "the container's procfs for a host-pid-namespace process (sh: can't open '/dev/fd/5'). "
-    "runc runs these hooks before pivot_root from the init, in all container namespaces.",
-)
 def test_create_container_script_hook(rt: Runtime, bundle: BundleFactory, hook_dir: Path) -> None:
     _hook_script(hook_dir / "cc.sh", "createContainer", str(hook_dir))
 

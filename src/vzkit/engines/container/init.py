@@ -316,17 +316,27 @@ def container_init(ctx: InitContext) -> NoReturn:
         ns = ctx.namespaces
         in_userns = "user" in ns
         step.name = "prepare rootfs"
+
+        def create_container_hooks() -> None:
+            # The runtime runs them joined to our namespaces while the host's files are
+            # still visible: before pivot_root, as runtime-spec requires.
+            step.name = "createContainer hooks"
+            pipe.send({"type": "hook"})
+            pipe.wait()
+            step.name = "prepare rootfs"
+
         if "mount" in ns:
-            mounts.prepare_rootfs(ctx.rootfs, spec, in_userns=in_userns)
+            mounts.prepare_rootfs(
+                ctx.rootfs,
+                spec,
+                in_userns=in_userns,
+                before_pivot=create_container_hooks if hooks.get("createContainer") else None,
+            )
         else:
             raise InvalidConfig(
                 "the container needs a mount namespace",
                 hint='add {"type": "mount"} to linux.namespaces',
             )
-        if hooks.get("createContainer"):
-            step.name = "createContainer hooks"
-            pipe.send({"type": "hook"})
-            pipe.wait()
         if process.get("terminal"):
             step.name = "set up the terminal"
             slave = _terminal(ctx)

@@ -40,6 +40,7 @@ from vzkit.errors import InvalidConfig
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     # typing and pathlib cost milliseconds to import; paths are plain strings at run time.
+    from collections.abc import Callable
     from pathlib import Path
     from typing import Any
 
@@ -668,7 +669,13 @@ def apply_sysctls(sysctl: dict[str, Any]) -> None:
             ) from None
 
 
-def prepare_rootfs(rootfs: str | Path, spec: dict[str, Any], *, in_userns: bool) -> None:
+def prepare_rootfs(
+    rootfs: str | Path,
+    spec: dict[str, Any],
+    *,
+    in_userns: bool,
+    before_pivot: Callable[[], None] | None = None,
+) -> None:
     """Build the container's filesystem view and pivot into it.
 
     ``spec`` is the whole config.json dict (uses ``root``, ``mounts``, ``linux.*``).
@@ -712,6 +719,9 @@ def prepare_rootfs(rootfs: str | Path, spec: dict[str, Any], *, in_userns: bool)
     if not dev_is_bind:
         setup_dev(root, linux.get("devices") or [], in_userns=in_userns)
 
+    if before_pivot is not None:
+        # createContainer hooks: in the container's namespaces, before pivot_root.
+        before_pivot()
     pivot_into(root)
     if linux.get("rootfsPropagation"):
         # Applied again to the new "/" so shared/slave roots behave as asked after pivot.
