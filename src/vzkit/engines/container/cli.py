@@ -193,6 +193,64 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+_EXEC_VALUES = {
+    "--process": "process",
+    "-p": "process",
+    "--console-socket": "console_socket",
+    "--cwd": "cwd",
+    "--user": "user",
+    "-u": "user",
+    "--pid-file": "pid_file",
+    "--preserve-fds": "preserve_fds",
+}
+_EXEC_LISTS = {"--env": "env", "-e": "env", "--cap": "cap", "-c": "cap"}
+_EXEC_FLAGS = {
+    "--tty": "tty",
+    "-t": "tty",
+    "--no-new-privs": "no_new_privs",
+    "--detach": "detach",
+    "-d": "detach",
+}
+
+
+def _fast_exec(argv: list[str], i: int, out: dict[str, Any]) -> Args | None:
+    """`exec [options] ID [--] ARGS...` (an engine's every exec pays for argparse else)."""
+    out.update(command="exec", process=None, console_socket=None, cwd=None, user=None,
+               pid_file=None, preserve_fds=0, env=[], cap=[], tty=False,
+               no_new_privs=False, detach=False)  # fmt: skip
+    n = len(argv)
+    while i < n and argv[i].startswith("-") and argv[i] != "--":
+        opt, eq, val = argv[i].partition("=")
+        i += 1
+        if opt in _EXEC_FLAGS and not eq:
+            out[_EXEC_FLAGS[opt]] = True
+            continue
+        if opt not in _EXEC_VALUES and opt not in _EXEC_LISTS:
+            return None
+        if not eq:
+            if i >= n:
+                return None
+            val = argv[i]
+            i += 1
+        if opt in _EXEC_LISTS:
+            out[_EXEC_LISTS[opt]].append(val)
+        else:
+            out[_EXEC_VALUES[opt]] = val
+    if i >= n or argv[i] == "--":
+        return None
+    out["id"] = argv[i]
+    out["args"] = argv[i + 1 :]
+    try:
+        out["preserve_fds"] = int(out["preserve_fds"])
+    except ValueError:
+        return None
+    for name in ("root", "log", "log_format", "debug", "systemd_cgroup", "rootless"):
+        out.setdefault(name, _DEFAULTS[name])
+    if out["log_format"] not in ("text", "json"):
+        return None
+    return Args(**out)
+
+
 def _fast_parse(argv: list[str]) -> Args | None:
     """The hot commands without argparse; None for anything else (argparse decides)."""
     out: dict[str, Any] = {}
@@ -211,6 +269,8 @@ def _fast_parse(argv: list[str]) -> Args | None:
         else:
             return None
         i += 1
+    if i < n and argv[i] == "exec":
+        return _fast_exec(argv, i + 1, out)
     if i >= n or argv[i] not in _FAST:
         return None
     command = argv[i]
