@@ -24,6 +24,7 @@ from vzkit.engines.base import ConsoleStream, Engine, ExecSession, ExitInfo
 from vzkit.errors import Conflict, InvalidConfig, NotFound, VzError
 from vzkit.host.probe import HostInfo
 from vzkit.host.resources import OvercommitPolicy, check_fit
+from vzkit.images.rootfs import prune_rootfs
 from vzkit.images.store import ImageStore
 from vzkit.models import (
     ExecRequest,
@@ -153,6 +154,7 @@ class Actions:
             await self._engine(inst.type).destroy(inst, uuid)
             self.db.delete(name)
         self._locks.pop(name, None)
+        await self._prune_rootfs()
 
     # -- state -------------------------------------------------------------------------
 
@@ -336,9 +338,16 @@ class Actions:
 
     async def build_image(self, name: str, progress: Progress, force: bool = False) -> ImageInfo:
         async with self._image_locks.setdefault(name, asyncio.Lock()):
-            return await asyncio.to_thread(self.images.build, name, progress, force)
+            info = await asyncio.to_thread(self.images.build, name, progress, force)
+        await self._prune_rootfs()
+        return info
 
-    def delete_image(self, name: str) -> None:
+    async def _prune_rootfs(self) -> None:
+        """Drop container trees of image versions that nothing uses any more."""
+        keep = {i.digest for i in self.images.list()} | {i.image_digest for i in self.db.list()}
+        await asyncio.to_thread(prune_rootfs, self.settings, keep)
+
+    async def delete_image(self, name: str) -> None:
         users = [i.name for i in self.db.list() if i.image == name]
         if users:
             raise Conflict(
@@ -346,6 +355,7 @@ class Actions:
                 hint="delete those instances first: vz delete " + " ".join(users),
             )
         self.images.delete(name)
+        await self._prune_rootfs()
 
     async def close(self) -> None:
         for engine in self.engines.values():

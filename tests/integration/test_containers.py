@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import Daemon
 from vzkit.client import Client
+from vzkit.errors import Conflict
 from vzkit.models import InstanceCreate, InstanceState
 
 pytestmark = pytest.mark.integration
@@ -109,3 +110,18 @@ def test_terminal_exec(client: Client, box: str) -> None:
     assert res.exit_code == 6
     lines = out.replace(b"\r\n", b"\n").split(b"\n")
     assert lines[0].startswith(b"/dev/pts/") and lines[1] == b"24 80"
+
+
+def test_unpacked_trees_go_with_their_image(private_daemon: Daemon) -> None:
+    d = private_daemon
+    d.start()
+    c = d.client()
+    c.create_instance(InstanceCreate(name="tree", type="container"))
+    trees = d.settings.images_dir / "rootfs"
+    assert len(list(trees.iterdir())) == 1
+    with pytest.raises(Conflict):
+        c.delete_image("minimal")  # still used
+    c.delete_instance("tree", force=True)
+    assert len(list(trees.iterdir())) == 1  # the image still refers to it
+    c.delete_image("minimal")
+    assert list(trees.iterdir()) == []

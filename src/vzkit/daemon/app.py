@@ -209,7 +209,7 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
 
     @app.delete(f"{API}/images/{{name}}", status_code=204, responses=_ERRORS)
     async def delete_image(name: str) -> Response:
-        actions.delete_image(name)
+        await actions.delete_image(name)
         return Response(status_code=204)
 
     @app.post(f"{API}/daemon/shutdown", status_code=202)

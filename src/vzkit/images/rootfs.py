@@ -26,9 +26,26 @@ def rootfs_root(settings: Settings) -> Path:
     return settings.images_dir / "rootfs"
 
 
+def _key(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:32]
+
+
+def prune_rootfs(settings: Settings, keep_digests: set[str]) -> list[Path]:
+    """Remove unpacked trees of image versions no image and no instance refers to."""
+    keep = {_key(d) for d in keep_digests}
+    base = rootfs_root(settings)
+    removed = []
+    if base.is_dir():
+        for tree in base.iterdir():
+            if not tree.name.startswith(".") and tree.name not in keep:
+                shutil.rmtree(tree, ignore_errors=True)
+                removed.append(tree)
+    return removed
+
+
 def container_rootfs(settings: Settings, info: ImageInfo) -> Path:
     """The unpacked tree of image ``info``, made on first use."""
-    key = info.digest.removeprefix("sha256:")[:32]
+    key = _key(info.digest)
     base = rootfs_root(settings)
     dest = base / key
     if dest.is_dir():
