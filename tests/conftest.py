@@ -40,6 +40,8 @@ class Daemon:
     env: dict[str, str]
     settings: Settings
     proc: subprocess.Popen[bytes] | None = None
+    # Run inside this network namespace (networking tests: bridges, nft, dnsmasq stay there).
+    netns: str | None = None
 
     @property
     def socket(self) -> Path:
@@ -47,8 +49,9 @@ class Daemon:
 
     def start(self) -> None:
         log = open(self.root / "vzd.log", "ab")  # noqa: SIM115 - the daemon keeps it
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vzkit.daemon.main"],
+            [*prefix, sys.executable, "-m", "vzkit.daemon.main"],
             env=self.env,
             stdout=log,
             stderr=log,

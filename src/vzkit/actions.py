@@ -38,6 +38,8 @@ from vzkit.models import (
     StateAction,
     StateChange,
 )
+from vzkit.network.manager import NetworkManager
+from vzkit.network.models import NetworkConfig
 from vzkit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class Actions:
         images: ImageStore,
         engines: dict[InstanceType, Engine],
         policy: OvercommitPolicy | None = None,
+        networks: NetworkManager | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -68,6 +71,8 @@ class Actions:
             cpu_overcommit=settings.cpu_overcommit,
             memory_overcommit=settings.memory_overcommit,
         )
+        self.networks = networks or NetworkManager(settings, db)
+        self._network_lock = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
         self._image_locks: dict[str, asyncio.Lock] = {}
         for engine in engines.values():
@@ -356,6 +361,16 @@ class Actions:
             )
         self.images.delete(name)
         await self._prune_rootfs()
+
+    # -- networks ----------------------------------------------------------------------
+
+    async def create_network(self, config: NetworkConfig) -> NetworkConfig:
+        async with self._network_lock:
+            return await asyncio.to_thread(self.networks.create, config)
+
+    async def delete_network(self, name: str) -> None:
+        async with self._network_lock:
+            await asyncio.to_thread(self.networks.delete, name)
 
     async def close(self) -> None:
         for engine in self.engines.values():

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
         Instance,
         InstanceCreate,
         InstanceUpdate,
+        NetworkConfig,
         StateChange,
     )
 
@@ -697,6 +698,27 @@ class Client:
         except ValueError:
             mode = 0o644
         return mode, self._stream(resp)
+
+    # -- networks ---------------------------------------------------------------------------
+
+    def list_networks(self) -> list[NetworkConfig]:
+        return [_parse("NetworkConfig", n) for n in self._json("GET", f"{API}/networks")]
+
+    def get_network(self, name: str) -> NetworkConfig:
+        result: NetworkConfig = _parse(
+            "NetworkConfig", self._json("GET", f"{API}/networks/{_q(name)}")
+        )
+        return result
+
+    def create_network(self, config: NetworkConfig | Mapping[str, Any]) -> NetworkConfig:
+        payload = dict(config) if isinstance(config, Mapping) else config.model_dump(mode="json")
+        result: NetworkConfig = _parse(
+            "NetworkConfig", self._json("POST", f"{API}/networks", payload)
+        )
+        return result
+
+    def delete_network(self, name: str) -> None:
+        self._raw("DELETE", f"{API}/networks/{_q(name)}")
 
     # -- images -----------------------------------------------------------------------------
 

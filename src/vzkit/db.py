@@ -7,6 +7,7 @@ the event loop, and every write is its own short transaction.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ CREATE TABLE IF NOT EXISTS instances (
     data TEXT NOT NULL,
     runtime TEXT NOT NULL DEFAULT '{}'
 );
+CREATE TABLE IF NOT EXISTS networks (name TEXT PRIMARY KEY, data TEXT NOT NULL);
 """
 
 
@@ -112,3 +114,22 @@ class Database:
 
     def delete(self, name: str) -> None:
         self._conn.execute("DELETE FROM instances WHERE name = ?", (name,))
+
+    # -- networks ------------------------------------------------------------------------
+    # Stored as the network's JSON; vzkit.network.models.NetworkConfig owns the schema.
+
+    def insert_network(self, name: str, data: str) -> None:
+        try:
+            self._conn.execute("INSERT INTO networks(name, data) VALUES (?, ?)", (name, data))
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(
+                f"a network named {name!r} already exists",
+                hint=f"choose another name, or delete it first: vz network delete {name}",
+            ) from exc
+
+    def network_rows(self) -> builtins.list[tuple[str, str]]:
+        rows = self._conn.execute("SELECT name, data FROM networks ORDER BY name").fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def delete_network(self, name: str) -> None:
+        self._conn.execute("DELETE FROM networks WHERE name = ?", (name,))

@@ -11,9 +11,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from vzkit.network.models import NetworkConfig
 from vzkit.units import NAME_RE, NAME_RULE, format_size, parse_size
 
-__all__ = ["NAME_RE", "NAME_RULE", "format_size", "parse_size"]  # re-exported
+__all__ = ["NAME_RE", "NAME_RULE", "NetworkConfig", "format_size", "parse_size"]  # re-exported
 
 
 def _memory(value: Any) -> Any:

@@ -42,7 +42,7 @@ def _client(args: argparse.Namespace, *, autostart: bool = True) -> Client:
 
 def dispatch(args: argparse.Namespace) -> int:
     key = args.cmd
-    for sub in ("file_cmd", "config_cmd", "image_cmd", "host_cmd", "daemon_cmd"):
+    for sub in ("file_cmd", "config_cmd", "network_cmd", "image_cmd", "host_cmd", "daemon_cmd"):
         if getattr(args, sub, None):
             key = f"{args.cmd}.{getattr(args, sub)}"
     handler = _HANDLERS[key]
@@ -502,6 +502,52 @@ def cmd_daemon_status(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_network_create(args: argparse.Namespace, client: Client) -> int:
+    body: dict[str, Any] = {"name": checks.check_name(args.name, "network")}
+    if args.subnet:
+        body["subnet"] = args.subnet
+    if args.isolated:
+        body["isolated"] = True
+    if args.domain:
+        body["dns_domain"] = args.domain
+    net = client.create_network(body)
+    if _json_mode(args):
+        _out().write(net.model_dump_json(indent=2) + "\n")
+    else:
+        _out().write(f"{net.name}: {net.subnet} on {net.bridge}\n")
+    return 0
+
+
+def cmd_network_list(args: argparse.Namespace, client: Client) -> int:
+    nets = client.list_networks()
+    if _json_mode(args):
+        dump_json([n.model_dump(mode="json") for n in nets], _out())
+        return 0
+    rows = [
+        (n.name, str(n.subnet), str(n.gateway), n.bridge, "isolated" if n.isolated else "nat")
+        for n in nets
+    ]
+    table(("NAME", "SUBNET", "GATEWAY", "BRIDGE", "MODE"), rows, _out())
+    return 0
+
+
+def cmd_network_show(args: argparse.Namespace, client: Client) -> int:
+    net = client.get_network(checks.check_name(args.name, "network"))
+    if _json_mode(args):
+        _out().write(net.model_dump_json(indent=2) + "\n")
+    else:
+        key_values(list(net.model_dump(mode="json").items()), _out())
+    return 0
+
+
+def cmd_network_delete(args: argparse.Namespace, client: Client) -> int:
+    name = checks.check_name(args.name, "network")
+    client.delete_network(name)
+    if not _json_mode(args):
+        _out().write(f"{name}: deleted\n")
+    return 0
+
+
 _CONFIG_KEYS = {
     "limits.cpus": checks.check_cpus_text,
     "limits.memory": checks.check_memory,
@@ -549,6 +595,10 @@ _HANDLERS: dict[str, Handler] = {
     "file.push": cmd_file_push,
     "file.pull": cmd_file_pull,
     "delete": cmd_delete,
+    "network.create": cmd_network_create,
+    "network.list": cmd_network_list,
+    "network.show": cmd_network_show,
+    "network.delete": cmd_network_delete,
     "config.show": cmd_config_show,
     "config.set": cmd_config_set,
     "image.list": cmd_image_list,

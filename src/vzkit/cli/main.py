@@ -156,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="limits.cpus, limits.memory, limits.cpu_weight, limits.cpu_pin",
     )
 
+    p = add("network", "manage virtual networks")
+    nsub = p.add_subparsers(
+        dest="network_cmd", metavar="create|list|show|delete", parser_class=_Parser
+    )
+    nsub.required = True
+    np_ = nsub.add_parser("create", help="create a network", parents=[g])
+    np_.add_argument("name")
+    np_.add_argument("--subnet", help="IPv4 CIDR, e.g. 10.90.0.0/24 (default: a free /24)")
+    np_.add_argument("--isolated", action="store_true", help="no NAT, no route out")
+    np_.add_argument("--domain", help="DNS domain for instance names (default: vz)")
+    nsub.add_parser("list", help="list networks", parents=[g])
+    nsub.add_parser("show", help="show a network", parents=[g]).add_argument("name")
+    nsub.add_parser("delete", help="delete a network", parents=[g]).add_argument("name")
+
     p = add("image", "manage images")
     isub = p.add_subparsers(
         dest="image_cmd", metavar="list|info|build|delete", parser_class=_Parser

@@ -33,6 +33,7 @@ from vzkit.models import (
     InstanceUpdate,
     StateChange,
 )
+from vzkit.network.models import NetworkConfig
 
 API = "/1.0"
 log = logging.getLogger(__name__)
@@ -190,6 +191,23 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
         finally:
             out.cancel()
             await stream.close()
+
+    @app.get(f"{API}/networks", responses=_ERRORS)
+    async def list_networks() -> list[NetworkConfig]:
+        return actions.networks.all()
+
+    @app.post(f"{API}/networks", status_code=201, responses=_ERRORS)
+    async def create_network(config: NetworkConfig) -> NetworkConfig:
+        return await actions.create_network(config)
+
+    @app.get(f"{API}/networks/{{name}}", responses=_ERRORS)
+    async def get_network(name: str) -> NetworkConfig:
+        return actions.networks.get(name)
+
+    @app.delete(f"{API}/networks/{{name}}", status_code=204, responses=_ERRORS)
+    async def delete_network(name: str) -> Response:
+        await actions.delete_network(name)
+        return Response(status_code=204)
 
     @app.get(f"{API}/images", responses=_ERRORS)
     async def list_images() -> list[ImageInfo]:

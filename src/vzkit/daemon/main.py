@@ -93,6 +93,7 @@ async def serve(settings: Settings) -> None:
     }
     actions = Actions(settings, db, host, images, engines)
     await actions.reconcile()
+    await asyncio.to_thread(actions.networks.reconcile)
 
     server: uvicorn.Server | None = None
 
