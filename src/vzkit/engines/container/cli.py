@@ -240,10 +240,16 @@ def _fast_exec(argv: list[str], i: int, out: dict[str, Any]) -> Args | None:
         return None
     out["id"] = argv[i]
     out["args"] = argv[i + 1 :]
-    try:
-        out["preserve_fds"] = int(out["preserve_fds"])
-    except ValueError:
-        return None
+    return _finish(out)
+
+
+def _finish(out: dict[str, Any]) -> Args | None:
+    """Shared tail of the hand parsers: numbers, global defaults, a last check."""
+    if "preserve_fds" in out:
+        try:
+            out["preserve_fds"] = int(out["preserve_fds"])
+        except ValueError:
+            return None
     for name in ("root", "log", "log_format", "debug", "systemd_cgroup", "rootless"):
         out.setdefault(name, _DEFAULTS[name])
     if out["log_format"] not in ("text", "json"):
@@ -307,17 +313,8 @@ def _fast_parse(argv: list[str]) -> Args | None:
         return None
     for k, name in enumerate(names):
         out[name] = pos[k] if k < len(pos) else optional[name]
-    if "preserve_fds" in out:
-        try:
-            out["preserve_fds"] = int(out["preserve_fds"])
-        except ValueError:
-            return None
-    for name in ("root", "log", "log_format", "debug", "systemd_cgroup", "rootless"):
-        out.setdefault(name, _DEFAULTS[name])
-    if out["log_format"] not in ("text", "json"):
-        return None
     out["command"] = command
-    return Args(**out)
+    return _finish(out)
 
 
 def _print_json(obj: Any) -> None:
