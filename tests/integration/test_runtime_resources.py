@@ -8,7 +8,6 @@ state lives in a private ``--root``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import remove_cgroups
 from tests.integration.helpers import wait_for
 from vzkit.host.cgroups import detect_version
 
@@ -86,24 +86,6 @@ def cpu_quota_us(path: str) -> int:
         quota = (d / "cpu.max").read_text().split()[0]
         return -1 if quota == "max" else int(quota)
     return int((d / "cpu.cfs_quota_us").read_text())
-
-
-def _rmdir_tree(top: Path) -> None:
-    if not top.is_dir():
-        return
-    dirs = sorted((Path(d) for d, _, _ in os.walk(top)), key=lambda p: len(p.parts), reverse=True)
-    for d in dirs:
-        deadline = time.monotonic() + 3
-        while True:
-            try:
-                d.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------- the runtime
@@ -181,9 +163,7 @@ class Runtime:
     def cleanup(self) -> None:
         for cid in self.ids:
             self("delete", "--force", cid, check=False)
-        for top in [CG / self.parent] if V2 else list(CG.glob(f"*/{self.parent}")):
-            with contextlib.suppress(OSError):
-                _rmdir_tree(top)
+        remove_cgroups(self.parent)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -63,7 +63,28 @@ class _Live:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class _Proc:
+class _Timed:
+    """Kills an exec's `vz-runtime exec` process when its timeout runs out."""
+
+    proc: asyncio.subprocess.Process
+
+    def _start_timer(self, timeout: float | None) -> None:
+        self._timed_out = False
+        self._timer = (
+            asyncio.get_running_loop().call_later(timeout, self._timeout) if timeout else None
+        )
+
+    def _timeout(self) -> None:
+        self._timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGKILL)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class _Proc(_Timed):
     """An ExecSession over a `vz-runtime exec` child process."""
 
     def __init__(
@@ -78,19 +99,11 @@ class _Proc:
         self._oom_before = oom_kills() if oom_kills else 0
         self._queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(64)
         self._open = 2
-        self._timed_out = False
         self._pumps = [
             asyncio.create_task(self._pump(proc.stdout, 1)),
             asyncio.create_task(self._pump(proc.stderr, 2)),
         ]
-        self._timer = (
-            asyncio.get_running_loop().call_later(timeout, self._timeout) if timeout else None
-        )
-
-    def _timeout(self) -> None:
-        self._timed_out = True
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGKILL)
+        self._start_timer(timeout)
 
     async def _pump(self, stream: asyncio.StreamReader | None, channel: int) -> None:
         assert stream is not None
@@ -124,8 +137,7 @@ class _Proc:
     async def wait(self) -> ExecResult:
         code = await self.proc.wait()
         await asyncio.gather(*self._pumps, return_exceptions=True)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._stop_timer()
         if code < 0:  # vz-runtime itself was killed (timeout)
             return ExecResult(exit_code=128 - code, signal=-code, timed_out=self._timed_out)
         sig = code - 128 if code > 128 else None
@@ -135,7 +147,7 @@ class _Proc:
         return ExecResult(exit_code=code, signal=sig, timed_out=self._timed_out, error=error)
 
 
-class _TtyProc:
+class _TtyProc(_Timed):
     """An ExecSession over `vz-runtime exec --tty`: the pty master came over a socket."""
 
     def __init__(
@@ -148,15 +160,7 @@ class _TtyProc:
         self.proc = proc
         self.master = master
         self._reader = reader
-        self._timed_out = False
-        self._timer = (
-            asyncio.get_running_loop().call_later(timeout, self._timeout) if timeout else None
-        )
-
-    def _timeout(self) -> None:
-        self._timed_out = True
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGKILL)
+        self._start_timer(timeout)
 
     async def write_stdin(self, data: bytes) -> None:
         # A terminal's input is small (keystrokes); a blocking write cannot stall for long.
@@ -181,8 +185,7 @@ class _TtyProc:
 
     async def wait(self) -> ExecResult:
         code = await self.proc.wait()
-        if self._timer is not None:
-            self._timer.cancel()
+        self._stop_timer()
         with contextlib.suppress(OSError):
             os.close(self.master)
         sig = code - 128 if code > 128 else (-code if code < 0 else None)
