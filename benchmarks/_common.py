@@ -21,8 +21,14 @@ VZ = [sys.executable, "-m", "vzkit.cli.main"]
 
 
 @contextlib.contextmanager
-def private_daemon(**extra_env: str) -> Iterator[tuple[dict[str, str], Client]]:
-    """Start vzd with its own state so a benchmark never touches the user's instances."""
+def private_daemon(
+    netns: str | None = None, **extra_env: str
+) -> Iterator[tuple[dict[str, str], Client]]:
+    """Start vzd with its own state so a benchmark never touches the user's instances.
+
+    With ``netns``, vzd runs inside the existing network namespace /var/run/netns/NETNS
+    (entered with nsenter, not ``ip netns exec``, which remounts /sys and hides cgroups).
+    """
     root = Path(tempfile.mkdtemp(prefix="vzb-"))
     env = dict(os.environ)
     env.update(
@@ -30,12 +36,15 @@ def private_daemon(**extra_env: str) -> Iterator[tuple[dict[str, str], Client]]:
         VZ_RUNTIME_DIR=str(root / "run"),
         VZ_CACHE_DIR=os.environ.get("VZ_CACHE_DIR", str(root / "cache")),
         VZ_CGROUP_PARENT=f"vzkit-bench-{root.name}",
+        # No bridge on the host unless a benchmark asks for one (in a namespace of its own).
+        VZ_DEFAULT_NETWORK="none",
     )
     env.update(extra_env)
     env.pop("VZ_SOCKET", None)
     log = open(root / "vzd.log", "ab")  # noqa: SIM115 - the daemon keeps it
+    enter = [] if netns is None else ["nsenter", f"--net=/var/run/netns/{netns}"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vzkit.daemon.main"],
+        [*enter, sys.executable, "-m", "vzkit.daemon.main"],
         env=env,
         stdout=log,
         stderr=log,

@@ -42,6 +42,8 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     # Run inside this network namespace (networking tests: bridges, nft, dnsmasq stay there).
     netns: str | None = None
+    # The networking tests' "outside world" namespace, routed from ``netns``.
+    world: str | None = None
 
     @property
     def socket(self) -> Path:
@@ -49,7 +51,8 @@ class Daemon:
 
     def start(self) -> None:
         log = open(self.root / "vzd.log", "ab")  # noqa: SIM115 - the daemon keeps it
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        # nsenter, not `ip netns exec`: that also remounts /sys, hiding the cgroup mounts.
+        prefix = ["nsenter", f"--net=/var/run/netns/{self.netns}"] if self.netns else []
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "vzkit.daemon.main"],
             env=self.env,
@@ -116,6 +119,9 @@ def _make_daemon(root: Path, cache: Path) -> Daemon:
         VZ_CACHE_DIR=str(cache),
         VZ_CGROUP_PARENT=f"vzkit-test-{root.name}",
         VZ_ACCEL=os.environ.get("VZ_ACCEL", ""),
+        # No default network on the host: the networking tests run vzd in a namespace of
+        # their own and turn it back on there.
+        VZ_DEFAULT_NETWORK="none",
     )
     env.pop("VZ_SOCKET", None)
     old = dict(os.environ)

@@ -28,6 +28,7 @@ from vzkit.images.rootfs import prune_rootfs
 from vzkit.images.store import ImageStore
 from vzkit.models import (
     ExecRequest,
+    FirewallRule,
     ImageInfo,
     Instance,
     InstanceCreate,
@@ -35,11 +36,16 @@ from vzkit.models import (
     InstanceType,
     InstanceUpdate,
     Limits,
+    NetworkConfig,
+    NetworkUpdate,
+    NicConfig,
+    PortForward,
+    Proto,
     StateAction,
     StateChange,
 )
 from vzkit.network.manager import NetworkManager
-from vzkit.network.models import NetworkConfig
+from vzkit.network.nics import NetPlan
 from vzkit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -120,6 +126,13 @@ class Actions:
                 hint=f"choose another name, or delete it first: vz delete {name}",
             )
         await self.ensure_image(req.image, progress)
+        requested = req.nics
+        if requested is None:
+            default = self.settings.default_network
+            requested = [NicConfig(network=default)] if default else []
+            if default:
+                async with self._network_lock:
+                    await asyncio.to_thread(self.networks.ensure, default)
         if req.start:
             check_fit(req.limits, self._allocated(), self.host, self.policy)
         uuid = str(uuidlib.uuid4())
@@ -134,11 +147,16 @@ class Actions:
             accel=req.accel,
             created_at=_now(),
         )
-        # Inserting right after the capacity check, with no await between, makes the
-        # check and the reservation atomic on the event loop.
+        # From the capacity check to the insert there is no await: the checks and the
+        # reservations (CPU, memory, addresses, host ports) are atomic on the event loop.
+        inst.nics = self.networks.resolve_nics(name, uuid, requested)
+        for forward in req.ports:
+            inst.ports.append(self.networks.check_forward(inst, forward, inst.ports))
         self.db.insert(inst, uuid)
         async with self._lock(name):
             try:
+                if inst.nics:
+                    await self._sync_network()
                 runtime = await engine.create(inst, uuid)
                 self.db.set_runtime(name, runtime)
                 inst = self._save(inst, state=InstanceState.STOPPED)
@@ -148,8 +166,16 @@ class Actions:
                 with contextlib.suppress(Exception):
                     await engine.destroy(inst, uuid)
                 self.db.delete(name)
+                if inst.nics:
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(self.networks.release, name)
                 raise
         return inst
+
+    async def _sync_network(self) -> None:
+        """dnsmasq's names and reservations and the nft table, from the database."""
+        async with self._network_lock:
+            await asyncio.to_thread(self.networks.sync)
 
     async def delete(self, name: str, *, force: bool = False) -> None:
         async with self._lock(name):
@@ -158,6 +184,9 @@ class Actions:
                 lifecycle.check("delete", name, inst.state)
             await self._engine(inst.type).destroy(inst, uuid)
             self.db.delete(name)
+            if inst.nics:
+                async with self._network_lock:
+                    await asyncio.to_thread(self.networks.release, name)
         self._locks.pop(name, None)
         await self._prune_rootfs()
 
@@ -203,7 +232,9 @@ class Actions:
         accel = None if inst.type is InstanceType.CONTAINER else inst.accel or self.host.accel
         inst = self._save(inst, state=InstanceState.STARTING, reason=None)
         try:
-            started = await self._engine(inst.type).start(inst, uuid, runtime)
+            started = await self._engine(inst.type).start(
+                inst, uuid, runtime, self._plan(inst, uuid)
+            )
         except VzError as exc:
             self._save(
                 inst, state=InstanceState.ERROR, reason=f"start failed: {exc.message}", pid=None
@@ -243,6 +274,9 @@ class Actions:
             if inst.ephemeral:
                 await self._engine(inst.type).destroy(inst, uuid)
                 self.db.delete(name)
+                if inst.nics:
+                    async with self._network_lock:
+                        await asyncio.to_thread(self.networks.release, name)
                 return
             state = InstanceState.STOPPED if info.clean else InstanceState.CRASHED
             if inst.state is InstanceState.STOPPING:
@@ -368,9 +402,113 @@ class Actions:
         async with self._network_lock:
             return await asyncio.to_thread(self.networks.create, config)
 
+    async def update_network(self, name: str, change: NetworkUpdate) -> NetworkConfig:
+        async with self._network_lock:
+            return await asyncio.to_thread(self.networks.update, name, change)
+
     async def delete_network(self, name: str) -> None:
         async with self._network_lock:
             await asyncio.to_thread(self.networks.delete, name)
+
+    async def supervise_networks(self) -> None:
+        async with self._network_lock:
+            await asyncio.to_thread(self.networks.supervise)
+
+    async def attach_nic(self, name: str, nic: NicConfig) -> Instance:
+        """Add a NIC: live for containers, at the next start for stopped VMs."""
+        async with self._lock(name):
+            inst, uuid, _ = self.db.get(name)
+            new = self.networks.resolve_nics(name, uuid, [nic], inst.nics)
+            # Saved before any await: the address is reserved against concurrent requests.
+            updated = self._save(inst, nics=[*inst.nics, *new])
+            if inst.state in lifecycle.ACTIVE:
+                try:
+                    plan = self._plan(updated, uuid).nics[-1]
+                    await self._engine(inst.type).plug(name, plan)
+                except BaseException:
+                    self.db.update(inst)
+                    raise
+        await self._sync_network()
+        return updated
+
+    async def detach_nic(self, name: str, network: str) -> Instance:
+        """Remove the instance's NICs on ``network`` (and port forwards to them)."""
+        async with self._lock(name):
+            inst, uuid, _ = self.db.get(name)
+            gone = [n for n in inst.nics if n.network == network]
+            if not gone:
+                raise NotFound(
+                    f"instance {name!r} has no interface on network {network!r}",
+                    hint=f"see its interfaces: vz info {name}",
+                )
+            if inst.state in lifecycle.ACTIVE:
+                for nic in self._plan(inst.model_copy(update={"nics": gone}), uuid).nics:
+                    await self._engine(inst.type).unplug(name, nic)
+            ips = {n.ip for n in gone}
+            inst = self._save(
+                inst,
+                nics=[n for n in inst.nics if n.network != network],
+                ports=[p for p in inst.ports if p.ip not in ips],
+            )
+            if inst.state not in lifecycle.ACTIVE:
+                for nic in self._plan(inst.model_copy(update={"nics": gone}), uuid).nics:
+                    await asyncio.to_thread(self.networks.unplug, nic)
+        await self._sync_network()
+        return inst
+
+    def _plan(self, inst: Instance, uuid: str) -> NetPlan:
+        return self.networks.plan(inst, uuid, tap=inst.type is not InstanceType.CONTAINER)
+
+    async def add_port(self, name: str, forward: PortForward) -> Instance:
+        async with self._lock(name):
+            inst = self.get(name)
+            done = self.networks.check_forward(inst, forward)
+            inst = self._save(inst, ports=[*inst.ports, done])
+        await self._sync_network()
+        return inst
+
+    async def remove_port(self, name: str, host_port: int, proto: Proto) -> Instance:
+        async with self._lock(name):
+            inst = self.get(name)
+            keep = [p for p in inst.ports if (p.host_port, p.proto) != (host_port, proto)]
+            if len(keep) == len(inst.ports):
+                raise NotFound(
+                    f"instance {name!r} has no forward of host port {host_port}/{proto}",
+                    hint=f"list them: vz port list {name}",
+                )
+            inst = self._save(inst, ports=keep)
+        await self._sync_network()
+        return inst
+
+    async def set_firewall(self, name: str, rules: list[FirewallRule] | None) -> Instance:
+        """Replace the allow-list (None: let everything in)."""
+        async with self._lock(name):
+            inst = self._save(self.get(name), firewall=rules)
+        await self._sync_network()
+        return inst
+
+    async def add_firewall_rule(self, name: str, rule: FirewallRule) -> Instance:
+        async with self._lock(name):
+            inst = self.get(name)
+            if rule in (inst.firewall or []):
+                raise Conflict(f"instance {name!r} already has this rule", hint="vz firewall list")
+            inst = self._save(inst, firewall=[*(inst.firewall or []), rule])
+        await self._sync_network()
+        return inst
+
+    async def remove_firewall_rule(self, name: str, index: int) -> Instance:
+        async with self._lock(name):
+            inst = self.get(name)
+            rules = list(inst.firewall or [])
+            if not 0 <= index < len(rules):
+                raise NotFound(
+                    f"instance {name!r} has no firewall rule {index}",
+                    hint=f"rules are numbered from 0: vz firewall list {name}",
+                )
+            del rules[index]
+            inst = self._save(inst, firewall=rules)
+        await self._sync_network()
+        return inst
 
     async def close(self) -> None:
         for engine in self.engines.values():

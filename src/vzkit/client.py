@@ -717,8 +717,59 @@ class Client:
         )
         return result
 
+    def update_network(self, name: str, **changes: Any) -> NetworkConfig:
+        """Change a network's isolation or DNS domain: ``update_network("lab", isolated=True)``."""
+        result: NetworkConfig = _parse(
+            "NetworkConfig", self._json("PATCH", f"{API}/networks/{_q(name)}", changes)
+        )
+        return result
+
     def delete_network(self, name: str) -> None:
         self._raw("DELETE", f"{API}/networks/{_q(name)}")
+
+    def _instance_call(self, method: str, path: str, payload: Any = None, **kw: Any) -> Instance:
+        result: Instance = _parse("Instance", self._json(method, path, payload, **kw))
+        return result
+
+    def attach_network(
+        self, name: str, network: str, *, ip: str | None = None, mac: str | None = None
+    ) -> Instance:
+        """Give an instance an interface on ``network`` (live for running containers)."""
+        nic = {"network": network} | ({"ip": ip} if ip else {}) | ({"mac": mac} if mac else {})
+        return self._instance_call("POST", f"{API}/instances/{_q(name)}/nics", nic)
+
+    def detach_network(self, name: str, network: str) -> Instance:
+        return self._instance_call("DELETE", f"{API}/instances/{_q(name)}/nics/{_q(network)}")
+
+    def add_port(self, name: str, host_port: int, port: int, proto: str = "tcp") -> Instance:
+        """Forward ``host_port`` on every host address (127.0.0.1 too) to the instance's port."""
+        body = {"host_port": host_port, "port": port, "proto": proto}
+        return self._instance_call("POST", f"{API}/instances/{_q(name)}/ports", body)
+
+    def remove_port(self, name: str, host_port: int, proto: str = "tcp") -> Instance:
+        path = f"{API}/instances/{_q(name)}/ports/{host_port}"
+        return self._instance_call("DELETE", path, query={"proto": proto})
+
+    def set_firewall(self, name: str, rules: Sequence[Mapping[str, Any]] | None) -> Instance:
+        """Replace the ingress allow-list; None lets everything in, [] lets nothing in."""
+        body = {"rules": None if rules is None else [dict(r) for r in rules]}
+        return self._instance_call("PUT", f"{API}/instances/{_q(name)}/firewall", body)
+
+    def add_firewall_rule(
+        self,
+        name: str,
+        *,
+        source: str = "0.0.0.0/0",
+        proto: str | None = None,
+        port: int | None = None,
+    ) -> Instance:
+        """Allow ingress from ``source`` (optionally one protocol and port); from the first
+        rule on, whatever no rule allows is dropped."""
+        rule = {"source": source, "proto": proto, "port": port}
+        return self._instance_call("POST", f"{API}/instances/{_q(name)}/firewall/rules", rule)
+
+    def remove_firewall_rule(self, name: str, index: int) -> Instance:
+        return self._instance_call("DELETE", f"{API}/instances/{_q(name)}/firewall/rules/{index}")
 
     # -- images -----------------------------------------------------------------------------
 

@@ -131,5 +131,8 @@ class Database:
         rows = self._conn.execute("SELECT name, data FROM networks ORDER BY name").fetchall()
         return [(r[0], r[1]) for r in rows]
 
+    def update_network(self, name: str, data: str) -> None:
+        self._conn.execute("UPDATE networks SET data = ? WHERE name = ?", (data, name))
+
     def delete_network(self, name: str) -> None:
         self._conn.execute("DELETE FROM networks WHERE name = ?", (name,))

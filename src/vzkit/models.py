@@ -11,10 +11,30 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from vzkit.network.models import NetworkConfig
+from vzkit.network.models import (
+    FirewallRule,
+    FirewallUpdate,
+    NetworkConfig,
+    NetworkUpdate,
+    NicConfig,
+    PortForward,
+    Proto,
+)
 from vzkit.units import NAME_RE, NAME_RULE, format_size, parse_size
 
-__all__ = ["NAME_RE", "NAME_RULE", "NetworkConfig", "format_size", "parse_size"]  # re-exported
+__all__ = [  # re-exported: one import site for every resource model
+    "NAME_RE",
+    "NAME_RULE",
+    "FirewallRule",
+    "FirewallUpdate",
+    "NetworkConfig",
+    "NetworkUpdate",
+    "NicConfig",
+    "PortForward",
+    "Proto",
+    "format_size",
+    "parse_size",
+]
 
 
 def _memory(value: Any) -> Any:
@@ -99,6 +119,14 @@ class InstanceCreate(Strict):
     start: bool = True
     ephemeral: bool = Field(False, description="Delete the instance when it stops")
     accel: Accel | None = Field(None, description="Force an accelerator instead of probing")
+    nics: list[NicConfig] | None = Field(
+        None,
+        description="Network interfaces (eth0, eth1, ...); default: one on the daemon's "
+        "default network (vzbr0); [] for none",
+    )
+    ports: list[PortForward] = Field(
+        default_factory=list, description="Host ports to forward to the instance"
+    )
 
     @field_validator("name")
     @classmethod
@@ -121,6 +149,15 @@ class Instance(Strict):
     started_at: datetime | None = None
     agent_version: str | None = None
     kernel_release: str | None = None
+    nics: list[NicConfig] = Field(
+        default_factory=list, description="Interfaces, with address, MAC and name resolved"
+    )
+    ports: list[PortForward] = Field(default_factory=list, description="Host port forwards")
+    firewall: list[FirewallRule] | None = Field(
+        None,
+        description="Ingress allow-list: None lets everything in; a list (even empty) drops "
+        "what it does not allow",
+    )
 
 
 class StateAction(StrEnum):

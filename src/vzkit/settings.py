@@ -37,6 +37,15 @@ class Settings:
     )
     # Forced accelerator ("kvm" or "tcg"); None means probe.
     accel: str | None = field(default_factory=lambda: os.environ.get("VZ_ACCEL") or None)
+    # The network instances join when they name none; made on first use. "" or "none":
+    # instances get no network unless they ask (the test suite's daemon outside netns).
+    default_network: str | None = field(
+        default_factory=lambda: (
+            None
+            if os.environ.get("VZ_DEFAULT_NETWORK", "vzbr0").lower() in ("", "none")
+            else os.environ.get("VZ_DEFAULT_NETWORK", "vzbr0")
+        )
+    )
 
     @property
     def socket_path(self) -> Path:

@@ -3,49 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import Daemon
+from tests.integration.netns import dnsmasq_pids, in_ns
 from vzkit.errors import Conflict, InvalidConfig, NotFound
 
 pytestmark = pytest.mark.integration
-
-
-def in_ns(ns: str, *argv: str) -> str:
-    return subprocess.run(
-        ["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, check=True
-    ).stdout
-
-
-def dnsmasq_pids(d: Daemon) -> list[int]:
-    """Processes in the daemon's namespace other than vzd itself."""
-    assert d.netns and d.proc
-    out = subprocess.run(["ip", "netns", "pids", d.netns], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split() if int(p) != d.proc.pid]
-
-
-@pytest.fixture
-def netd(private_daemon: Daemon) -> Iterator[Daemon]:
-    ns = f"vzt-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        in_ns(ns, "ip", "link", "set", "lo", "up")
-        private_daemon.netns = ns
-        private_daemon.start()
-        yield private_daemon
-    finally:
-        private_daemon.stop()
-        # dnsmasq outlives vzd by design; everything in the namespace goes with it.
-        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-        for pid in pids.stdout.split():
-            os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def test_network_lifecycle(netd: Daemon) -> None:

@@ -7,6 +7,8 @@ the models costs ~100 ms, a large share of the start-up budget of ``vz run``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 from vzkit.errors import InvalidConfig
 from vzkit.units import NAME_RE, NAME_RULE, parse_size
@@ -80,6 +82,77 @@ def parse_cpu_list(text: str) -> list[int]:
             f"invalid CPU list {text!r}", hint="list host CPUs like 0,2-3 (see vz host info)"
         ) from None
     return sorted(cpus)
+
+
+def parse_settings(items: list[str], keys: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
+    """KEY=VALUE arguments, each value checked by its key's parser."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in keys:
+            raise UsageError(
+                f"invalid setting {item!r}",
+                hint="use KEY=VALUE with KEY one of " + ", ".join(keys),
+            )
+        out[key] = keys[key](value)
+    return out
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise UsageError(f"invalid boolean {text!r}", hint="use true or false")
+
+
+def parse_nic(spec: str) -> dict[str, str]:
+    """'lab,ip=10.90.0.5,mac=0a:..' -> {"network": "lab", "ip": ..., "mac": ...}."""
+    name, *opts = spec.split(",")
+    nic = {"network": check_name(name, "network")}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or key not in ("ip", "mac", "name") or not value:
+            raise UsageError(
+                f"invalid --network option {opt!r}",
+                hint="use --network NAME[,ip=ADDR][,mac=MAC][,name=IFNAME], or --network none",
+            )
+        nic[key] = value
+    return nic
+
+
+def _port_number(text: str, what: str, hint: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise UsageError(f"invalid {what} {text!r}: a number from 1 to 65535", hint=hint)
+    return int(text)
+
+
+def _proto(text: str, hint: str) -> str:
+    if text not in ("tcp", "udp"):
+        raise UsageError(f"invalid protocol {text!r}: tcp or udp", hint=hint)
+    return text
+
+
+def parse_port(spec: str) -> dict[str, Any]:
+    """'8080:80/tcp' -> {"host_port": 8080, "port": 80, "proto": "tcp"}."""
+    hint = "use HOSTPORT:PORT[/tcp|udp], e.g. 8080:80"
+    ports, _, proto = spec.partition("/")
+    host, sep, guest = ports.partition(":")
+    if not sep:
+        raise UsageError(f"invalid port forward {spec!r}", hint=hint)
+    return {
+        "host_port": _port_number(host, "host port", hint),
+        "port": _port_number(guest, "instance port", hint),
+        "proto": _proto(proto or "tcp", hint),
+    }
+
+
+def parse_host_port(spec: str) -> tuple[int, str]:
+    """'8080/udp' -> (8080, "udp")."""
+    hint = "use HOSTPORT[/tcp|udp], e.g. 8080"
+    port, _, proto = spec.partition("/")
+    return _port_number(port, "host port", hint), _proto(proto or "tcp", hint)
 
 
 def check_timeout(value: float | None, flag: str = "--timeout") -> float | None:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vzkit.cli import checks
+from vzkit.cli import checks, netcmds
 from vzkit.cli.checks import UsageError
 from vzkit.cli.render import (
     Progress,
@@ -42,7 +42,8 @@ def _client(args: argparse.Namespace, *, autostart: bool = True) -> Client:
 
 def dispatch(args: argparse.Namespace) -> int:
     key = args.cmd
-    for sub in ("file_cmd", "config_cmd", "network_cmd", "image_cmd", "host_cmd", "daemon_cmd"):
+    subs = ("file_cmd", "config_cmd", "network_cmd", "port_cmd", "firewall_cmd", "image_cmd")
+    for sub in (*subs, "host_cmd", "daemon_cmd"):
         if getattr(args, sub, None):
             key = f"{args.cmd}.{getattr(args, sub)}"
     handler = _HANDLERS[key]
@@ -180,6 +181,12 @@ def _create_body(args: argparse.Namespace, image: str, name: str | None) -> dict
         limits["cpu_pin"] = checks.parse_cpu_list(args.cpu_pin)
     if limits:
         body["limits"] = limits
+    if args.network:
+        body["nics"] = (
+            [] if args.network == ["none"] else [checks.parse_nic(n) for n in args.network]
+        )
+    if args.port:
+        body["ports"] = [checks.parse_port(spec) for spec in args.port]
     return body
 
 
@@ -246,12 +253,14 @@ def cmd_list(args: argparse.Namespace, client: Client) -> int:
             i.image,
             i.limits.cpus,
             format_size(i.limits.memory),
+            ",".join(str(n.ip) for n in i.nics) or "-",
             i.pid,
             age_since(i.created_at),
         )
         for i in sorted(items, key=lambda i: i.name)
     ]
-    table(("NAME", "TYPE", "STATE", "IMAGE", "CPUS", "MEMORY", "PID", "AGE"), rows, _out())
+    head = ("NAME", "TYPE", "STATE", "IMAGE", "CPUS", "MEMORY", "IPV4", "PID", "AGE")
+    table(head, rows, _out())
     return 0
 
 
@@ -274,6 +283,7 @@ def instance_pairs(i: Instance) -> list[tuple[str, object]]:
         ("started", i.started_at.isoformat() if i.started_at else None),
         ("agent", i.agent_version),
         ("kernel", i.kernel_release),
+        *netcmds.network_pairs(i),
     ]
 
 
@@ -502,52 +512,6 @@ def cmd_daemon_status(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
-def cmd_network_create(args: argparse.Namespace, client: Client) -> int:
-    body: dict[str, Any] = {"name": checks.check_name(args.name, "network")}
-    if args.subnet:
-        body["subnet"] = args.subnet
-    if args.isolated:
-        body["isolated"] = True
-    if args.domain:
-        body["dns_domain"] = args.domain
-    net = client.create_network(body)
-    if _json_mode(args):
-        _out().write(net.model_dump_json(indent=2) + "\n")
-    else:
-        _out().write(f"{net.name}: {net.subnet} on {net.bridge}\n")
-    return 0
-
-
-def cmd_network_list(args: argparse.Namespace, client: Client) -> int:
-    nets = client.list_networks()
-    if _json_mode(args):
-        dump_json([n.model_dump(mode="json") for n in nets], _out())
-        return 0
-    rows = [
-        (n.name, str(n.subnet), str(n.gateway), n.bridge, "isolated" if n.isolated else "nat")
-        for n in nets
-    ]
-    table(("NAME", "SUBNET", "GATEWAY", "BRIDGE", "MODE"), rows, _out())
-    return 0
-
-
-def cmd_network_show(args: argparse.Namespace, client: Client) -> int:
-    net = client.get_network(checks.check_name(args.name, "network"))
-    if _json_mode(args):
-        _out().write(net.model_dump_json(indent=2) + "\n")
-    else:
-        key_values(list(net.model_dump(mode="json").items()), _out())
-    return 0
-
-
-def cmd_network_delete(args: argparse.Namespace, client: Client) -> int:
-    name = checks.check_name(args.name, "network")
-    client.delete_network(name)
-    if not _json_mode(args):
-        _out().write(f"{name}: deleted\n")
-    return 0
-
-
 _CONFIG_KEYS = {
     "limits.cpus": checks.check_cpus_text,
     "limits.memory": checks.check_memory,
@@ -569,15 +533,8 @@ def cmd_config_show(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_config_set(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.name)
-    limits: dict[str, Any] = {}
-    for item in args.settings:
-        key, sep, value = item.partition("=")
-        if not sep or key not in _CONFIG_KEYS:
-            raise checks.UsageError(
-                f"invalid setting {item!r}",
-                hint="use KEY=VALUE with KEY one of " + ", ".join(_CONFIG_KEYS),
-            )
-        limits[key.removeprefix("limits.")] = _CONFIG_KEYS[key](value)
+    settings = checks.parse_settings(args.settings, _CONFIG_KEYS)
+    limits = {key.removeprefix("limits."): value for key, value in settings.items()}
     inst = client.update_instance(name, {"limits": limits})
     if _json_mode(args):
         _out().write(inst.model_dump_json(indent=2) + "\n")
@@ -595,10 +552,7 @@ _HANDLERS: dict[str, Handler] = {
     "file.push": cmd_file_push,
     "file.pull": cmd_file_pull,
     "delete": cmd_delete,
-    "network.create": cmd_network_create,
-    "network.list": cmd_network_list,
-    "network.show": cmd_network_show,
-    "network.delete": cmd_network_delete,
+    **netcmds.HANDLERS,
     "config.show": cmd_config_show,
     "config.set": cmd_config_set,
     "image.list": cmd_image_list,

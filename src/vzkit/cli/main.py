@@ -67,6 +67,20 @@ def _instance_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu-pin", default=None, metavar="LIST", help="host CPUs to run on, e.g. 0,2-3"
     )
+    p.add_argument(
+        "--network",
+        action="append",
+        metavar="NAME[,ip=ADDR][,mac=MAC]",
+        help="attach to a network (repeatable: eth0, eth1, ...; default: vzbr0; 'none': no "
+        "network)",
+    )
+    p.add_argument(
+        "-p",
+        "--port",
+        action="append",
+        metavar="HOSTPORT:PORT[/PROTO]",
+        help="forward a host port to the instance (repeatable)",
+    )
 
 
 def _exec_opts(p: argparse.ArgumentParser) -> None:
@@ -158,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("network", "manage virtual networks")
     nsub = p.add_subparsers(
-        dest="network_cmd", metavar="create|list|show|delete", parser_class=_Parser
+        dest="network_cmd",
+        metavar="create|list|show|set|delete|attach|detach",
+        parser_class=_Parser,
     )
     nsub.required = True
     np_ = nsub.add_parser("create", help="create a network", parents=[g])
@@ -169,6 +185,52 @@ def build_parser() -> argparse.ArgumentParser:
     nsub.add_parser("list", help="list networks", parents=[g])
     nsub.add_parser("show", help="show a network", parents=[g]).add_argument("name")
     nsub.add_parser("delete", help="delete a network", parents=[g]).add_argument("name")
+    sp = nsub.add_parser("set", help="change a network", parents=[g])
+    sp.add_argument("name")
+    sp.add_argument("settings", nargs="+", metavar="KEY=VALUE", help="isolated, dns_domain")
+    ap = nsub.add_parser("attach", help="give an instance an interface", parents=[g])
+    ap.add_argument("instance")
+    ap.add_argument("network")
+    ap.add_argument("--ip", help="static address (default: a free one)")
+    ap.add_argument("--mac", help="MAC address (default: stable per instance)")
+    dp = nsub.add_parser("detach", help="remove an instance's interface", parents=[g])
+    dp.add_argument("instance")
+    dp.add_argument("network")
+
+    p = add("port", "forward host ports to instances")
+    psub = p.add_subparsers(dest="port_cmd", metavar="add|list|remove", parser_class=_Parser)
+    psub.required = True
+    pp = psub.add_parser("add", help="forward a host port", parents=[g])
+    pp.add_argument("instance")
+    pp.add_argument("spec", metavar="HOSTPORT:PORT[/tcp|udp]")
+    pl = psub.add_parser("list", help="list port forwards", parents=[g])
+    pl.add_argument("instance", nargs="?")
+    pr = psub.add_parser("remove", help="remove a port forward", parents=[g])
+    pr.add_argument("instance")
+    pr.add_argument("spec", metavar="HOSTPORT[/tcp|udp]")
+
+    p = add("firewall", "instances' ingress allow-lists (nftables)")
+    fsub = p.add_subparsers(
+        dest="firewall_cmd", metavar="add|list|remove|deny-all|open", parser_class=_Parser
+    )
+    fsub.required = True
+    fp = fsub.add_parser(
+        "add", help="allow ingress (from the first rule on, the rest is dropped)", parents=[g]
+    )
+    fp.add_argument("instance")
+    fp.add_argument("--source", default="0.0.0.0/0", metavar="CIDR", help="allowed sources")
+    fp.add_argument("--proto", choices=["tcp", "udp"], help="only this protocol")
+    fp.add_argument("--port", type=int, help="only this destination port (needs --proto)")
+    fsub.add_parser("list", help="show the allow-list", parents=[g]).add_argument("instance")
+    fr = fsub.add_parser("remove", help="remove a rule by its number", parents=[g])
+    fr.add_argument("instance")
+    fr.add_argument("index", type=int, metavar="N")
+    fsub.add_parser(
+        "deny-all", help="drop all ingress (an empty allow-list)", parents=[g]
+    ).add_argument("instance")
+    fsub.add_parser(
+        "open", help="remove the allow-list: let everything in", parents=[g]
+    ).add_argument("instance")
 
     p = add("image", "manage images")
     isub = p.add_subparsers(

@@ -27,13 +27,19 @@ from vzkit.host.probe import probe_host
 from vzkit.models import (
     ErrorBody,
     ExecRequest,
+    FirewallRule,
+    FirewallUpdate,
     ImageInfo,
     Instance,
     InstanceCreate,
     InstanceUpdate,
+    NetworkConfig,
+    NetworkUpdate,
+    NicConfig,
+    PortForward,
+    Proto,
     StateChange,
 )
-from vzkit.network.models import NetworkConfig
 
 API = "/1.0"
 log = logging.getLogger(__name__)
@@ -204,10 +210,44 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     async def get_network(name: str) -> NetworkConfig:
         return actions.networks.get(name)
 
+    @app.patch(f"{API}/networks/{{name}}", responses=_ERRORS)
+    async def update_network(name: str, change: NetworkUpdate) -> NetworkConfig:
+        return await actions.update_network(name, change)
+
     @app.delete(f"{API}/networks/{{name}}", status_code=204, responses=_ERRORS)
     async def delete_network(name: str) -> Response:
         await actions.delete_network(name)
         return Response(status_code=204)
+
+    # -- an instance's NICs, port forwards and ingress allow-list -------------------------
+
+    @app.post(f"{API}/instances/{{name}}/nics", responses=_ERRORS)
+    async def attach_nic(name: str, nic: NicConfig) -> Instance:
+        return await actions.attach_nic(name, nic)
+
+    @app.delete(f"{API}/instances/{{name}}/nics/{{network}}", responses=_ERRORS)
+    async def detach_nic(name: str, network: str) -> Instance:
+        return await actions.detach_nic(name, network)
+
+    @app.post(f"{API}/instances/{{name}}/ports", responses=_ERRORS)
+    async def add_port(name: str, forward: PortForward) -> Instance:
+        return await actions.add_port(name, forward)
+
+    @app.delete(f"{API}/instances/{{name}}/ports/{{host_port}}", responses=_ERRORS)
+    async def remove_port(name: str, host_port: int, proto: Proto = Proto.TCP) -> Instance:
+        return await actions.remove_port(name, host_port, proto)
+
+    @app.put(f"{API}/instances/{{name}}/firewall", responses=_ERRORS)
+    async def set_firewall(name: str, body: FirewallUpdate) -> Instance:
+        return await actions.set_firewall(name, body.rules)
+
+    @app.post(f"{API}/instances/{{name}}/firewall/rules", responses=_ERRORS)
+    async def add_firewall_rule(name: str, rule: FirewallRule) -> Instance:
+        return await actions.add_firewall_rule(name, rule)
+
+    @app.delete(f"{API}/instances/{{name}}/firewall/rules/{{index}}", responses=_ERRORS)
+    async def remove_firewall_rule(name: str, index: int) -> Instance:
+        return await actions.remove_firewall_rule(name, index)
 
     @app.get(f"{API}/images", responses=_ERRORS)
     async def list_images() -> list[ImageInfo]:

@@ -36,6 +36,7 @@ from vzkit.settings import Settings
 log = logging.getLogger("vzd")
 
 HOUSEKEEPING_INTERVAL = 10.0
+DNS_CHECK_INTERVAL = 1.0
 
 
 def _bind(path: Path) -> socket.socket:
@@ -119,11 +120,23 @@ async def serve(settings: Settings) -> None:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             qemu.trim_console_logs()
 
+    async def supervise_networks() -> None:
+        # dnsmasq is not our child (it must outlive vzd), so its death is polled for; a
+        # check is a pid file and a /proc read per network.
+        while True:
+            await asyncio.sleep(DNS_CHECK_INTERVAL)
+            try:
+                await actions.supervise_networks()
+            except Exception:
+                log.exception("network supervision failed")
+
     keeper = asyncio.create_task(housekeeping())
+    supervisor = asyncio.create_task(supervise_networks())
     try:
         await server.serve(sockets=[sock])
     finally:
         keeper.cancel()
+        supervisor.cancel()
         await actions.close()
         db.close()
         with contextlib.suppress(FileNotFoundError):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vzkit.models import ExecRequest, ExecResult, Instance, Limits
+from vzkit.network.nics import NetPlan, NicPlan
 
 
 @dataclass
@@ -53,7 +54,20 @@ class Engine(Protocol):
         """Make the instance's persistent files (disks); return runtime facts to store."""
         ...
 
-    async def start(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> Started: ...
+    async def start(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], net: NetPlan
+    ) -> Started:
+        """Boot the instance with its NICs plugged in and configured (addresses, routes,
+        resolv.conf) before it counts as running."""
+        ...
+
+    async def plug(self, name: str, nic: NicPlan) -> None:
+        """Add a NIC to a running instance (StateError if the engine cannot)."""
+        ...
+
+    async def unplug(self, name: str, nic: NicPlan) -> None:
+        """Remove a NIC from a running instance (StateError if the engine cannot)."""
+        ...
 
     async def attach(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> str | None:
         """Re-attach to a live instance after a daemon restart.

@@ -159,8 +159,11 @@ class Dnsmasq:
             lines.append(f"dhcp-option=option:router,{net.gateway}")
         return "\n".join(lines) + "\n"
 
-    def write_hosts(self, entries: Sequence[HostEntry]) -> None:
-        """Write the MAC -> name/address and name -> address files (call reload() after)."""
+    def write_hosts(self, entries: Sequence[HostEntry]) -> bool:
+        """Write the MAC -> name/address and name -> address files (call reload() after).
+
+        Returns whether either file changed.
+        """
         self.state_dir.mkdir(parents=True, exist_ok=True)
         dhcp = []
         hosts = []
@@ -170,8 +173,8 @@ class Dnsmasq:
                 hosts.append(f"{e.ip} {e.name}.{self.network.dns_domain} {e.name}")
             else:
                 dhcp.append(f"{e.mac},{e.name}")
-        _atomic_write(self.dhcp_hosts_path, "".join(f"{line}\n" for line in dhcp))
-        _atomic_write(self.hosts_path, "".join(f"{line}\n" for line in hosts))
+        changed = _atomic_write(self.dhcp_hosts_path, "".join(f"{line}\n" for line in dhcp))
+        return _atomic_write(self.hosts_path, "".join(f"{line}\n" for line in hosts)) or changed
 
     @property
     def pid(self) -> int | None:
@@ -269,8 +272,15 @@ class Dnsmasq:
         self.stop()
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str) -> bool:
+    """Replace ``path`` with ``text`` unless it already holds it; returns whether it did."""
+    try:
+        if path.read_text() == text:
+            return False
+    except OSError:
+        pass
     # dnsmasq may re-read on SIGHUP at any moment: it must never see half a file.
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
@@ -26,9 +27,10 @@ POOL = IPv4Network("10.80.0.0/16")
 # ASCII of "vz". QEMU's 52:54:00 is also locally administered but shared by every QEMU user;
 # ours tells at a glance which interfaces vzkit made, and can never clash with a vendor OUI.
 MAC_PREFIX = "0a:76:7a"
+_BRIDGE_NAME_RE = re.compile(r"^vzbr[0-9]{1,10}$")
 
 
-def stable_mac(instance_uuid: str, nic_index: int) -> str:
+def stable_mac(instance_uuid: str, nic_index: int | str) -> str:
     """The same MAC for the same instance and NIC, across restarts and hosts."""
     digest = hashlib.sha256(f"{instance_uuid}/{nic_index}".encode()).digest()
     return MAC_PREFIX + "".join(f":{b:02x}" for b in digest[:3])
@@ -97,10 +99,15 @@ def allocate_subnet(
     )
 
 
-def _free_bridge(others: Iterable[NetworkConfig]) -> str:
-    used = {o.bridge for o in others}
-    n = 0
-    while f"vzbr{n}" in used:
+def _free_bridge(name: str, others: Iterable[NetworkConfig]) -> str:
+    """The network's own name if it is a free ``vzbr<N>``, else the first free ``vzbr<N>``
+    from 1 on: vzbr0 stays for the default network (named vzbr0 as its bridge)."""
+    others = list(others)
+    used = {o.bridge for o in others} | {o.name for o in others}
+    if _BRIDGE_NAME_RE.match(name) and name not in used:
+        return name
+    n = 1
+    while f"vzbr{n}" in used or f"vzbr{n}" == name:
         n += 1
     return f"vzbr{n}"
 
@@ -123,7 +130,7 @@ def complete(
     foreign = [r for r in routes if r not in own]
     update: dict[str, object] = {}
     if config.bridge is None:
-        update["bridge"] = _free_bridge(others)
+        update["bridge"] = _free_bridge(config.name, others)
     if config.subnet is None:
         update["subnet"] = allocate_subnet([*own, *foreign])
     done = config

@@ -61,12 +61,15 @@ class OwnedLink:
     instance: str | None
 
 
-def link_name(kind: str, instance_uuid: str, nic_index: int) -> str:
-    """A stable host-side name: ``vzt``/``vzv`` + 8 hex digits + NIC index (<= 15 chars)."""
+def link_name(kind: str, instance_uuid: str, nic: int | str) -> str:
+    """A stable host-side name: ``vzt``/``vzv`` + 12 hex digits of (uuid, NIC) = 15 chars.
+
+    ``nic`` is the NIC's index or its interface name inside the instance.
+    """
     if kind not in ("t", "v"):
         raise ValueError("kind is 't' (TAP) or 'v' (veth)")
-    digest = hashlib.sha256(instance_uuid.encode()).hexdigest()[:8]
-    return f"{NAME_PREFIX}{kind}{digest}{nic_index}"
+    digest = hashlib.sha256(f"{instance_uuid}/{nic}".encode()).hexdigest()[:12]
+    return f"{NAME_PREFIX}{kind}{digest}"
 
 
 def alias_for(network: str, instance: str | None = None) -> str:
@@ -98,8 +101,19 @@ def link_exists(name: str, netns: NetnsRef = None) -> bool:
         return _index(ipr, name) is not None
 
 
-def ensure_bridge(name: str, address: IPv4Interface, network: str, netns: NetnsRef = None) -> int:
-    """Create (or adopt) bridge ``name`` with ``address`` and bring it up; returns its index."""
+def ensure_bridge(
+    name: str,
+    address: IPv4Interface,
+    network: str,
+    netns: NetnsRef = None,
+    mac: str | None = None,
+) -> int:
+    """Create (or adopt) bridge ``name`` with ``address`` and bring it up; returns its index.
+
+    ``mac`` pins the bridge's MAC. Without it a bridge takes the lowest MAC of its ports, so
+    a port coming or going (a container restarting with a new veth) changes the gateway's
+    MAC under every instance's ARP cache, and they lose the gateway (DNS) for ~30 s.
+    """
     with _ipr(netns) as ipr:
         try:
             idx = _index(ipr, name)
@@ -115,6 +129,8 @@ def ensure_bridge(name: str, address: IPv4Interface, network: str, netns: NetnsR
                 idx = _index(ipr, name)
                 assert idx is not None
             ipr.link("set", index=idx, ifalias=alias_for(network))
+            if mac is not None and ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS") != mac:
+                ipr.link("set", index=idx, address=mac)
             have = {
                 (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
                 for a in ipr.get_addr(family=2, index=idx)

@@ -3,8 +3,12 @@
 Creating a network allocates its subnet and bridge name, makes the bridge, starts its
 dnsmasq and re-renders vzkit's nft table; each step is undone if a later one fails. On
 daemon start every recorded network is ensured again (bridges adopted, a dead dnsmasq
-restarted, the nft table re-applied) and bridges vzkit made for networks that no longer
-exist are removed.
+restarted, the nft table re-applied) and links vzkit made for networks or instances that
+no longer exist are removed.
+
+The nft table and dnsmasq's host files are always derived from the whole database
+(networks, and every instance's NICs, port forwards and allow-list), never patched, so
+whatever changed, one :meth:`NetworkManager.sync` makes the host match.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+from collections.abc import Sequence
 from ipaddress import IPv4Interface
+from pathlib import Path
 
 from vzkit.db import Database
-from vzkit.errors import Conflict, NotFound
-from vzkit.network import ipam, links, nft
-from vzkit.network.dnsmasq import Dnsmasq
-from vzkit.network.models import NetworkConfig
+from vzkit.errors import Conflict, InvalidConfig, NotFound
+from vzkit.models import Instance
+from vzkit.network import ipam, links, nft, nics
+from vzkit.network.dnsmasq import Dnsmasq, HostEntry
+from vzkit.network.models import NetworkConfig, NetworkUpdate, NicConfig, PortForward
 from vzkit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,14 +36,22 @@ class NetworkManager:
         self.settings = settings
         self.db = db
 
+    # -- networks ------------------------------------------------------------------------
+
     def all(self) -> list[NetworkConfig]:
         return [NetworkConfig.model_validate_json(data) for _, data in self.db.network_rows()]
 
+    def by_name(self) -> dict[str, NetworkConfig]:
+        return {n.name: n for n in self.all()}
+
     def get(self, name: str) -> NetworkConfig:
-        for net in self.all():
-            if net.name == name:
-                return net
-        raise NotFound(f"network {name!r} not found", hint="list networks: vz network list")
+        net = self.by_name().get(name)
+        if net is None:
+            raise NotFound(f"network {name!r} not found", hint="list networks: vz network list")
+        return net
+
+    def users(self, name: str) -> list[str]:
+        return [i.name for i in self.db.list() if any(n.network == name for n in i.nics)]
 
     def create(self, config: NetworkConfig) -> NetworkConfig:
         others = self.all()
@@ -49,58 +64,212 @@ class NetworkManager:
         with contextlib.ExitStack() as undo:
             self._ensure_bridge(net)
             undo.callback(links.delete_link, str(net.bridge))
-            dns = Dnsmasq.for_network(self.settings, net)
+            dns = self._dns(net)
             dns.write_hosts([])
             dns.start()
             undo.callback(self._remove_dns, net)
-            self._apply_nft([*others, net])
-            undo.callback(self._apply_nft, others)
             self.db.insert_network(net.name, net.model_dump_json())
+            undo.callback(self.db.delete_network, net.name)
+            self.apply_rules()
             undo.pop_all()
         return net
 
+    def ensure(self, name: str) -> NetworkConfig:
+        """The network ``name``, created with defaults if it does not exist (vzbr0)."""
+        with contextlib.suppress(NotFound):
+            return self.get(name)
+        log.info("creating the default network %s", name)
+        return self.create(NetworkConfig(name=name))
+
+    def update(self, name: str, change: NetworkUpdate) -> NetworkConfig:
+        net = self.get(name)
+        new = NetworkConfig.model_validate(net.model_dump() | change.model_dump(exclude_none=True))
+        if new == net:
+            return net
+        self.db.update_network(name, new.model_dump_json())
+        try:
+            self.apply_rules()
+            dns = self._dns(new)
+            # dnsmasq reads its options only at start; leases and reservations stay on disk.
+            dns.stop()
+            dns.start()
+        except BaseException:
+            self.db.update_network(name, net.model_dump_json())
+            self.apply_rules()
+            self._dns(net).ensure()
+            raise
+        return new
+
     def delete(self, name: str) -> None:
         net = self.get(name)
+        users = self.users(name)
+        if users:
+            raise Conflict(
+                f"network {name!r} is in use by {', '.join(users)}",
+                hint=f"detach or delete them first: vz network detach {users[0]} {name}",
+            )
         self.db.delete_network(name)
-        self._apply_nft(self.all())
+        self.apply_rules()
         self._remove_dns(net)
         if net.bridge:
             links.delete_link(net.bridge)
 
     def reconcile(self) -> None:
+        """After a daemon start: make the host match the database, remove what it lacks."""
         nets = self.all()
         for net in nets:
             try:
                 self._ensure_bridge(net)
-                Dnsmasq.for_network(self.settings, net).ensure()
+                self._dns(net).ensure()
             except Exception as exc:
                 log.warning("network %s could not be restored: %s", net.name, exc)
         known = {n.name for n in nets}
+        instances = {i.name for i in self.db.list()}
         for link in links.list_owned():
-            if link.network is not None and link.network not in known:
-                log.info("removing %s, left by deleted network %s", link.name, link.network)
+            gone_net = link.network is not None and link.network not in known
+            gone_inst = link.instance is not None and link.instance not in instances
+            if gone_net or gone_inst or (link.network is None and link.kind != "bridge"):
+                log.info("removing %s, left by a deleted network or instance", link.name)
                 links.delete_link(link.name)
-        if nets:
-            self._apply_nft(nets)
+        self.sync()
+
+    def supervise(self) -> list[str]:
+        """Restart the dnsmasq of any network whose dnsmasq died; returns those networks."""
+        restarted = []
+        for net in self.all():
+            try:
+                if self._dns(net).ensure():
+                    restarted.append(net.name)
+            except Exception as exc:
+                log.warning("cannot restart dnsmasq of network %s: %s", net.name, exc)
+        for name in restarted:
+            log.warning("dnsmasq of network %s had died: restarted it", name)
+        return restarted
+
+    # -- instances -----------------------------------------------------------------------
+
+    def resolve_nics(
+        self,
+        name: str,
+        uuid: str,
+        requested: list[NicConfig],
+        existing: list[NicConfig] | None = None,
+    ) -> list[NicConfig]:
+        in_use = [nic for i in self.db.list() if i.name != name for nic in i.nics]
+        return nics.resolve(uuid, requested, self.by_name(), in_use, existing or [])
+
+    def plan(self, inst: Instance, uuid: str, *, tap: bool) -> nics.NetPlan:
+        return nics.plan(inst.name, uuid, inst.nics, self.by_name(), tap=tap)
+
+    def release(self, name: str) -> None:
+        """Remove an instance's host links (the instance is already out of the database)."""
+        for link in links.list_owned():
+            if link.instance == name:
+                links.delete_link(link.name)
+        self.sync()
+
+    def unplug(self, nic: nics.NicPlan) -> None:
+        """Remove a stopped instance's host link (a VM's TAP outlives its QEMU)."""
+        links.delete_link(nic.host_name)
+
+    def check_forward(
+        self, inst: Instance, forward: PortForward, pending: Sequence[PortForward] = ()
+    ) -> PortForward:
+        """The forward with the instance's address filled in; Conflict if the port is taken.
+
+        ``pending``: forwards of the same request, not in the database yet.
+        """
+        nets = self.by_name()
+        targets = [n for n in inst.nics if n.network in nets and not nets[n.network].isolated]
+        if not targets:
+            raise InvalidConfig(
+                f"instance {inst.name!r} has no interface on a non-isolated network",
+                hint=f"attach it to one first: vz network attach {inst.name} vzbr0",
+            )
+        taken = [(o.name, pf) for o in self.db.list() for pf in o.ports]
+        for owner, pf in [*taken, *((inst.name, pf) for pf in pending)]:
+            if (pf.host_port, pf.proto) == (forward.host_port, forward.proto):
+                raise Conflict(
+                    f"host port {forward.host_port}/{forward.proto} is already forwarded "
+                    f"to {owner!r}",
+                    hint=f"pick another host port, or remove it: vz port remove {owner} "
+                    f"{forward.host_port}/{forward.proto}",
+                )
+        if _listening(forward.host_port, forward.proto.value):
+            raise Conflict(
+                f"host port {forward.host_port}/{forward.proto} is in use by a program on the host",
+                hint="pick another host port",
+            )
+        return forward.model_copy(update={"ip": targets[0].ip})
+
+    def sync(self) -> None:
+        """Make dnsmasq's host files and the nft table match the database."""
+        instances = self.db.list()
+        for net in self.all():
+            entries = [
+                HostEntry(mac=str(nic.mac), name=inst.name, ip=nic.ip)
+                for inst in instances
+                for nic in inst.nics
+                if nic.network == net.name
+            ]
+            dns = self._dns(net)
+            if dns.write_hosts(entries) and dns.is_running():
+                dns.reload()
+        self.apply_rules()
+
+    def apply_rules(self) -> None:
+        nets = self.all()
+        state = self.settings.state_dir / "nft"
+        state.mkdir(parents=True, exist_ok=True)
+        if not nets:
+            nft.remove(state)
+            return
+        instances = self.db.list()
+        firewalls = [
+            nft.InstanceFirewall(ip=nic.ip, rules=inst.firewall)
+            for inst in instances
+            if inst.firewall is not None
+            for nic in inst.nics
+            if nic.ip is not None
+        ]
+        forwards = [pf for inst in instances for pf in inst.ports]
+        nft.apply(nft.Ruleset(networks=nets, forwards=forwards, firewalls=firewalls), state)
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _dns(self, net: NetworkConfig) -> Dnsmasq:
+        return Dnsmasq.for_network(self.settings, net)
 
     def _ensure_bridge(self, net: NetworkConfig) -> None:
         assert net.bridge and net.subnet and net.gateway
         links.ensure_bridge(
-            net.bridge, IPv4Interface(f"{net.gateway}/{net.subnet.prefixlen}"), net.name
+            net.bridge,
+            IPv4Interface(f"{net.gateway}/{net.subnet.prefixlen}"),
+            net.name,
+            mac=ipam.stable_mac(f"network/{net.name}", "bridge"),
         )
 
     def _remove_dns(self, net: NetworkConfig) -> None:
-        dns = Dnsmasq.for_network(self.settings, net)
+        dns = self._dns(net)
         dns.stop()
         shutil.rmtree(dns.state_dir, ignore_errors=True)
         shutil.rmtree(dns.run_dir, ignore_errors=True)
 
-    def _apply_nft(self, nets: list[NetworkConfig]) -> None:
-        state = self.settings.state_dir / "nft"
-        state.mkdir(parents=True, exist_ok=True)
-        if nets:
-            nft.apply(nft.Ruleset(networks=nets), state)
-        else:
-            nft.remove(state)
+
+_PROC_NET = {"tcp": ("tcp", "tcp6"), "udp": ("udp", "udp6")}
+
+
+def _listening(port: int, proto: str) -> bool:
+    """Whether a socket in this namespace is bound to ``port`` (TCP: listening)."""
+    for table in _PROC_NET[proto]:
+        try:
+            lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            # TCP state 0A is LISTEN; a bound UDP socket shows 07 (it has no listen state).
+            if int(local.rsplit(":", 1)[1], 16) == port and state in ("0A", "07"):
+                return True
+    return False

@@ -11,7 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from vzkit.units import NAME_RE, NAME_RULE
 
-__all__ = ["FirewallRule", "NetworkConfig", "NicConfig", "PortForward", "Proto"]
+__all__ = [
+    "FirewallRule",
+    "FirewallUpdate",
+    "NetworkConfig",
+    "NetworkUpdate",
+    "NicConfig",
+    "PortForward",
+    "Proto",
+]
 
 # Linux interface names: at most 15 bytes (IFNAMSIZ - 1); we also keep them to characters
 # that are safe in nft strings and sysctl paths (no '.', which sysctl reads as a separator).
@@ -27,6 +35,12 @@ class _Strict(BaseModel):
 def _name(value: str) -> str:
     if not NAME_RE.match(value):
         raise ValueError(f"invalid network name {value!r}: {NAME_RULE}")
+    return value
+
+
+def _check_domain(value: str) -> str:
+    if not all(_LABEL_RE.match(label) for label in value.split(".")):
+        raise ValueError(f"invalid DNS domain {value!r}: dot-separated lowercase labels")
     return value
 
 
@@ -69,9 +83,7 @@ class NetworkConfig(_Strict):
     @field_validator("dns_domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        if not all(_LABEL_RE.match(label) for label in value.split(".")):
-            raise ValueError(f"invalid DNS domain {value!r}: dot-separated lowercase labels")
-        return value
+        return _check_domain(value)
 
     @field_validator("bridge")
     @classmethod
@@ -124,17 +136,52 @@ def default_dhcp_range(net: IPv4Network) -> tuple[IPv4Address, IPv4Address]:
     return first + max(1, size // 4), last
 
 
+class NetworkUpdate(_Strict):
+    """Request body of PATCH /1.0/networks/{name}: only the fields given change.
+
+    The subnet and bridge are fixed for a network's life: instances hold addresses in it.
+    """
+
+    isolated: bool | None = None
+    dns_domain: str | None = None
+
+    @field_validator("dns_domain")
+    @classmethod
+    def _domain(cls, value: str | None) -> str | None:
+        return None if value is None else _check_domain(value)
+
+
 class NicConfig(_Strict):
-    """An instance's interface on a network."""
+    """An instance's interface on a network.
+
+    What a user asks for is ``network`` and optionally ``ip``/``mac``; the daemon stores the
+    resolved form (address, MAC and interface name filled in), which stays the instance's
+    for its whole life so its address and MAC survive restarts.
+    """
 
     network: str
-    ip: IPv4Address | None = Field(None, description="Static address; default: DHCP")
+    ip: IPv4Address | None = Field(
+        None, description="Static address; default: one leased from the network's DHCP range"
+    )
     mac: str | None = Field(None, description="MAC address; default: stable per instance and NIC")
+    name: str | None = Field(
+        None, description="Interface name inside the instance; default: eth0, eth1, ..."
+    )
 
     @field_validator("network")
     @classmethod
     def _check_network(cls, value: str) -> str:
         return _name(value)
+
+    @field_validator("name")
+    @classmethod
+    def _ifname(cls, value: str | None) -> str | None:
+        if value is not None and (not IFNAME_RE.match(value) or value == "lo"):
+            raise ValueError(
+                f"invalid interface name {value!r}: 1-15 characters of letters, digits, "
+                "'-' or '_' (and not lo)"
+            )
+        return value
 
     @field_validator("mac")
     @classmethod
@@ -170,3 +217,11 @@ class FirewallRule(_Strict):
         if self.port is not None and self.proto is None:
             raise ValueError("a firewall rule with a port needs proto tcp or udp")
         return self
+
+
+class FirewallUpdate(_Strict):
+    """Request body of PUT /1.0/instances/{name}/firewall."""
+
+    rules: list[FirewallRule] | None = Field(
+        description="The whole allow-list; null lets everything in, [] drops all ingress"
+    )

@@ -107,15 +107,18 @@ def test_list_table_and_json(fake: FakeVzd, tmp_path: Path) -> None:
         "pid": None,
         "type": "vm",
         "limits": limits,
+        "nics": [],
     }
     fake.on("GET", "/1.0/instances", Reply(200, [INSTANCE, other]))
     r = vz(tmp_path, "list")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
-    assert lines[0].split() == ["NAME", "TYPE", "STATE", "IMAGE", "CPUS", "MEMORY", "PID", "AGE"]
-    assert lines[1].split()[:7] == ["db", "vm", "stopped", "minimal", "1", "1GiB", "-"]
-    assert lines[2].split()[:7] == ["web", "microvm", "running", "minimal", "2", "512MiB", "4242"]
-    assert lines[2].split()[7].endswith("d")
+    head = ["NAME", "TYPE", "STATE", "IMAGE", "CPUS", "MEMORY", "IPV4", "PID", "AGE"]
+    assert lines[0].split() == head
+    assert lines[1].split()[:8] == ["db", "vm", "stopped", "minimal", "1", "1GiB", "-", "-"]
+    web = ["web", "microvm", "running", "minimal", "2", "512MiB", "10.80.0.10", "4242"]
+    assert lines[2].split()[:8] == web
+    assert lines[2].split()[8].endswith("d")
     # Columns line up.
     assert lines[0].index("STATE") == lines[1].index("stopped") == lines[2].index("running")
     r = vz(tmp_path, "list", "--format", "json")

@@ -56,6 +56,7 @@ INSTANCE = {
     "started_at": "2024-01-01T00:00:01Z",
     "agent_version": "1",
     "kernel_release": "6.1.0-cloud-amd64",
+    "nics": [{"network": "vzbr0", "ip": "10.80.0.10", "mac": "0a:76:7a:01:02:03", "name": "eth0"}],
 }
 
 IMAGE = {

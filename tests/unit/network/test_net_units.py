@@ -55,10 +55,16 @@ def test_nic_and_rule_validation() -> None:
 
 def test_complete_allocates_avoiding_routes_and_networks() -> None:
     a = ipam.complete(NetworkConfig(name="a"), [], routes=[IPv4Network("10.80.0.0/23")])
-    assert a.subnet == IPv4Network("10.80.2.0/24") and a.bridge == "vzbr0"
+    assert a.subnet == IPv4Network("10.80.2.0/24") and a.bridge == "vzbr1"
     assert a.gateway == IPv4Address("10.80.2.1")
     b = ipam.complete(NetworkConfig(name="b"), [a], routes=[IPv4Network("10.80.0.0/23")])
-    assert b.subnet == IPv4Network("10.80.3.0/24") and b.bridge == "vzbr1"
+    assert b.subnet == IPv4Network("10.80.3.0/24") and b.bridge == "vzbr2"
+    # vzbr0 is kept for the default network, which is named after its bridge.
+    d = ipam.complete(NetworkConfig(name="vzbr0"), [a, b], routes=[])
+    assert d.bridge == "vzbr0" and d.subnet == IPv4Network("10.80.0.0/24")
+    # A network named like a bridge another network already has gets a free one.
+    e = ipam.complete(NetworkConfig(name="vzbr2"), [a, b, d], routes=[])
+    assert e.bridge == "vzbr3"
 
 
 def test_overlaps_and_name_clashes_are_conflicts() -> None:

@@ -36,6 +36,8 @@ from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
 from vzkit.images.store import ImageStore
 from vzkit.models import ExecRequest, ExecResult, Instance, Limits
+from vzkit.network import links
+from vzkit.network.nics import NetPlan, NicPlan
 from vzkit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -99,19 +101,67 @@ class _Proc(_Timed):
         self._oom_before = oom_kills() if oom_kills else 0
         self._queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(64)
         self._open = 2
+        self._chunks = 0
         self._pumps = [
             asyncio.create_task(self._pump(proc.stdout, 1)),
             asyncio.create_task(self._pump(proc.stderr, 2)),
         ]
+        self._ender = asyncio.create_task(self._end_output_after_exit())
         self._start_timer(timeout)
 
     async def _pump(self, stream: asyncio.StreamReader | None, channel: int) -> None:
         assert stream is not None
-        while data := await stream.read(65536):
-            await self._queue.put((channel, data))
-        self._open -= 1
-        if self._open == 0:
-            await self._queue.put(None)
+        try:
+            while data := await stream.read(65536):
+                self._chunks += 1
+                await self._queue.put((channel, data))
+        finally:
+            self._open -= 1
+            if self._open == 0:
+                self._queue.put_nowait(None)
+
+    async def _end_output_after_exit(self) -> None:
+        """End the output 200 ms after `vz-runtime exec` exits, as the guest agent does.
+
+        A command that leaves a background child holding its stdout (``nc -l ... &``)
+        would otherwise keep the session open for the child's life. asyncio's
+        ``Process.wait()`` itself waits for the pipes to close, so the exit is seen through
+        a pidfd of our own, and our ends of the pipes are closed to let ``wait()`` return.
+        """
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        try:
+            fd = os.pidfd_open(self.proc.pid)
+        except ProcessLookupError:
+            fd = -1
+        if fd >= 0:
+            loop.add_reader(fd, on_exit)
+            try:
+                await exited
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+        # Output still flowing (or waiting for a slow reader) is not a pipe left open.
+        while True:
+            seen = self._chunks
+            _, pending = await asyncio.wait(self._pumps, timeout=0.2)
+            if not pending:
+                return
+            if self._chunks == seen and self._queue.qsize() < self._queue.maxsize:
+                break
+        for pump in pending:
+            pump.cancel()
+        await asyncio.wait(pending)
+        transport: Any = getattr(self.proc, "_transport", None)
+        for channel in (1, 2):
+            pipe = transport.get_pipe_transport(channel) if transport else None
+            if pipe is not None:
+                pipe.close()
 
     async def write_stdin(self, data: bytes) -> None:
         assert self.proc.stdin is not None
@@ -135,8 +185,8 @@ class _Proc(_Timed):
         return await self._queue.get()
 
     async def wait(self) -> ExecResult:
+        await asyncio.gather(self._ender, *self._pumps, return_exceptions=True)
         code = await self.proc.wait()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
         self._stop_timer()
         if code < 0:  # vz-runtime itself was killed (timeout)
             return ExecResult(exit_code=128 - code, signal=-code, timed_out=self._timed_out)
@@ -314,11 +364,15 @@ class ContainerEngine(ProcessEngine):
         if os.path.ismount(target):
             syscalls.umount2(str(target), syscalls.MNT_DETACH)
 
-    async def start(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> Started:
+    async def start(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], net: NetPlan
+    ) -> Started:
         if inst.name in self._live:
             raise EngineError(f"container {inst.name!r} is already running")
         sdir = self.state_dir(uuid)
         self._write_bundle(inst, sdir)  # limits may have changed since create
+        if net.nics:
+            _write_resolv_conf(sdir / "upper", net.resolv_conf())
         self._mount_rootfs(sdir, runtime["lower"])
         log_path = sdir / "console.log"
         error_log = sdir / "runtime.log"
@@ -359,6 +413,8 @@ class ContainerEngine(ProcessEngine):
             live = _Live(inst.name, uuid, pid)
             self._live[inst.name] = live
             self._watch(live)
+            for nic in net.nics:
+                await asyncio.to_thread(_plug_veth, pid, nic)
         except BaseException:
             self._live.pop(inst.name, None)
             await self._runtime("delete", "--force", uuid, check=False)
@@ -406,6 +462,14 @@ class ContainerEngine(ProcessEngine):
             args += ["--cpuset-cpus", ",".join(map(str, limits.cpu_pin))]
         await self._runtime(*args, live.uuid)
         self._write_bundle(inst.model_copy(update={"limits": limits}), self.state_dir(live.uuid))
+
+    async def plug(self, name: str, nic: NicPlan) -> None:
+        await asyncio.to_thread(_plug_veth, self._get(name).pid, nic)
+
+    async def unplug(self, name: str, nic: NicPlan) -> None:
+        self._get(name)
+        # Deleting the host end takes the container's end with it.
+        await asyncio.to_thread(links.delete_link, nic.host_name)
 
     async def pause(self, name: str) -> None:
         await self._runtime("pause", self._get(name).uuid)
@@ -595,3 +659,29 @@ class ContainerEngine(ProcessEngine):
         with contextlib.suppress(Exception):
             return int(cg.stats().oom_kills or 0)
         return 0
+
+
+def _plug_veth(pid: int, nic: NicPlan) -> None:
+    """A veth pair from the network's bridge into the container's network namespace,
+    addressed from the host: the image needs no network tools."""
+    links.ensure_veth(
+        nic.host_name,
+        pid,
+        bridge=nic.bridge,
+        mac=nic.mac,
+        network=nic.network,
+        instance=nic.instance,
+        peer_name=nic.ifname,
+        address=nic.address,
+        gateway=nic.gateway,
+    )
+
+
+def _write_resolv_conf(upper: Path, text: str) -> None:
+    """Put /etc/resolv.conf into the overlay's upper layer before it is mounted."""
+    etc = upper / "etc"
+    etc.mkdir(parents=True, exist_ok=True)
+    target = etc / "resolv.conf"
+    if target.is_symlink():
+        target.unlink()
+    target.write_text(text)

@@ -24,6 +24,14 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class Nic:
+    """A virtio-net device on a TAP the daemon made (QEMU opens it by name)."""
+
+    tap: str
+    mac: str
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     """Everything QEMU needs to know about one instance's machine."""
 
@@ -42,6 +50,7 @@ class MachineSpec:
     console_log: Path
     pid_file: Path
     disks: tuple[Disk, ...] = ()
+    nics: tuple[Nic, ...] = ()
     # Bounds TCG's translation cache, which otherwise grows to 1 GiB of host memory.
     tcg_tb_size_mib: int = TCG_TB_SIZE_MIB
     extra: tuple[str, ...] = field(default=())
@@ -115,6 +124,13 @@ def build_argv(binary: str, spec: MachineSpec) -> list[str]:
             "-device",
             f"virtio-blk-{bus},drive={disk.node}",
         ]
+    for i, nic in enumerate(spec.nics):
+        argv += [
+            "-netdev",
+            f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no",
+            "-device",
+            f"virtio-net-{bus},netdev=net{i},mac={nic.mac}",
+        ]
     argv += ["-daemonize", "-pidfile", str(spec.pid_file), *spec.extra]
     return argv
 
@@ -122,7 +138,15 @@ def build_argv(binary: str, spec: MachineSpec) -> list[str]:
 def kernel_cmdline(
     *, hostname: str, tsc_khz: int | None, root: str | None = None, extra: str = ""
 ) -> str:
-    parts = ["console=ttyS0", "quiet", "panic=-1", "rdinit=/init", f"vz.hostname={hostname}"]
+    # net.ifnames=0: interfaces stay ethN in systemd guests too, as vzkit names them.
+    parts = [
+        "console=ttyS0",
+        "quiet",
+        "panic=-1",
+        "rdinit=/init",
+        f"vz.hostname={hostname}",
+        "net.ifnames=0",
+    ]
     if tsc_khz:
         # Without it, TCG guests booting side by side hang calibrating the TSC against the PIT.
         parts += [f"tsc_early_khz={tsc_khz}", "tsc=reliable"]

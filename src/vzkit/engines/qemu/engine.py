@@ -25,13 +25,15 @@ from vzkit.engines.base import ConsoleStream, ExecSession, ExitInfo, Started
 from vzkit.engines.common import CONSOLE_LOG_MAX, ProcessEngine
 from vzkit.engines.qemu import process
 from vzkit.engines.qemu.agent import AgentClient
-from vzkit.engines.qemu.cmdline import Disk, MachineSpec, build_argv, kernel_cmdline
+from vzkit.engines.qemu.cmdline import Disk, MachineSpec, Nic, build_argv, kernel_cmdline
 from vzkit.errors import AgentError, EngineError, NotFound, StateError
 from vzkit.host.cgroups import Cgroup, CgroupDriver, CgroupLimits
 from vzkit.host.probe import HostInfo
 from vzkit.host.resources import TCG_TB_SIZE_MIB, qemu_memory_limit
 from vzkit.images.store import ImageStore
 from vzkit.models import Accel, ExecRequest, Instance, Limits
+from vzkit.network import links
+from vzkit.network.nics import NetPlan, NicPlan
 from vzkit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -121,7 +123,9 @@ class QemuEngine(ProcessEngine):
             )
         return {}
 
-    async def start(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> Started:
+    async def start(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], net: NetPlan
+    ) -> Started:
         if inst.name in self._live:
             raise EngineError(f"instance {inst.name!r} already has a running QEMU")
         t0 = time.monotonic()
@@ -147,6 +151,8 @@ class QemuEngine(ProcessEngine):
                     f"{self.settings.cgroup_parent}/{inst.name}",
                     self._cgroup_limits(inst, inst.limits),
                 )
+            for nic in net.nics:
+                await asyncio.to_thread(_ensure_tap, nic)
             socks = [
                 process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock", "console.sock")
             ]
@@ -172,6 +178,7 @@ class QemuEngine(ProcessEngine):
                     console_log=sdir / "console.log",
                     pid_file=rdir / "qemu.pid",
                     disks=disks,
+                    nics=tuple(Nic(n.host_name, n.mac) for n in net.nics),
                 )
                 # A fresh boot starts a fresh console log.
                 (sdir / "console.log").write_bytes(b"")
@@ -194,6 +201,8 @@ class QemuEngine(ProcessEngine):
                 raise EngineError(f"cannot connect to QEMU's monitor: {exc}") from exc
             t_watched = time.monotonic()
             agent = await self._wait_agent(live, BOOT_TIMEOUT)
+            if net.nics:
+                await _configure_guest(agent, inst.name, net)
             log.info(
                 "%s started: set-up %.3fs, qemu launch %.3fs, qmp %.3fs, boot to agent %.3fs",
                 inst.name,
@@ -294,6 +303,18 @@ class QemuEngine(ProcessEngine):
             ),
             cpu_weight=limits.cpu_weight,
             cpuset_cpus=limits.cpu_pin,
+        )
+
+    async def plug(self, name: str, nic: NicPlan) -> None:
+        raise StateError(
+            f"cannot add a network interface to {name!r} while it runs",
+            hint=f"stop it first (vz stop {name}); the interface is added at the next start",
+        )
+
+    async def unplug(self, name: str, nic: NicPlan) -> None:
+        raise StateError(
+            f"cannot remove a network interface from {name!r} while it runs",
+            hint=f"stop it first: vz stop {name}",
         )
 
     async def pause(self, name: str) -> None:
@@ -481,3 +502,18 @@ def kill_signal_name(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return str(sig)
+
+
+def _ensure_tap(nic: NicPlan) -> None:
+    links.ensure_tap(nic.host_name, bridge=nic.bridge, network=nic.network, instance=nic.instance)
+
+
+async def _configure_guest(agent: AgentClient, name: str, net: NetPlan) -> None:
+    """Address the guest's NICs through its agent: no DHCP round trip on the boot path."""
+    done = await agent.run(["/bin/sh", "-c", net.guest_script()], timeout=30)
+    if done.result.exit_code != 0:
+        why = (done.stderr or done.stdout).decode(errors="replace").strip()[-500:]
+        raise EngineError(
+            f"configuring the network of {name!r} failed: {why or done.result}",
+            hint="the image needs a POSIX sh and the ip command (busybox or iproute2)",
+        )
