@@ -14,6 +14,7 @@ import secrets
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -47,6 +48,9 @@ from vzkit.models import (
 from vzkit.network.manager import NetworkManager
 from vzkit.network.nics import NetPlan
 from vzkit.settings import Settings
+from vzkit.snapshotting import Snapshots
+from vzkit.transfer import Transfers
+from vzkit.volumes import Volumes
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,9 @@ class Actions:
             memory_overcommit=settings.memory_overcommit,
         )
         self.networks = networks or NetworkManager(settings, db)
+        self.snapshots = Snapshots(self)
+        self.volumes = Volumes(self)
+        self.transfers = Transfers(self)
         self._network_lock = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
         self._image_locks: dict[str, asyncio.Lock] = {}
@@ -118,6 +125,27 @@ class Actions:
     # -- create / delete ---------------------------------------------------------------
 
     async def create(self, req: InstanceCreate, progress: Progress | None = None) -> Instance:
+        source = self.snapshots.source(req.source) if req.source else None
+        if source is not None:
+            # A warm start: the machine is the snapshot's, only the name and NICs are new.
+            snap_nics = source.info.config.get("nics", [])
+            req = req.model_copy(
+                update={
+                    "type": source.instance.type,
+                    "image": source.instance.image,
+                    "limits": Limits.model_validate(source.info.config["limits"]),
+                    "nics": req.nics
+                    if req.nics is not None
+                    else [NicConfig(network=n["network"]) for n in snap_nics],
+                    "start": True,
+                }
+            )
+            if len(req.nics or []) != len(snap_nics):
+                raise InvalidConfig(
+                    f"snapshot {req.source!r} was taken with {len(snap_nics)} network "
+                    f"interface(s); the new instance must have as many",
+                    hint="leave out --network to get one on each of the snapshot's networks",
+                )
         engine = self._engine(req.type)
         name = req.name or f"{req.image}-{secrets.token_hex(3)}"
         if self.db.exists(name):
@@ -150,6 +178,8 @@ class Actions:
         # From the capacity check to the insert there is no await: the checks and the
         # reservations (CPU, memory, addresses, host ports) are atomic on the event loop.
         inst.nics = self.networks.resolve_nics(name, uuid, requested)
+        self.volumes.check(inst, req.volumes)
+        inst.volumes = list(req.volumes)
         for forward in req.ports:
             inst.ports.append(self.networks.check_forward(inst, forward, inst.ports))
         self.db.insert(inst, uuid)
@@ -157,11 +187,16 @@ class Actions:
             try:
                 if inst.nics:
                     await self._sync_network()
-                runtime = await engine.create(inst, uuid)
+                if source is None:
+                    runtime = await engine.create(inst, uuid)
+                else:
+                    cloned = await engine.clone_disk(source.uuid, source.info.layer, uuid)
+                    runtime = {k: v for k, v in source.runtime.items() if k != "top"} | cloned
                 self.db.set_runtime(name, runtime)
                 inst = self._save(inst, state=InstanceState.STOPPED)
                 if req.start:
-                    inst = await self._start(inst, uuid, runtime)
+                    restore = source.memory if source else None
+                    inst = await self._start(inst, uuid, runtime, restore)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await engine.destroy(inst, uuid)
@@ -227,13 +262,15 @@ class Actions:
                 await self._engine(inst.type).update(inst, limits)
             return self._save(inst, limits=limits)
 
-    async def _start(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> Instance:
+    async def _start(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], restore: Path | None = None
+    ) -> Instance:
         # Containers share the host kernel: no accelerator.
         accel = None if inst.type is InstanceType.CONTAINER else inst.accel or self.host.accel
         inst = self._save(inst, state=InstanceState.STARTING, reason=None)
         try:
             started = await self._engine(inst.type).start(
-                inst, uuid, runtime, self._plan(inst, uuid)
+                inst, uuid, runtime, self._plan(inst, uuid), restore, self.volumes.mounts(inst)
             )
         except VzError as exc:
             self._save(
@@ -322,6 +359,10 @@ class Actions:
                     pid=None,
                     reason="vzd stopped while the instance was starting",
                 )
+            elif observed == "paused" and inst.state is InstanceState.RUNNING:
+                # Paused but recorded running: a snapshot was under way when vzd died.
+                await engine.resume(inst.name)
+                self._save(inst, state=InstanceState.RUNNING)
             else:
                 state = InstanceState.PAUSED if observed == "paused" else InstanceState.RUNNING
                 self._save(inst, state=state)

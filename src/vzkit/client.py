@@ -53,7 +53,10 @@ if TYPE_CHECKING:
         InstanceCreate,
         InstanceUpdate,
         NetworkConfig,
+        PoolInfo,
+        SnapshotInfo,
         StateChange,
+        VolumeInfo,
     )
 
 __all__ = ["Client", "EphemeralInstance", "ProgressCallback", "preload"]
@@ -699,6 +702,96 @@ class Client:
             mode = 0o644
         return mode, self._stream(resp)
 
+    # -- storage ----------------------------------------------------------------------------
+
+    def list_pools(self) -> list[PoolInfo]:
+        return [_parse("PoolInfo", p) for p in self._json("GET", f"{API}/storage")]
+
+    def get_pool(self, name: str) -> PoolInfo:
+        result: PoolInfo = _parse("PoolInfo", self._json("GET", f"{API}/storage/{_q(name)}"))
+        return result
+
+    def create_pool(self, name: str, path: str | None = None) -> PoolInfo:
+        body = {"name": name, "path": path}
+        result: PoolInfo = _parse("PoolInfo", self._json("POST", f"{API}/storage", body))
+        return result
+
+    def delete_pool(self, name: str) -> None:
+        self._raw("DELETE", f"{API}/storage/{_q(name)}")
+
+    def list_volumes(self, pool: str | None = None) -> list[VolumeInfo]:
+        data = self._json("GET", f"{API}/volumes", query={"pool": pool})
+        return [_parse("VolumeInfo", v) for v in data]
+
+    def get_volume(self, name: str, pool: str = "default") -> VolumeInfo:
+        path = f"{API}/storage/{_q(pool)}/volumes/{_q(name)}"
+        result: VolumeInfo = _parse("VolumeInfo", self._json("GET", path))
+        return result
+
+    def create_volume(
+        self, name: str, size: int | str, *, pool: str = "default", content: str = "block"
+    ) -> VolumeInfo:
+        """A qcow2 disk (``block``, for VMs) or a directory (``filesystem``, containers)."""
+        body = {"name": name, "size": size, "pool": pool, "content": content}
+        result: VolumeInfo = _parse("VolumeInfo", self._json("POST", f"{API}/volumes", body))
+        return result
+
+    def resize_volume(self, name: str, size: int | str, *, pool: str = "default") -> VolumeInfo:
+        path = f"{API}/storage/{_q(pool)}/volumes/{_q(name)}"
+        result: VolumeInfo = _parse("VolumeInfo", self._json("PATCH", path, {"size": size}))
+        return result
+
+    def delete_volume(self, name: str, *, pool: str = "default") -> None:
+        self._raw("DELETE", f"{API}/storage/{_q(pool)}/volumes/{_q(name)}")
+
+    def attach_volume(
+        self,
+        name: str,
+        volume: str,
+        *,
+        pool: str = "default",
+        path: str | None = None,
+        readonly: bool = False,
+    ) -> Instance:
+        """VMs: a disk (/dev/disk/by-id/virtio-VOLUME); containers: a mount at ``path``."""
+        body = {"volume": volume, "pool": pool, "path": path, "readonly": readonly}
+        return self._instance_call("POST", f"{API}/instances/{_q(name)}/volumes", body)
+
+    def detach_volume(self, name: str, volume: str, *, pool: str = "default") -> Instance:
+        path = f"{API}/instances/{_q(name)}/volumes/{_q(pool)}/{_q(volume)}"
+        return self._instance_call("DELETE", path)
+
+    # -- snapshots and copies ---------------------------------------------------------------
+
+    def list_snapshots(self, name: str) -> list[SnapshotInfo]:
+        data = self._json("GET", f"{API}/instances/{_q(name)}/snapshots")
+        return [_parse("SnapshotInfo", s) for s in data]
+
+    def get_snapshot(self, name: str, snapshot: str) -> SnapshotInfo:
+        path = f"{API}/instances/{_q(name)}/snapshots/{_q(snapshot)}"
+        result: SnapshotInfo = _parse("SnapshotInfo", self._json("GET", path))
+        return result
+
+    def create_snapshot(
+        self, name: str, snapshot: str | None = None, *, stateful: bool = False
+    ) -> SnapshotInfo:
+        """Snapshot the disk (or a container's files); ``stateful`` adds the running memory."""
+        body = {"name": snapshot, "stateful": stateful}
+        path = f"{API}/instances/{_q(name)}/snapshots"
+        result: SnapshotInfo = _parse("SnapshotInfo", self._json("POST", path, body))
+        return result
+
+    def restore_snapshot(self, name: str, snapshot: str) -> Instance:
+        path = f"{API}/instances/{_q(name)}/snapshots/{_q(snapshot)}/restore"
+        return self._instance_call("POST", path)
+
+    def delete_snapshot(self, name: str, snapshot: str) -> None:
+        self._raw("DELETE", f"{API}/instances/{_q(name)}/snapshots/{_q(snapshot)}")
+
+    def copy_instance(self, name: str, new_name: str) -> Instance:
+        """A stopped copy-on-write copy of ``name`` (its disk is shared until written)."""
+        return self._instance_call("POST", f"{API}/instances/{_q(name)}/copy", {"name": new_name})
+
     # -- networks ---------------------------------------------------------------------------
 
     def list_networks(self) -> list[NetworkConfig]:
@@ -794,6 +887,44 @@ class Client:
     ) -> ImageInfo:
         """Build an image, reporting ``(step, fraction)`` as the daemon streams them."""
         resp = self._send("POST", f"{API}/images/{_q(name)}/build", query={"force": force or None})
+        return self._image_events(resp, f"building image '{name}'", progress)
+
+    def publish_instance(
+        self, name: str, image: str, progress: ProgressCallback | None = None
+    ) -> ImageInfo:
+        """Turn a VM's disk into a new image (its kernel and initramfs are its image's)."""
+        resp = self._send("POST", f"{API}/instances/{_q(name)}/publish", query={"image": image})
+        return self._image_events(resp, f"publishing {name!r}", progress)
+
+    def export_instance(
+        self, name: str, out: BinaryIO, progress: ProgressCallback | None = None
+    ) -> int:
+        """Write ``name``'s archive (disks, files, snapshots) to ``out``; returns its size."""
+        resp = self._send("GET", f"{API}/instances/{_q(name)}/export")
+        total = int(resp.getheader("X-Vz-Export-Size") or 0)
+        written = 0
+        for chunk in self._stream(resp):
+            out.write(chunk)
+            written += len(chunk)
+            if progress is not None:
+                progress("exporting", min(written / total, 1.0) if total else None)
+        return written
+
+    def import_instance(self, data: BinaryIO, name: str | None = None) -> Instance:
+        """Create an instance from an archive made by :meth:`export_instance`."""
+        headers = {"Content-Type": "application/x-tar"}
+        size = _known_size(data)
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        raw, _ = self._raw(
+            "POST", f"{API}/import", query={"name": name}, body=data, headers=headers
+        )
+        result: Instance = _parse("Instance", json.loads(raw))
+        return result
+
+    def _image_events(
+        self, resp: http.client.HTTPResponse, what: str, progress: ProgressCallback | None
+    ) -> ImageInfo:
         self._busy = resp
         try:
             for line in iter(resp.readline, b""):
@@ -816,7 +947,7 @@ class Client:
             if resp.will_close or not resp.isclosed():
                 self.close()
         raise EngineError(
-            f"building image '{name}': vzd ended the stream without a result",
+            f"{what}: vzd ended the stream without a result",
             hint=f"see {self.settings.daemon_log}",
         )
 

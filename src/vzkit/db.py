@@ -31,6 +31,13 @@ CREATE TABLE IF NOT EXISTS instances (
     runtime TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS networks (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pools (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS volumes (
+    pool TEXT NOT NULL,
+    name TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (pool, name)
+);
 """
 
 
@@ -136,3 +143,33 @@ class Database:
 
     def delete_network(self, name: str) -> None:
         self._conn.execute("DELETE FROM networks WHERE name = ?", (name,))
+
+    # -- storage ---------------------------------------------------------------------------
+    # Stored as JSON; vzkit.storage.models owns the schema.
+
+    def pool_rows(self) -> builtins.list[tuple[str, str]]:
+        rows = self._conn.execute("SELECT name, data FROM pools ORDER BY name").fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def put_pool(self, name: str, data: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO pools(name, data) VALUES (?, ?)", (name, data))
+
+    def delete_pool(self, name: str) -> None:
+        self._conn.execute("DELETE FROM pools WHERE name = ?", (name,))
+
+    def volume_rows(self, pool: str | None = None) -> builtins.list[str]:
+        if pool is None:
+            rows = self._conn.execute("SELECT data FROM volumes ORDER BY pool, name").fetchall()
+        else:
+            rows = self._conn.execute(
+                "SELECT data FROM volumes WHERE pool = ? ORDER BY name", (pool,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def put_volume(self, pool: str, name: str, data: str) -> None:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO volumes(pool, name, data) VALUES (?, ?, ?)", (pool, name, data)
+        )
+
+    def delete_volume(self, pool: str, name: str) -> None:
+        self._conn.execute("DELETE FROM volumes WHERE pool = ? AND name = ?", (pool, name))

@@ -20,18 +20,36 @@ from vzkit.network.models import (
     PortForward,
     Proto,
 )
+from vzkit.storage.models import (
+    PoolConfig,
+    PoolInfo,
+    VolumeAttachment,
+    VolumeConfig,
+    VolumeInfo,
+    VolumeUpdate,
+)
+from vzkit.storage.snapshots import CopyRequest, SnapshotCreate, SnapshotInfo
 from vzkit.units import NAME_RE, NAME_RULE, format_size, parse_size
 
 __all__ = [  # re-exported: one import site for every resource model
     "NAME_RE",
     "NAME_RULE",
+    "CopyRequest",
     "FirewallRule",
     "FirewallUpdate",
     "NetworkConfig",
     "NetworkUpdate",
     "NicConfig",
+    "PoolConfig",
+    "PoolInfo",
     "PortForward",
     "Proto",
+    "SnapshotCreate",
+    "SnapshotInfo",
+    "VolumeAttachment",
+    "VolumeConfig",
+    "VolumeInfo",
+    "VolumeUpdate",
     "format_size",
     "parse_size",
 ]
@@ -127,6 +145,14 @@ class InstanceCreate(Strict):
     ports: list[PortForward] = Field(
         default_factory=list, description="Host ports to forward to the instance"
     )
+    volumes: list[VolumeAttachment] = Field(
+        default_factory=list, description="Volumes: disks for VMs, bind mounts for containers"
+    )
+    source: str | None = Field(
+        None,
+        description="INSTANCE/SNAPSHOT: start from that stateful snapshot's memory instead of "
+        "booting (warm start); type, image and limits are the snapshot's",
+    )
 
     @field_validator("name")
     @classmethod
@@ -153,6 +179,7 @@ class Instance(Strict):
         default_factory=list, description="Interfaces, with address, MAC and name resolved"
     )
     ports: list[PortForward] = Field(default_factory=list, description="Host port forwards")
+    volumes: list[VolumeAttachment] = Field(default_factory=list, description="Attached volumes")
     firewall: list[FirewallRule] | None = Field(
         None,
         description="Ingress allow-list: None lets everything in; a list (even empty) drops "

@@ -77,8 +77,9 @@ def _spawn_in(group: Cgroup, argv: list[str]) -> subprocess.Popen[bytes]:
 
 
 def _wait_for_pid(group: Cgroup, pid: int) -> None:
+    # In every hierarchy: the shell joins them one after the other (v1).
     deadline = time.monotonic() + 5
-    while pid not in group.pids():
+    while not all(str(pid) in f.read_text().split() for f in group.procs_files()):
         assert time.monotonic() < deadline, "process never appeared in the cgroup"
         time.sleep(0.01)
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vzkit.cli import checks, netcmds
+from vzkit.cli import checks, netcmds, snapcmds, storecmds
 from vzkit.cli.checks import UsageError
 from vzkit.cli.render import (
     Progress,
@@ -42,8 +42,8 @@ def _client(args: argparse.Namespace, *, autostart: bool = True) -> Client:
 
 def dispatch(args: argparse.Namespace) -> int:
     key = args.cmd
-    subs = ("file_cmd", "config_cmd", "network_cmd", "port_cmd", "firewall_cmd", "image_cmd")
-    for sub in (*subs, "host_cmd", "daemon_cmd"):
+    subs = ("file_cmd", "config_cmd", "network_cmd", "port_cmd", "firewall_cmd", "snapshot_cmd")
+    for sub in (*subs, "storage_cmd", "volume_cmd", "image_cmd", "host_cmd", "daemon_cmd"):
         if getattr(args, sub, None):
             key = f"{args.cmd}.{getattr(args, sub)}"
     handler = _HANDLERS[key]
@@ -135,14 +135,23 @@ def _sigint_deferred() -> Iterator[None]:
 
 
 def cmd_run(args: argparse.Namespace, client: Client) -> int:
-    image = checks.check_name(args.image, "image")
+    if (args.image is None) == (args.source is None):
+        raise UsageError(
+            "give an image or --from INSTANCE/SNAPSHOT, not both or neither",
+            hint="vz run minimal -- CMD, or vz run --from web/s1 -- CMD",
+        )
+    image = checks.check_name(args.image, "image") if args.image else "minimal"
     # Naming it here means an interrupted create can still be found and deleted.
     name = checks.check_name(args.name) if args.name else f"run-{os.urandom(4).hex()}"
     body = _create_body(args, image, name)
     body.update(ephemeral=True, start=True)
+    if args.source:
+        body.update(source=args.source)
+        body.pop("image")
     opts = _exec_checks(args, "vz run IMAGE -- CMD...")
     preload("websockets.sync.client")
-    _ensure_image(client, image)
+    if not args.source:
+        _ensure_image(client, image)
     created = False
     try:
         try:
@@ -187,6 +196,8 @@ def _create_body(args: argparse.Namespace, image: str, name: str | None) -> dict
         )
     if args.port:
         body["ports"] = [checks.parse_port(spec) for spec in args.port]
+    if args.volume:
+        body["volumes"] = [storecmds.parse_volume(spec) for spec in args.volume]
     return body
 
 
@@ -284,6 +295,13 @@ def instance_pairs(i: Instance) -> list[tuple[str, object]]:
         ("agent", i.agent_version),
         ("kernel", i.kernel_release),
         *netcmds.network_pairs(i),
+        *(
+            (
+                f"volume {v.pool}/{v.volume}",
+                (v.path or "disk") + (" (read-only)" if v.readonly else ""),
+            )
+            for v in i.volumes
+        ),
     ]
 
 
@@ -553,6 +571,8 @@ _HANDLERS: dict[str, Handler] = {
     "file.pull": cmd_file_pull,
     "delete": cmd_delete,
     **netcmds.HANDLERS,
+    **snapcmds.HANDLERS,
+    **storecmds.HANDLERS,
     "config.show": cmd_config_show,
     "config.set": cmd_config_set,
     "image.list": cmd_image_list,

@@ -75,6 +75,12 @@ def _instance_opts(p: argparse.ArgumentParser) -> None:
         "network)",
     )
     p.add_argument(
+        "--volume",
+        action="append",
+        metavar="[POOL/]NAME[:PATH][:ro]",
+        help="attach a volume (containers: mounted at PATH)",
+    )
+    p.add_argument(
         "-p",
         "--port",
         action="append",
@@ -107,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         return parser
 
     p = add("run", "run a command in a fresh ephemeral instance")
-    p.add_argument("image")
+    p.add_argument("image", nargs="?", help="the image (not with --from)")
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="INSTANCE/SNAPSHOT",
+        help="start from a stateful snapshot's memory instead of booting (warm start)",
+    )
     p.add_argument("--name", default=None)
     _instance_opts(p)
     _exec_opts(p)
@@ -196,6 +208,46 @@ def build_parser() -> argparse.ArgumentParser:
     dp = nsub.add_parser("detach", help="remove an instance's interface", parents=[g])
     dp.add_argument("instance")
     dp.add_argument("network")
+
+    p = add("snapshot", "snapshots of an instance")
+    ssub = p.add_subparsers(
+        dest="snapshot_cmd", metavar="create|list|info|restore|delete", parser_class=_Parser
+    )
+    ssub.required = True
+    sc = ssub.add_parser("create", help="take a snapshot", parents=[g])
+    sc.add_argument("instance")
+    sc.add_argument("snapshot", nargs="?", help="its name (default: snap0, snap1, ...)")
+    sc.add_argument("--stateful", action="store_true", help="also save the running memory (VMs)")
+    ssub.add_parser("list", help="list snapshots", parents=[g]).add_argument("instance")
+    for verb, text in (
+        ("info", "show a snapshot"),
+        ("restore", "go back to a snapshot (a running instance is restarted)"),
+        ("delete", "delete a snapshot"),
+    ):
+        sp_ = ssub.add_parser(verb, help=text, parents=[g])
+        sp_.add_argument("instance")
+        sp_.add_argument("snapshot")
+
+    from vzkit.cli import storecmds  # the client is imported for every command anyway
+
+    storecmds.add_parsers(add, g, _Parser)
+
+    p = add("copy", "copy an instance (copy-on-write: instant)")
+    p.add_argument("source")
+    p.add_argument("target")
+
+    p = add("export", "write an instance (disks, files, snapshots) to an archive")
+    p.add_argument("instance")
+    p.add_argument("file", help="the archive to write ('-': standard output)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    p = add("import", "create an instance from an archive made by vz export")
+    p.add_argument("file", help="the archive ('-': standard input)")
+    p.add_argument("--name", help="a new name (default: the exported one)")
+
+    p = add("publish", "turn a VM's disk into a new image")
+    p.add_argument("instance")
+    p.add_argument("image")
 
     p = add("port", "forward host ports to instances")
     psub = p.add_subparsers(dest="port_cmd", metavar="add|list|remove", parser_class=_Parser)

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
@@ -36,10 +36,17 @@ from vzkit.models import (
     NetworkConfig,
     NetworkUpdate,
     NicConfig,
+    PoolConfig,
+    PoolInfo,
     PortForward,
     Proto,
     StateChange,
+    VolumeAttachment,
+    VolumeConfig,
+    VolumeInfo,
+    VolumeUpdate,
 )
+from vzkit.storage.snapshots import CopyRequest, SnapshotCreate, SnapshotInfo
 
 API = "/1.0"
 log = logging.getLogger(__name__)
@@ -219,6 +226,83 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
         await actions.delete_network(name)
         return Response(status_code=204)
 
+    # -- storage pools and volumes -------------------------------------------------------
+
+    @app.get(f"{API}/storage", responses=_ERRORS)
+    async def list_pools() -> list[PoolInfo]:
+        return actions.volumes.pools()
+
+    @app.post(f"{API}/storage", status_code=201, responses=_ERRORS)
+    async def create_pool(config: PoolConfig) -> PoolInfo:
+        return await actions.volumes.create_pool(config)
+
+    @app.get(f"{API}/storage/{{pool}}", responses=_ERRORS)
+    async def get_pool(pool: str) -> PoolInfo:
+        return actions.volumes.pool(pool)
+
+    @app.delete(f"{API}/storage/{{pool}}", status_code=204, responses=_ERRORS)
+    async def delete_pool(pool: str) -> Response:
+        await actions.volumes.delete_pool(pool)
+        return Response(status_code=204)
+
+    @app.get(f"{API}/volumes", responses=_ERRORS)
+    async def list_volumes(pool: str | None = None) -> list[VolumeInfo]:
+        return actions.volumes.all(pool)
+
+    @app.post(f"{API}/volumes", status_code=201, responses=_ERRORS)
+    async def create_volume(config: VolumeConfig) -> VolumeInfo:
+        return await actions.volumes.create(config)
+
+    @app.get(f"{API}/storage/{{pool}}/volumes/{{name}}", responses=_ERRORS)
+    async def get_volume(pool: str, name: str) -> VolumeInfo:
+        return actions.volumes.get(pool, name)
+
+    @app.patch(f"{API}/storage/{{pool}}/volumes/{{name}}", responses=_ERRORS)
+    async def resize_volume(pool: str, name: str, change: VolumeUpdate) -> VolumeInfo:
+        return await actions.volumes.resize(pool, name, change.size)
+
+    @app.delete(f"{API}/storage/{{pool}}/volumes/{{name}}", status_code=204, responses=_ERRORS)
+    async def delete_volume(pool: str, name: str) -> Response:
+        await actions.volumes.delete(pool, name)
+        return Response(status_code=204)
+
+    @app.post(f"{API}/instances/{{name}}/volumes", responses=_ERRORS)
+    async def attach_volume(name: str, att: VolumeAttachment) -> Instance:
+        return await actions.volumes.attach(name, att)
+
+    @app.delete(f"{API}/instances/{{name}}/volumes/{{pool}}/{{volume}}", responses=_ERRORS)
+    async def detach_volume(name: str, pool: str, volume: str) -> Instance:
+        return await actions.volumes.detach(name, pool, volume)
+
+    # -- snapshots and copies ------------------------------------------------------------
+
+    @app.get(f"{API}/instances/{{name}}/snapshots", responses=_ERRORS)
+    async def list_snapshots(name: str) -> list[SnapshotInfo]:
+        return actions.snapshots.list(name)
+
+    @app.post(f"{API}/instances/{{name}}/snapshots", status_code=201, responses=_ERRORS)
+    async def create_snapshot(name: str, req: SnapshotCreate) -> SnapshotInfo:
+        return await actions.snapshots.create(name, req.name, stateful=req.stateful)
+
+    @app.get(f"{API}/instances/{{name}}/snapshots/{{snapshot}}", responses=_ERRORS)
+    async def get_snapshot(name: str, snapshot: str) -> SnapshotInfo:
+        return actions.snapshots.get(name, snapshot)
+
+    @app.post(f"{API}/instances/{{name}}/snapshots/{{snapshot}}/restore", responses=_ERRORS)
+    async def restore_snapshot(name: str, snapshot: str) -> Instance:
+        return await actions.snapshots.restore(name, snapshot)
+
+    @app.delete(
+        f"{API}/instances/{{name}}/snapshots/{{snapshot}}", status_code=204, responses=_ERRORS
+    )
+    async def delete_snapshot(name: str, snapshot: str) -> Response:
+        await actions.snapshots.delete(name, snapshot)
+        return Response(status_code=204)
+
+    @app.post(f"{API}/instances/{{name}}/copy", status_code=201, responses=_ERRORS)
+    async def copy_instance(name: str, req: CopyRequest) -> Instance:
+        return await actions.snapshots.copy(name, req.name)
+
     # -- an instance's NICs, port forwards and ingress allow-list -------------------------
 
     @app.post(f"{API}/instances/{{name}}/nics", responses=_ERRORS)
@@ -262,8 +346,28 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
         if name not in actions.images.known_names():
             await actions.ensure_image(name)  # raises NotFound with the list of names
         return StreamingResponse(
-            _build_stream(actions, name, force), media_type="application/x-ndjson"
+            _image_stream(lambda progress: actions.build_image(name, progress, force)),
+            media_type="application/x-ndjson",
         )
+
+    @app.post(f"{API}/instances/{{name}}/publish", responses=_ERRORS)
+    async def publish_instance(name: str, image: str = Query(...)) -> StreamingResponse:
+        actions.get(name)  # an unknown instance is a 404 before the stream starts
+        return StreamingResponse(
+            _image_stream(lambda progress: actions.transfers.publish(name, image, progress)),
+            media_type="application/x-ndjson",
+        )
+
+    @app.get(f"{API}/instances/{{name}}/export", responses=_ERRORS)
+    async def export_instance(name: str) -> StreamingResponse:
+        size, chunks = await actions.transfers.export(name)
+        return StreamingResponse(
+            chunks, media_type="application/x-tar", headers={"X-Vz-Export-Size": str(size)}
+        )
+
+    @app.post(f"{API}/import", status_code=201, responses=_ERRORS)
+    async def import_instance(request: Request, name: str | None = None) -> Instance:
+        return await actions.transfers.import_(request.stream(), name)
 
     @app.delete(f"{API}/images/{{name}}", status_code=204, responses=_ERRORS)
     async def delete_image(name: str) -> Response:
@@ -278,7 +382,10 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     return app
 
 
-async def _build_stream(actions: Actions, name: str, force: bool) -> AsyncIterator[bytes]:
+async def _image_stream(
+    job: Callable[[Callable[[str, float | None], None]], Awaitable[ImageInfo]],
+) -> AsyncIterator[bytes]:
+    """NDJSON: progress lines while ``job`` makes an image, then the image or an error."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -289,7 +396,7 @@ async def _build_stream(actions: Actions, name: str, force: bool) -> AsyncIterat
 
     async def run() -> None:
         try:
-            info = await actions.build_image(name, progress, force)
+            info = await job(progress)
             queue.put_nowait({"image": info.model_dump(mode="json")})
         except VzError as exc:
             queue.put_nowait({"error": exc.to_dict()})

@@ -94,6 +94,7 @@ async def serve(settings: Settings) -> None:
     }
     actions = Actions(settings, db, host, images, engines)
     await actions.reconcile()
+    await actions.snapshots.reconcile()
     await asyncio.to_thread(actions.networks.reconcile)
 
     server: uvicorn.Server | None = None

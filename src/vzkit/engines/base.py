@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from vzkit.models import ExecRequest, ExecResult, Instance, Limits
 from vzkit.network.nics import NetPlan, NicPlan
+from vzkit.storage.manager import VolumeMount
 
 
 @dataclass
@@ -55,10 +57,66 @@ class Engine(Protocol):
         ...
 
     async def start(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], net: NetPlan
+        self,
+        inst: Instance,
+        uuid: str,
+        runtime: dict[str, Any],
+        net: NetPlan,
+        restore: Path | None = None,
+        volumes: Sequence[VolumeMount] = (),
     ) -> Started:
         """Boot the instance with its NICs plugged in and configured (addresses, routes,
-        resolv.conf) before it counts as running."""
+        resolv.conf) before it counts as running; with ``restore``, load that saved memory
+        state instead of booting (VMs)."""
+        ...
+
+    # Snapshots and copies. A running instance is paused by the caller around these.
+    async def snapshot_disk(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], dest: Path
+    ) -> tuple[dict[str, Any], str | None]:
+        """Capture the instance's disk state for a snapshot being built in ``dest``;
+        returns the new runtime facts and the name of a frozen disk layer, if any."""
+        ...
+
+    async def quiesce(self, name: str) -> None:
+        """Prepare a running VM's memory for saving (drop caches, zero free pages)."""
+        ...
+
+    async def save_state(self, name: str, dest: Path) -> int:
+        """Write a paused VM's memory and device state to ``dest``; returns its size."""
+        ...
+
+    async def restore_disk(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], snapshot: Path, layer: str | None
+    ) -> dict[str, Any]:
+        """Put a stopped instance's disk back to a snapshot's; returns the new runtime."""
+        ...
+
+    async def clone_disk(self, src_uuid: str, layer: str | None, dst_uuid: str) -> dict[str, Any]:
+        """Give a new instance a copy-on-write copy of ``src``'s frozen disk state."""
+        ...
+
+    async def prune_disks(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], keep: list[str]
+    ) -> None:
+        """Remove disk layers neither the current disk nor the ``keep`` layers need."""
+        ...
+
+    async def drop_layer(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], layer: str
+    ) -> None:
+        """Merge a deleted snapshot's layer into what depends on it (StateError if unsafe)."""
+        ...
+
+    def state_dir(self, uuid: str) -> Path: ...
+
+    async def attach_volume(self, name: str, volume: VolumeMount) -> None:
+        """Give a running instance a volume (StateError if the engine cannot live)."""
+        ...
+
+    async def detach_volume(self, name: str, volume: VolumeMount) -> None: ...
+    async def resize_volume(self, name: str, volume: VolumeMount, size: int) -> None:
+        """Tell a running instance its attached volume grew (QMP block_resize)."""
         ...
 
     async def plug(self, name: str, nic: NicPlan) -> None:

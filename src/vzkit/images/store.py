@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from vzkit.errors import ImageError, NotFound
+from vzkit.errors import Conflict, ImageError, NotFound
 from vzkit.models import NAME_RE, ImageInfo
 from vzkit.settings import Settings
 
@@ -231,6 +231,36 @@ class ImageStore:
                 shutil.rmtree(workdir, ignore_errors=True)
         report("done", 1.0)
         return info
+
+    def publish(self, name: str, base: ImageInfo, rootfs: Path, origin: str) -> ImageInfo:
+        """A new image: ``base``'s kernel and initramfs with ``rootfs`` as its disk.
+
+        ``rootfs`` (a standalone qcow2) is moved into the store. Published images have no
+        builder: they are never rebuilt, only deleted.
+        """
+        if name in self._builders or not NAME_RE.match(name):
+            raise Conflict(
+                f"image name {name!r} is taken by a built-in image"
+                if NAME_RE.match(name)
+                else f"invalid image name {name!r}",
+                hint="choose another name",
+            )
+        if self._manifest_path(name).exists():
+            raise Conflict(
+                f"an image named {name!r} already exists",
+                hint=f"choose another name, or delete it: vz image delete {name}",
+            )
+        files = {
+            role: Path(path) for role, path in base.files.items() if role not in (CMDLINE_ROLE,)
+        }
+        files["rootfs"] = rootfs
+        result = BuildResult(
+            files=files,
+            kernel_release=base.kernel_release,
+            cmdline=base.files.get(CMDLINE_ROLE, ""),
+        )
+        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        return self._commit(name, "disk", f"published:{origin}", result)
 
     def delete(self, name: str) -> None:
         """Remove the manifest and every blob no other manifest uses."""

@@ -35,6 +35,9 @@ class NetworkManager:
     def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
         self.db = db
+        # The ruleset last applied: most instance changes (an ephemeral sandbox coming and
+        # going) do not change it, and an `nft` run costs tens of milliseconds.
+        self._applied: str | None = None
 
     # -- networks ------------------------------------------------------------------------
 
@@ -223,6 +226,7 @@ class NetworkManager:
         state.mkdir(parents=True, exist_ok=True)
         if not nets:
             nft.remove(state)
+            self._applied = None
             return
         instances = self.db.list()
         firewalls = [
@@ -233,7 +237,13 @@ class NetworkManager:
             if nic.ip is not None
         ]
         forwards = [pf for inst in instances for pf in inst.ports]
-        nft.apply(nft.Ruleset(networks=nets, forwards=forwards, firewalls=firewalls), state)
+        rules = nft.Ruleset(networks=nets, forwards=forwards, firewalls=firewalls)
+        text = nft.render(rules)
+        if text == self._applied:
+            return
+        self._applied = None  # unknown if apply fails half-way
+        nft.apply(rules, state)
+        self._applied = text
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -53,23 +53,29 @@ class NetPlan:
             lines.append(f"search {self.search}")
         return "".join(f"{line}\n" for line in lines)
 
-    def guest_script(self) -> str:
+    def guest_script(self, hostname: str | None = None) -> str:
         """A POSIX sh script (busybox or iproute2) that configures the NICs by MAC.
 
         Interfaces are found by MAC, not by name, and renamed in two steps so that eth0 and
-        eth1 swapping places cannot collide.
+        eth1 swapping places cannot collide. A guest restored from another instance's
+        memory still has that instance's MACs: then the interface is found by name and
+        given its new MAC (and ``hostname`` its new name).
         """
         q = shlex.quote
         out = [
             "set -e",
             "byaddr() { for d in /sys/class/net/*; do "
             '[ "$(cat "$d/address")" = "$1" ] && { echo "${d##*/}"; return 0; }; done; '
+            '[ -e "/sys/class/net/$2" ] && ip link set dev "$2" down && '
+            'ip link set dev "$2" address "$1" && { echo "$2"; return 0; }; '
             'echo "no network interface with MAC $1" >&2; exit 1; }',
             "ip link set lo up",
         ]
+        if hostname:
+            out.append(f"hostname {q(hostname)}")
         for i, nic in enumerate(self.nics):
             out += [
-                f"n=$(byaddr {q(nic.mac)})",
+                f"n=$(byaddr {q(nic.mac)} {q(nic.ifname)})",
                 'ip link set "$n" down',
                 f'ip link set "$n" name vzrn{i}',
             ]

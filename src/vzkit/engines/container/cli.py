@@ -5,6 +5,9 @@ container), so the hot commands (create, run, start, state, kill, delete) are pa
 hand and import only os, sys and the modules they use; argparse (several ms with the
 ``re``, ``gettext``, ``shutil`` and ``locale`` it pulls in) is imported only for the other
 commands, ``--help`` and usage errors, which it reports exactly as before.
+
+Besides runc's commands, two of its own (see livemount.py, hand-parsed too) attach storage
+to a running container: ``mount [--readonly] ID SOURCE TARGET`` and ``umount ID TARGET``.
 """
 
 from __future__ import annotations
@@ -141,6 +144,14 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--pids-limit", type=int)
     u.add_argument("--blkio-weight", type=int)
     u.add_argument("id")
+    m = cmd("mount", "bind-mount a host path into a running container (not OCI)")
+    m.add_argument("--readonly", action="store_true", help="make the mount read-only")
+    m.add_argument("id")
+    m.add_argument("source", help="host path: a directory or a file")
+    m.add_argument("target", help="absolute path in the container (created if missing)")
+    um = cmd("umount", "detach a mount from a running container (not OCI)")
+    um.add_argument("id")
+    um.add_argument("target", help="absolute path of the mount in the container")
     return p
 
 
@@ -178,6 +189,8 @@ _FAST: dict[str, tuple[dict[str, str], dict[str, str], tuple[str, ...], dict[str
     "state": ({}, {}, ("id",), {}),
     "delete": ({}, {"--force": "force", "-f": "force"}, ("id",), {}),
     "kill": ({}, {"--all": "all", "-a": "all"}, ("id", "signal"), {"signal": "TERM"}),
+    "mount": ({}, {"--readonly": "readonly"}, ("id", "source", "target"), {}),
+    "umount": ({}, {}, ("id", "target"), {}),
 }
 _DEFAULTS: dict[str, Any] = {
     "root": DEFAULT_ROOT,
@@ -328,6 +341,14 @@ def _dispatch(a: Any, log: Logger) -> int:
         from vzkit.engines.container.state import load
 
         _print_json(load(root, a.id).oci())
+        return 0
+    if c in ("mount", "umount"):
+        from vzkit.engines.container import livemount
+
+        if c == "mount":
+            livemount.mount(root, a.id, a.source, a.target, readonly=a.readonly)
+        else:
+            livemount.umount(root, a.id, a.target)
         return 0
     from vzkit.engines.container import runtime as rt
 

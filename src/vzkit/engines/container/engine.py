@@ -21,7 +21,7 @@ import socket
 import struct
 import sys
 import termios
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from vzkit.engines.base import ConsoleStream, ExecSession, ExitInfo, Started
 from vzkit.engines.common import ProcessEngine
 from vzkit.engines.container import syscalls
 from vzkit.engines.container.spec import default_spec
-from vzkit.errors import AgentError, EngineError, NotFound
+from vzkit.errors import AgentError, EngineError, InvalidConfig, NotFound, ResourceExhausted
 from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
 from vzkit.images.store import ImageStore
@@ -39,6 +39,7 @@ from vzkit.models import ExecRequest, ExecResult, Instance, Limits
 from vzkit.network import links
 from vzkit.network.nics import NetPlan, NicPlan
 from vzkit.settings import Settings
+from vzkit.storage.manager import VolumeMount
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,9 @@ class ContainerEngine(ProcessEngine):
         self._write_bundle(inst, sdir)
         return {"lower": str(lower)}
 
-    def _write_bundle(self, inst: Instance, sdir: Path) -> None:
+    def _write_bundle(
+        self, inst: Instance, sdir: Path, volumes: Sequence[VolumeMount] = ()
+    ) -> None:
         spec = default_spec()
         process = spec["process"]
         process.update(
@@ -350,6 +353,15 @@ class ContainerEngine(ProcessEngine):
         linux = spec.setdefault("linux", {})
         linux["cgroupsPath"] = self._cgroup_path(inst.name)
         linux["resources"] = {"memory": {"limit": limits.memory}, "cpu": cpu}
+        for v in volumes:
+            spec["mounts"].append(
+                {
+                    "destination": v.target,
+                    "type": "bind",
+                    "source": str(v.host_path),
+                    "options": ["rbind", "ro" if v.readonly else "rw", "nosuid", "nodev"],
+                }
+            )
         (sdir / "bundle" / "config.json").write_text(json.dumps(spec, indent=1))
 
     def _mount_rootfs(self, sdir: Path, lower: str) -> None:
@@ -365,12 +377,20 @@ class ContainerEngine(ProcessEngine):
             syscalls.umount2(str(target), syscalls.MNT_DETACH)
 
     async def start(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], net: NetPlan
+        self,
+        inst: Instance,
+        uuid: str,
+        runtime: dict[str, Any],
+        net: NetPlan,
+        restore: Path | None = None,
+        volumes: Sequence[VolumeMount] = (),
     ) -> Started:
+        if restore is not None:
+            await self.save_state(inst.name, restore)  # raises: no checkpoints
         if inst.name in self._live:
             raise EngineError(f"container {inst.name!r} is already running")
         sdir = self.state_dir(uuid)
-        self._write_bundle(inst, sdir)  # limits may have changed since create
+        self._write_bundle(inst, sdir, volumes)  # limits and volumes may have changed
         if net.nics:
             _write_resolv_conf(sdir / "upper", net.resolv_conf())
         self._mount_rootfs(sdir, runtime["lower"])
@@ -463,6 +483,19 @@ class ContainerEngine(ProcessEngine):
         await self._runtime(*args, live.uuid)
         self._write_bundle(inst.model_copy(update={"limits": limits}), self.state_dir(live.uuid))
 
+    async def attach_volume(self, name: str, volume: VolumeMount) -> None:
+        assert volume.target is not None
+        ro = ["--readonly"] if volume.readonly else []
+        uuid = self._get(name).uuid
+        await self._runtime("mount", *ro, uuid, str(volume.host_path), volume.target)
+
+    async def detach_volume(self, name: str, volume: VolumeMount) -> None:
+        assert volume.target is not None
+        await self._runtime("umount", self._get(name).uuid, volume.target)
+
+    async def resize_volume(self, name: str, volume: VolumeMount, size: int) -> None:
+        pass  # a directory has no size to change
+
     async def plug(self, name: str, nic: NicPlan) -> None:
         await asyncio.to_thread(_plug_veth, self._get(name).pid, nic)
 
@@ -476,6 +509,58 @@ class ContainerEngine(ProcessEngine):
 
     async def resume(self, name: str) -> None:
         await self._runtime("resume", self._get(name).uuid)
+
+    # -- snapshots and copies: the overlay's upper layer is the container's own data -------
+
+    async def snapshot_disk(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], dest: Path
+    ) -> tuple[dict[str, Any], str | None]:
+        """Copy the upper layer (a running container must be paused: a consistent copy)."""
+        await _copy_tree(self.state_dir(uuid) / "upper", dest / "upper")
+        return runtime, None
+
+    async def quiesce(self, name: str) -> None:
+        pass
+
+    async def save_state(self, name: str, dest: Path) -> int:
+        raise InvalidConfig(
+            "containers have no stateful snapshots (their processes are not checkpointed)",
+            hint="take a snapshot without --stateful: it keeps the container's files",
+        )
+
+    async def restore_disk(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], snapshot: Path, layer: str | None
+    ) -> dict[str, Any]:
+        sdir = self.state_dir(uuid)
+        fresh = sdir / "upper.restoring"
+        shutil.rmtree(fresh, ignore_errors=True)
+        await _copy_tree(snapshot / "upper", fresh)
+        old = sdir / "upper.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(sdir / "upper", old)
+        os.rename(fresh, sdir / "upper")
+        shutil.rmtree(old, ignore_errors=True)
+        # The work directory belongs to the old upper layer.
+        shutil.rmtree(sdir / "work", ignore_errors=True)
+        (sdir / "work").mkdir()
+        return runtime
+
+    async def clone_disk(self, src_uuid: str, layer: str | None, dst_uuid: str) -> dict[str, Any]:
+        dst = self.state_dir(dst_uuid)
+        for d in ("work", "rootfs", "bundle"):
+            (dst / d).mkdir(parents=True, exist_ok=True)
+        await _copy_tree(self.state_dir(src_uuid) / "upper", dst / "upper")
+        return {}
+
+    async def prune_disks(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], keep: list[str]
+    ) -> None:
+        pass  # a container's snapshots are self-contained copies
+
+    async def drop_layer(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], layer: str
+    ) -> None:
+        pass
 
     async def destroy(self, inst: Instance, uuid: str) -> None:
         live = self._live.get(inst.name)
@@ -685,3 +770,20 @@ def _write_resolv_conf(upper: Path, text: str) -> None:
     if target.is_symlink():
         target.unlink()
     target.write_text(text)
+
+
+async def _copy_tree(src: Path, dst: Path) -> None:
+    """``cp -a``: keeps owners, modes, xattrs and overlayfs whiteouts; reflinks where the
+    file system can (then a copy costs no data blocks)."""
+    proc = await asyncio.create_subprocess_exec(
+        "cp", "-a", "--reflink=auto", "--", str(src), str(dst),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        shutil.rmtree(dst, ignore_errors=True)
+        why = err.decode(errors="replace").strip()
+        if "No space left" in why:
+            raise ResourceExhausted(f"copying {src} failed: {why}", hint="free disk space")
+        raise EngineError(f"copying {src} failed: {why}")

@@ -87,6 +87,19 @@ MNT_DETACH = 0x2
 MNT_EXPIRE = 0x4
 UMOUNT_NOFOLLOW = 0x8
 
+# -- the new mount API (<linux/mount.h>, <linux/fcntl.h>) ---------------------------------
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
 # -- prctl (<linux/prctl.h>) ---------------------------------------------------------------
 
 PR_SET_PDEATHSIG = 1
@@ -110,6 +123,10 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # pivot_root and seccomp have no glibc wrapper; numbers from the kernel's syscall tables.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "i686": 217, "i386": 217}
 _SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "i686": 354, "i386": 354}
+# Added after the syscall tables were unified (5.1+): one number on every architecture.
+_SYS_OPEN_TREE = {"x86_64": 428, "aarch64": 428, "i686": 428, "i386": 428}
+_SYS_MOVE_MOUNT = {"x86_64": 429, "aarch64": 429, "i686": 429, "i386": 429}
+_SYS_MOUNT_SETATTR = {"x86_64": 442, "aarch64": 442, "i686": 442, "i386": 442}
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 SECCOMP_SET_MODE_FILTER = 1
@@ -156,6 +173,10 @@ def hint_for_errno(err: int, syscall: str = "") -> str:
             "loading a filter without no_new_privs needs CAP_SYS_ADMIN: set "
             "process.noNewPrivileges, or load it before capabilities are dropped"
         )
+    if syscall in ("open_tree", "move_mount", "mount_setattr") and err == _errno.ENOSYS:
+        return "the new mount API needs Linux 5.2 or later (mount_setattr: 5.12)"
+    if syscall == "move_mount" and err == _errno.EINVAL:
+        return "a directory mounts only on a directory and a file only on a file"
     if syscall in ("capset", "prctl") and err == _errno.EPERM:
         return "the process lacks CAP_SETPCAP or the capability is outside its bounding set"
     return _HINTS.get(err, "see the errno for this syscall in its man page")
@@ -279,6 +300,79 @@ def pivot_root(new_root: str | os.PathLike[str], put_old: str | os.PathLike[str]
         raise SyscallError("pivot_root", _errno.ENOSYS, os.fspath(new_root))
     ret = libc().syscall(ctypes.c_long(nr), _b(new_root), _b(put_old))
     _check(ret, "pivot_root", f"{os.fspath(new_root)}, {os.fspath(put_old)}")
+
+
+def _nr(table: dict[str, int], syscall: str, path: str) -> int:
+    nr = table.get(os.uname().machine)
+    if nr is None:
+        raise SyscallError(syscall, _errno.ENOSYS, path)
+    return nr
+
+
+def open_tree(dirfd: int, path: str | os.PathLike[str], flags: int) -> int:
+    """open_tree(2): with OPEN_TREE_CLONE, a detached copy of the mount (tree, with
+    AT_RECURSIVE) at ``path``, as an fd for move_mount. Returns the fd."""
+    shown = os.fspath(path)
+    nr = _nr(_SYS_OPEN_TREE, "open_tree", shown)
+    ret = libc().syscall(ctypes.c_long(nr), ctypes.c_int(dirfd), _b(path), ctypes.c_uint(flags))
+    return _check(ret, "open_tree", shown)
+
+
+def move_mount(
+    from_dirfd: int,
+    from_path: str | os.PathLike[str],
+    to_dirfd: int,
+    to_path: str | os.PathLike[str],
+    flags: int,
+) -> None:
+    """move_mount(2), e.g. attach an open_tree fd (MOVE_MOUNT_F_EMPTY_PATH) at ``to_path``."""
+    shown = os.fspath(to_path)
+    nr = _nr(_SYS_MOVE_MOUNT, "move_mount", shown)
+    ret = libc().syscall(
+        ctypes.c_long(nr),
+        ctypes.c_int(from_dirfd),
+        _b(from_path),
+        ctypes.c_int(to_dirfd),
+        _b(to_path),
+        ctypes.c_uint(flags),
+    )
+    _check(ret, "move_mount", shown)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def mount_setattr(
+    dirfd: int,
+    path: str | os.PathLike[str],
+    flags: int,
+    *,
+    attr_set: int = 0,
+    attr_clr: int = 0,
+    propagation: int = 0,
+    shown: str | None = None,
+) -> None:
+    """mount_setattr(2): MOUNT_ATTR_* bits and/or a propagation type (MS_PRIVATE...) on
+    the mount at ``dirfd``/``path`` (AT_EMPTY_PATH: the fd itself; AT_RECURSIVE: and
+    every mount under it). ``shown`` names the mount in errors."""
+    shown = shown if shown is not None else (os.fspath(path) or f"fd {dirfd}")
+    nr = _nr(_SYS_MOUNT_SETATTR, "mount_setattr", shown)
+    attr = _MountAttr(attr_set, attr_clr, propagation, 0)
+    ret = libc().syscall(
+        ctypes.c_long(nr),
+        ctypes.c_int(dirfd),
+        _b(path),
+        ctypes.c_uint(flags),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    _check(ret, "mount_setattr", shown)
 
 
 def sethostname(name: str) -> None:

@@ -21,6 +21,18 @@ class Disk:
     format: str = "qcow2"
     node: str = "root"
     read_only: bool = False
+    # Volumes: the guest finds them as /dev/disk/by-id/virtio-<serial>.
+    serial: str | None = None
+
+
+# Spare PCIe root ports of a q35 VM, for volumes and NICs plugged in while it runs (the
+# root bus itself takes no hot-plug). Each boot-time volume gets a port of its own too, so
+# that it can be unplugged live.
+HOTPLUG_PORTS = 4
+
+
+def hotplug_port(i: int) -> str:
+    return f"hp{i}"
 
 
 @dataclass(frozen=True)
@@ -114,15 +126,24 @@ def build_argv(binary: str, spec: MachineSpec) -> list[str]:
         "-device",
         f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
     ]
+    volumes = [d for d in spec.disks if d.serial is not None]
+    if spec.type is InstanceType.VM:
+        for i in range(len(volumes) + HOTPLUG_PORTS):
+            argv += ["-device", f"pcie-root-port,id={hotplug_port(i)},chassis={i + 1}"]
     for disk in spec.disks:
         ro = ",read-only=on" if disk.read_only else ""
+        device = f"virtio-blk-{bus},drive={disk.node}"
+        if disk.serial is not None:
+            device += f",id={disk.node},serial={disk.serial}"
+            if spec.type is InstanceType.VM:
+                device += f",bus={hotplug_port(volumes.index(disk))}"
         argv += [
             "-blockdev",
             f"driver=file,filename={disk.path},node-name={disk.node}-file,cache.direct=off{ro}",
             "-blockdev",
             f"driver={disk.format},file={disk.node}-file,node-name={disk.node}{ro}",
             "-device",
-            f"virtio-blk-{bus},drive={disk.node}",
+            device,
         ]
     for i, nic in enumerate(spec.nics):
         argv += [

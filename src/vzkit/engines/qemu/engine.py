@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,18 +24,28 @@ from qemu.qmp import EventListener, QMPClient
 
 from vzkit.engines.base import ConsoleStream, ExecSession, ExitInfo, Started
 from vzkit.engines.common import CONSOLE_LOG_MAX, ProcessEngine
-from vzkit.engines.qemu import process
+from vzkit.engines.qemu import disks as layers
+from vzkit.engines.qemu import process, savestate
 from vzkit.engines.qemu.agent import AgentClient
-from vzkit.engines.qemu.cmdline import Disk, MachineSpec, Nic, build_argv, kernel_cmdline
-from vzkit.errors import AgentError, EngineError, NotFound, StateError
+from vzkit.engines.qemu.cmdline import (
+    HOTPLUG_PORTS,
+    Disk,
+    MachineSpec,
+    Nic,
+    build_argv,
+    hotplug_port,
+    kernel_cmdline,
+)
+from vzkit.errors import AgentError, EngineError, NotFound, ResourceExhausted, StateError
 from vzkit.host.cgroups import Cgroup, CgroupDriver, CgroupLimits
 from vzkit.host.probe import HostInfo
 from vzkit.host.resources import TCG_TB_SIZE_MIB, qemu_memory_limit
 from vzkit.images.store import ImageStore
-from vzkit.models import Accel, ExecRequest, Instance, Limits
+from vzkit.models import Accel, ExecRequest, Instance, InstanceType, Limits
 from vzkit.network import links
 from vzkit.network.nics import NetPlan, NicPlan
 from vzkit.settings import Settings
+from vzkit.storage.manager import VolumeMount
 
 log = logging.getLogger(__name__)
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -57,6 +68,7 @@ class _Live:
     guest_shutdown: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     cgroup: Cgroup | None = None
+    type: InstanceType = InstanceType.MICROVM
 
 
 class _UnixConsole:
@@ -124,7 +136,13 @@ class QemuEngine(ProcessEngine):
         return {}
 
     async def start(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], net: NetPlan
+        self,
+        inst: Instance,
+        uuid: str,
+        runtime: dict[str, Any],
+        net: NetPlan,
+        restore: Path | None = None,
+        volumes: Sequence[VolumeMount] = (),
     ) -> Started:
         if inst.name in self._live:
             raise EngineError(f"instance {inst.name!r} already has a running QEMU")
@@ -140,9 +158,13 @@ class QemuEngine(ProcessEngine):
         root = None
         extra_args = image.files.get("cmdline", "")
         if image.files.get("rootfs"):
-            disks = (Disk(sdir / "root.qcow2"),)
+            disks = (Disk(sdir / layers.top_name(runtime)),)
             # The root disk is the first virtio-blk device; the image may name it itself.
             root = None if "vz.root=" in extra_args else "/dev/vda"
+        disks += tuple(
+            Disk(v.host_path, node=v.device_id, read_only=v.readonly, serial=v.name[:20])
+            for v in volumes
+        )
         cgroup: Cgroup | None = None
         pid: int | None = None
         try:
@@ -156,7 +178,8 @@ class QemuEngine(ProcessEngine):
             socks = [
                 process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock", "console.sock")
             ]
-            with process.closing_all(socks):
+            state_fd = os.open(restore, os.O_RDONLY) if restore else None
+            with process.closing_all(socks), _closing_fd(state_fd):
                 spec = MachineSpec(
                     name=inst.name,
                     uuid=uuid,
@@ -179,19 +202,20 @@ class QemuEngine(ProcessEngine):
                     pid_file=rdir / "qemu.pid",
                     disks=disks,
                     nics=tuple(Nic(n.host_name, n.mac) for n in net.nics),
+                    extra=tuple(savestate.incoming_args(state_fd) if state_fd else ()),
                 )
                 # A fresh boot starts a fresh console log.
                 (sdir / "console.log").write_bytes(b"")
                 t_spawn = time.monotonic()
                 pid = await process.launch(
                     build_argv(self.settings.qemu_binary, spec),
-                    pass_fds=[s.fileno() for s in socks],
+                    pass_fds=[s.fileno() for s in socks] + ([state_fd] if state_fd else []),
                     procs_files=cgroup.procs_files() if cgroup else [],
                     pid_file=spec.pid_file,
                     log_file=sdir / "qemu.log",
                 )
             t_launched = time.monotonic()
-            live = _Live(inst.name, uuid, pid, rdir, cgroup=cgroup)
+            live = _Live(inst.name, uuid, pid, rdir, cgroup=cgroup, type=inst.type)
             self._live[inst.name] = live
             try:
                 await self._watch(live)
@@ -200,9 +224,16 @@ class QemuEngine(ProcessEngine):
                     raise self._boot_failure(live) from exc
                 raise EngineError(f"cannot connect to QEMU's monitor: {exc}") from exc
             t_watched = time.monotonic()
+            if restore is not None:
+                assert live.qmp is not None
+                await savestate.wait_loaded(live.qmp)
+                await live.qmp.execute("cont")
             agent = await self._wait_agent(live, BOOT_TIMEOUT)
-            if net.nics:
-                await _configure_guest(agent, inst.name, net)
+            if net.nics or restore:
+                # After a restore the guest may be another instance's memory: rename it too.
+                await _configure_guest(agent, net.guest_script(inst.name if restore else None))
+            if volumes:
+                await _configure_guest(agent, _disk_links([v.name[:20] for v in volumes]))
             log.info(
                 "%s started: set-up %.3fs, qemu launch %.3fs, qmp %.3fs, boot to agent %.3fs",
                 inst.name,
@@ -240,18 +271,23 @@ class QemuEngine(ProcessEngine):
         cgroup = None
         if self.cgroups is not None:
             cgroup = self.cgroups.open(f"{self.settings.cgroup_parent}/{inst.name}")
-        live = _Live(inst.name, uuid, pid, self.runtime_dir(uuid), cgroup=cgroup)
+        live = _Live(inst.name, uuid, pid, self.runtime_dir(uuid), cgroup=cgroup, type=inst.type)
         self._live[inst.name] = live
         try:
             await self._watch(live)
             assert live.qmp is not None
+            # A snapshot the previous vzd was taking may still be saving memory: stop it.
+            migration: Any = await live.qmp.execute("query-migrate")
+            if migration.get("status") in ("setup", "active", "pre-switchover", "device"):
+                await live.qmp.execute("migrate_cancel")
             status: Any = await live.qmp.execute("query-status")
         except Exception as exc:
             log.warning("cannot re-attach to %s (pid %d): %s", inst.name, pid, exc)
             self._live.pop(inst.name, None)
             await self._detach(live)
             return None
-        return "paused" if status.get("status") in {"paused", "suspended"} else "running"
+        paused = {"paused", "suspended", "postmigrate", "finish-migrate"}
+        return "paused" if status.get("status") in paused else "running"
 
     async def stop(self, name: str, *, force: bool, timeout: float) -> None:
         live = self._get(name)
@@ -304,6 +340,161 @@ class QemuEngine(ProcessEngine):
             cpu_weight=limits.cpu_weight,
             cpuset_cpus=limits.cpu_pin,
         )
+
+    # -- snapshots and copies -------------------------------------------------------------
+
+    async def snapshot_disk(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], dest: Path
+    ) -> tuple[dict[str, Any], str | None]:
+        """Freeze the disk's top as the snapshot's layer (a running VM must be paused)."""
+        sdir = self.state_dir(uuid)
+        if not (sdir / layers.top_name(runtime)).is_file():
+            return runtime, None  # a micro-VM booted from its initramfs has no disk
+        top = layers.top_name(runtime)
+        live = self._live.get(inst.name)
+        if live is not None and live.qmp is not None:
+            new = await layers.freeze_live(live.qmp, sdir, top)
+        else:
+            new = await layers.freeze_offline(sdir, top)
+        return {**runtime, "top": new}, top
+
+    async def quiesce(self, name: str) -> None:
+        """Make the memory cheap to save: migration sends a zero page as one flag, but the
+        pages a booted kernel has freed still hold their old bytes (~70 MB of a 256 MiB
+        micro-VM). The guest drops its caches and writes zeros over its free memory."""
+        agent = await self._agent(self._get(name))
+        with contextlib.suppress(AgentError):
+            await agent.run(["/bin/sh", "-c", _ZERO_FREE_MEMORY], timeout=60)
+
+    async def save_state(self, name: str, dest: Path) -> int:
+        live = self._get(name)
+        assert live.qmp is not None
+        return await savestate.save(live.qmp, dest)
+
+    async def restore_disk(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], snapshot: Path, layer: str | None
+    ) -> dict[str, Any]:
+        if layer is None:
+            return runtime
+        new = await layers.new_top_over(self.state_dir(uuid), layer)
+        return {**runtime, "top": new}
+
+    async def clone_disk(
+        self,
+        src_uuid: str,
+        layer: str | None,
+        dst_uuid: str,
+    ) -> dict[str, Any]:
+        """A new instance directory whose disk is a fresh top over ``layer`` (frozen)."""
+        dst = self.state_dir(dst_uuid)
+        dst.mkdir(parents=True, exist_ok=True)
+        if layer is None:
+            return {}
+        src = self.state_dir(src_uuid)
+        names = await asyncio.to_thread(layers.chain, src, layer)
+        await asyncio.to_thread(layers.link_chain, src, dst, names)
+        return {"top": await layers.freeze_offline(dst, layer)}
+
+    async def prune_disks(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], keep: list[str]
+    ) -> None:
+        sdir = self.state_dir(uuid)
+        await asyncio.to_thread(layers.prune, sdir, [layers.top_name(runtime), *keep])
+
+    async def drop_layer(
+        self, inst: Instance, uuid: str, runtime: dict[str, Any], layer: str
+    ) -> None:
+        """Make a deleted snapshot's layer unneeded by merging it into its children."""
+        running = layers.top_name(runtime) if inst.name in self._live else None
+        await asyncio.to_thread(layers.merge_out, self.state_dir(uuid), layer, running)
+
+    # -- volumes ---------------------------------------------------------------------------
+
+    def _hotplug(self, name: str, verb: str) -> QMPClient:
+        live = self._get(name)
+        if live.type is not InstanceType.VM or live.qmp is None:
+            raise StateError(
+                f"cannot {verb} a volume while micro-VM {name!r} runs (virtio-mmio has no "
+                "hot-plug)",
+                hint=f"stop it first (vz stop {name}); the change applies at the next start",
+            )
+        return live.qmp
+
+    async def attach_volume(self, name: str, volume: VolumeMount) -> None:
+        qmp = self._hotplug(name, "attach")
+        node = volume.device_id
+        try:
+            await qmp.execute(
+                "blockdev-add",
+                {
+                    "driver": "qcow2",
+                    "node-name": node,
+                    "read-only": volume.readonly,
+                    "file": {"driver": "file", "filename": str(volume.host_path)},
+                },
+            )
+        except Exception as exc:
+            raise EngineError(f"QEMU cannot open volume {volume.name!r}: {exc}") from exc
+        device = {
+            "driver": "virtio-blk-pci",
+            "id": node,
+            "drive": node,
+            "serial": volume.name[:20],
+        }
+        errors = []
+        # The first free spare port; a taken one refuses the device.
+        for port in range(HOTPLUG_PORTS + 16):
+            try:
+                await qmp.execute("device_add", {**device, "bus": hotplug_port(port)})
+            except Exception as exc:
+                errors.append(str(exc))
+                if "not found" in str(exc):
+                    break
+                continue
+            # Without udev (the minimal image) nothing loads the driver of a device that
+            # was not there at boot; the script does, and waits for the disk to appear.
+            agent = await self._agent(self._get(name))
+            await _configure_guest(agent, _disk_links([volume.name[:20]]))
+            return
+        with contextlib.suppress(Exception):
+            await qmp.execute("blockdev-del", {"node-name": node})
+        raise ResourceExhausted(
+            f"no free hot-plug slot for volume {volume.name!r} in {name!r}: {errors[-1]}",
+            hint="detach another volume, or stop the VM and attach it (it then gets its own)",
+        )
+
+    async def detach_volume(self, name: str, volume: VolumeMount) -> None:
+        qmp = self._hotplug(name, "detach")
+        node = volume.device_id
+        try:
+            await qmp.execute("device_del", {"id": node})
+        except Exception as exc:
+            raise EngineError(f"cannot unplug volume {volume.name!r}: {exc}") from exc
+        # The guest releases the device (PCIe hot-plug has the guest acknowledge; Linux
+        # waits 5 s for a cancel first), then QEMU removes it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while loop.time() < deadline:
+            devices: Any = await qmp.execute("qom-list", {"path": "/machine/peripheral"})
+            if not any(d.get("name") == node for d in devices):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise EngineError(
+                f"the guest of {name!r} did not release volume {volume.name!r} within 30 s",
+                hint="it may still be in use inside the guest: unmount it there, then retry",
+            )
+        for n in (node, f"{node}-file"):
+            with contextlib.suppress(Exception):
+                await qmp.execute("blockdev-del", {"node-name": n})
+
+    async def resize_volume(self, name: str, volume: VolumeMount, size: int) -> None:
+        live = self._get(name)
+        assert live.qmp is not None
+        try:
+            await live.qmp.execute("block_resize", {"node-name": volume.device_id, "size": size})
+        except Exception as exc:
+            raise EngineError(f"resizing volume {volume.name!r} failed: {exc}") from exc
 
     async def plug(self, name: str, nic: NicPlan) -> None:
         raise StateError(
@@ -504,16 +695,57 @@ def kill_signal_name(sig: int) -> str:
         return str(sig)
 
 
+def _disk_links(serials: list[str]) -> str:
+    """Wait for the disks with these serials and link /dev/disk/by-id/virtio-SERIAL to them,
+    as udev does where there is one (so the path is the same in every image)."""
+    wanted = " ".join(shlex.quote(s) for s in serials)
+    return f"""
+modprobe virtio_blk 2>/dev/null
+mkdir -p /dev/disk/by-id
+for want in {wanted}; do
+  found=
+  for i in $(seq 100); do
+    for f in /sys/block/*/serial; do
+      [ "$(cat "$f" 2>/dev/null)" = "$want" ] && found=${{f%/serial}} && break 2
+    done
+    sleep 0.1
+  done
+  [ -n "$found" ] || {{ echo "disk $want did not appear" >&2; exit 1; }}
+  ln -sf "../../${{found##*/}}" "/dev/disk/by-id/virtio-$want"
+done
+"""
+
+
+# A tmpfs file of zeros as large as free memory allows (keeping 24 MiB spare so nothing
+# else in the guest runs short), then removed: the freed pages hold zeros.
+_ZERO_FREE_MEMORY = """
+sync; echo 3 > /proc/sys/vm/drop_caches
+d=$(mktemp -d) && mount -t tmpfs -o size=100% vz-zero "$d" || exit 0
+free=$(awk '/^MemAvailable:/ {print int($2 / 1024) - 24}' /proc/meminfo)
+[ "$free" -gt 0 ] && dd if=/dev/zero of="$d/zero" bs=1M count="$free" 2>/dev/null
+umount "$d"; rmdir "$d"
+"""
+
+
 def _ensure_tap(nic: NicPlan) -> None:
     links.ensure_tap(nic.host_name, bridge=nic.bridge, network=nic.network, instance=nic.instance)
 
 
-async def _configure_guest(agent: AgentClient, name: str, net: NetPlan) -> None:
+async def _configure_guest(agent: AgentClient, script: str) -> None:
     """Address the guest's NICs through its agent: no DHCP round trip on the boot path."""
-    done = await agent.run(["/bin/sh", "-c", net.guest_script()], timeout=30)
+    done = await agent.run(["/bin/sh", "-c", script], timeout=30)
     if done.result.exit_code != 0:
         why = (done.stderr or done.stdout).decode(errors="replace").strip()[-500:]
         raise EngineError(
-            f"configuring the network of {name!r} failed: {why or done.result}",
+            f"configuring the guest's network failed: {why or done.result}",
             hint="the image needs a POSIX sh and the ip command (busybox or iproute2)",
         )
+
+
+@contextlib.contextmanager
+def _closing_fd(fd: int | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)

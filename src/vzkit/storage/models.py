@@ -1,0 +1,160 @@
+"""Storage resource models: pools and volumes, strict like every other resource model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from vzkit.units import NAME_RE, NAME_RULE, parse_size
+
+__all__ = [
+    "MIN_VOLUME_SIZE",
+    "Content",
+    "PoolConfig",
+    "PoolInfo",
+    "VolumeAttachment",
+    "VolumeConfig",
+    "VolumeInfo",
+    "VolumeSize",
+    "VolumeUpdate",
+]
+
+MIN_VOLUME_SIZE = 1024**2
+SECTOR = 512
+
+# block: a qcow2 file, attached to VMs as a disk; filesystem: a directory, bind-mounted
+# into containers (or shared with VMs through virtiofs).
+Content = Literal["block", "filesystem"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _size(value: Any) -> Any:
+    # A bare number is bytes (unlike Limits.memory, whose bare numbers are MiB as with -m).
+    if isinstance(value, str):
+        value = parse_size(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        # qcow2 sizes are whole sectors: qemu-img rounds up on create and refuses others on
+        # resize, so the model holds the size the disk really gets.
+        return -(-value // SECTOR) * SECTOR
+    return value
+
+
+VolumeSize = Annotated[
+    int,
+    BeforeValidator(_size),
+    Field(
+        ge=MIN_VOLUME_SIZE,
+        description="Size in bytes, or a string such as '10GiB'; rounded up to 512 bytes",
+    ),
+]
+
+
+def _name(value: str, what: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(f"invalid {what} name {value!r}: {NAME_RULE}")
+    return value
+
+
+class PoolConfig(_Strict):
+    """A storage pool: where volumes live and which driver manages them."""
+
+    name: str
+    # Only "dir" exists today; the field is there so "btrfs" or "lvm" can join without
+    # changing the shape of stored configs or API bodies.
+    driver: Literal["dir"] = "dir"
+    path: Path | None = Field(
+        None, description="Directory of a dir pool; default: <state_dir>/storage/<name>"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _name(value, "pool")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # A relative path would depend on the daemon's working directory.
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"pool path {str(value)!r} must be absolute")
+        return value
+
+
+class PoolInfo(PoolConfig):
+    """A pool as the API returns it: its config and the space of its file system."""
+
+    total: int = Field(ge=0, description="Bytes of the file system under the pool")
+    used: int = Field(ge=0, description="Bytes in use on that file system (by anything)")
+    free: int = Field(ge=0, description="Bytes available to vzkit")
+
+
+class VolumeConfig(_Strict):
+    """A volume: a disk (block) or a directory (filesystem) in a pool."""
+
+    name: str
+    pool: str = "default"
+    size: VolumeSize
+    content: Content = Field(
+        "block", description="block: a qcow2 disk for VMs; filesystem: a directory for containers"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _name(value, "volume")
+
+    @field_validator("pool")
+    @classmethod
+    def _check_pool(cls, value: str) -> str:
+        return _name(value, "pool")
+
+
+class VolumeInfo(VolumeConfig):
+    """A volume as the API returns it."""
+
+    path: str = Field(description="The qcow2 file or directory on the host")
+    used: int = Field(ge=0, description="Bytes actually allocated on the host")
+    attached_to: list[str] = Field(
+        default_factory=list, description="Instances that have the volume as a device"
+    )
+
+
+class VolumeUpdate(_Strict):
+    """Request body of PATCH /1.0/storage/{pool}/volumes/{name}: volumes only grow."""
+
+    size: VolumeSize
+
+
+class VolumeAttachment(_Strict):
+    """A volume an instance has: a disk for a VM, a bind mount for a container."""
+
+    volume: str
+    pool: str = "default"
+    path: str | None = Field(
+        None, description="Containers: where it is mounted (absolute path); VMs: unused"
+    )
+    readonly: bool = False
+
+    @field_validator("volume")
+    @classmethod
+    def _check_volume(cls, value: str) -> str:
+        return _name(value, "volume")
+
+    @field_validator("pool")
+    @classmethod
+    def _check_pool(cls, value: str) -> str:
+        return _name(value, "pool")
+
+    @field_validator("path")
+    @classmethod
+    def _mount_point(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value.startswith("/") or value == "/" or ".." in value.split("/")
+        ):
+            raise ValueError(f"invalid mount path {value!r}: absolute, not /, without '..'")
+        return value
