@@ -23,6 +23,8 @@ from vzkit import lifecycle
 from vzkit.db import Database
 from vzkit.engines.base import ConsoleStream, Engine, ExecSession, ExitInfo
 from vzkit.errors import Conflict, InvalidConfig, NotFound, VzError
+from vzkit.events import EventBus
+from vzkit.host.cgroups import CgroupDriver
 from vzkit.host.probe import HostInfo
 from vzkit.host.resources import OvercommitPolicy, check_fit
 from vzkit.images.rootfs import prune_rootfs
@@ -71,6 +73,7 @@ class Actions:
         engines: dict[InstanceType, Engine],
         policy: OvercommitPolicy | None = None,
         networks: NetworkManager | None = None,
+        cgroups: CgroupDriver | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -82,6 +85,8 @@ class Actions:
             memory_overcommit=settings.memory_overcommit,
         )
         self.networks = networks or NetworkManager(settings, db)
+        self.cgroups = cgroups
+        self.events = EventBus()
         self.snapshots = Snapshots(self)
         self.volumes = Volumes(self)
         self.transfers = Transfers(self)
@@ -108,6 +113,14 @@ class Actions:
     def _save(self, inst: Instance, **changes: Any) -> Instance:
         new = inst.model_copy(update=changes)
         self.db.update(new)
+        if new.state is not inst.state:
+            self.events.publish(
+                "instance-state",
+                new.name,
+                state=new.state.value,
+                previous=inst.state.value,
+                reason=new.reason,
+            )
         return new
 
     def _allocated(self) -> list[Any]:
@@ -183,6 +196,7 @@ class Actions:
         for forward in req.ports:
             inst.ports.append(self.networks.check_forward(inst, forward, inst.ports))
         self.db.insert(inst, uuid)
+        self.events.publish("instance-created", name, type=inst.type.value, image=inst.image)
         async with self._lock(name):
             try:
                 if inst.nics:
@@ -201,10 +215,29 @@ class Actions:
                 with contextlib.suppress(Exception):
                     await engine.destroy(inst, uuid)
                 self.db.delete(name)
+                self.events.publish("instance-deleted", name, reason="its creation failed")
                 if inst.nics:
                     with contextlib.suppress(Exception):
                         await asyncio.to_thread(self.networks.release, name)
                 raise
+        return inst
+
+    def copy_record(self, src: Instance, name: str, uuid: str, **changes: Any) -> Instance:
+        """A stopped instance like ``src`` under a new name, with NICs of its own (fresh
+        addresses and MACs) on the same networks; volumes and ports stay with ``src``."""
+        inst = Instance(
+            name=name,
+            type=src.type,
+            image=src.image,
+            image_digest=src.image_digest,
+            limits=src.limits,
+            state=InstanceState.STOPPED,
+            accel=src.accel,
+            created_at=_now(),
+            firewall=src.firewall,
+        ).model_copy(update=changes)
+        wanted = [NicConfig(network=n.network) for n in src.nics]
+        inst.nics = self.networks.resolve_nics(name, uuid, wanted)
         return inst
 
     async def _sync_network(self) -> None:
@@ -219,6 +252,7 @@ class Actions:
                 lifecycle.check("delete", name, inst.state)
             await self._engine(inst.type).destroy(inst, uuid)
             self.db.delete(name)
+            self.events.publish("instance-deleted", name)
             if inst.nics:
                 async with self._network_lock:
                     await asyncio.to_thread(self.networks.release, name)
@@ -260,6 +294,7 @@ class Actions:
                 others = [i.limits for i in self.db.list(lifecycle.ACTIVE) if i.name != name]
                 check_fit(limits, others, self.host, self.policy)
                 await self._engine(inst.type).update(inst, limits)
+            self.events.publish("instance-updated", name, limits=limits.model_dump(mode="json"))
             return self._save(inst, limits=limits)
 
     async def _start(
@@ -311,6 +346,7 @@ class Actions:
             if inst.ephemeral:
                 await self._engine(inst.type).destroy(inst, uuid)
                 self.db.delete(name)
+                self.events.publish("instance-deleted", name, reason=info.reason)
                 if inst.nics:
                     async with self._network_lock:
                         await asyncio.to_thread(self.networks.release, name)
@@ -441,15 +477,20 @@ class Actions:
 
     async def create_network(self, config: NetworkConfig) -> NetworkConfig:
         async with self._network_lock:
-            return await asyncio.to_thread(self.networks.create, config)
+            net = await asyncio.to_thread(self.networks.create, config)
+        self.events.publish("network-created", network=net.name, subnet=str(net.subnet))
+        return net
 
     async def update_network(self, name: str, change: NetworkUpdate) -> NetworkConfig:
         async with self._network_lock:
-            return await asyncio.to_thread(self.networks.update, name, change)
+            net = await asyncio.to_thread(self.networks.update, name, change)
+        self.events.publish("network-updated", network=name, **change.model_dump(exclude_none=True))
+        return net
 
     async def delete_network(self, name: str) -> None:
         async with self._network_lock:
             await asyncio.to_thread(self.networks.delete, name)
+        self.events.publish("network-deleted", network=name)
 
     async def supervise_networks(self) -> None:
         async with self._network_lock:

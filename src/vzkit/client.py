@@ -47,10 +47,12 @@ if TYPE_CHECKING:
     from websockets.sync.client import ClientConnection
 
     from vzkit.models import (
+        Event,
         ExecResult,
         ImageInfo,
         Instance,
         InstanceCreate,
+        InstanceStats,
         InstanceUpdate,
         NetworkConfig,
         PoolInfo,
@@ -701,6 +703,23 @@ class Client:
         except ValueError:
             mode = 0o644
         return mode, self._stream(resp)
+
+    def stats(self) -> list[InstanceStats]:
+        """Every instance's usage counters (CPU seconds, memory, disk and network bytes)."""
+        return [_parse("InstanceStats", s) for s in self._json("GET", f"{API}/stats")]
+
+    # -- events -----------------------------------------------------------------------------
+
+    def events(self, types: Sequence[str] | None = None) -> Iterator[Event]:
+        """Lifecycle events as they happen (instance-created, instance-state, ...), until
+        the caller stops iterating."""
+        from websockets.exceptions import ConnectionClosed
+
+        query = {"type": ",".join(types)} if types else None
+        with self._ws(f"{API}/events", query) as ws, suppress(ConnectionClosed):
+            while True:
+                msg = ws.recv()
+                yield _parse("Event", json.loads(msg))
 
     # -- storage ----------------------------------------------------------------------------
 

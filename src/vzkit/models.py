@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from vzkit.events import Event
 from vzkit.network.models import (
     FirewallRule,
     FirewallUpdate,
@@ -35,6 +36,7 @@ __all__ = [  # re-exported: one import site for every resource model
     "NAME_RE",
     "NAME_RULE",
     "CopyRequest",
+    "Event",
     "FirewallRule",
     "FirewallUpdate",
     "NetworkConfig",
@@ -236,3 +238,18 @@ class ErrorBody(Strict):
     code: str
     hint: str | None = None
     details: dict[str, Any] | None = None
+
+
+class InstanceStats(Strict):
+    """A running instance's usage counters (GET /1.0/stats, and /metrics)."""
+
+    name: str
+    type: str
+    state: str
+    cpu_seconds: float | None = Field(None, description="CPU time used, all threads")
+    memory_bytes: int | None = Field(None, description="Memory charged to its cgroup")
+    pids: int | None = None
+    disk_read_bytes: int | None = None
+    disk_write_bytes: int | None = None
+    net_rx_bytes: int | None = Field(None, description="Received by the instance, all NICs")
+    net_tx_bytes: int | None = None

@@ -23,7 +23,6 @@ from vzkit.models import (
     InstanceState,
     InstanceType,
     Limits,
-    NicConfig,
     StateAction,
     StateChange,
 )
@@ -116,6 +115,7 @@ class Snapshots:
                     },
                 )
                 store.write_meta(tmp, info)
+            self.a.events.publish("snapshot-created", name, snapshot=snapshot, stateful=stateful)
             return info
 
     async def restore(self, name: str, snapshot: str) -> Instance:
@@ -137,6 +137,7 @@ class Snapshots:
                 inst = await self.a._stop(
                     inst, StateChange(action=StateAction.STOP, force=True, timeout=5)
                 )
+            self.a.events.publish("snapshot-restored", name, snapshot=snapshot)
             runtime = await engine.restore_disk(
                 inst, uuid, runtime, store.path(snapshot), info.layer
             )
@@ -161,6 +162,7 @@ class Snapshots:
                 # Its children take in its data first: nothing that depends on it breaks.
                 await engine.drop_layer(inst, uuid, runtime, info.layer)
             store.delete(snapshot)
+            self.a.events.publish("snapshot-deleted", name, snapshot=snapshot)
             if not running:
                 keep = [s.layer for s in store.list() if s.layer]
                 await engine.prune_disks(inst, uuid, runtime, keep)
@@ -214,23 +216,12 @@ class Snapshots:
                         await engine.resume(src)
             copy_runtime = {k: v for k, v in runtime.items() if k != "top"} | cloned
             try:
-                requested = [NicConfig(network=n.network) for n in inst.nics]
-                copy = Instance(
-                    name=dst,
-                    type=inst.type,
-                    image=inst.image,
-                    image_digest=inst.image_digest,
-                    limits=inst.limits,
-                    state=InstanceState.STOPPED,
-                    accel=inst.accel,
-                    created_at=_now(),
-                    firewall=inst.firewall,
-                )
-                copy.nics = self.a.networks.resolve_nics(dst, new_uuid, requested)
+                copy = self.a.copy_record(inst, dst, new_uuid)
                 self.a.db.insert(copy, new_uuid, copy_runtime)
             except BaseException:
                 shutil.rmtree(engine.state_dir(new_uuid), ignore_errors=True)
                 raise
+        self.a.events.publish("instance-created", dst, type=copy.type.value, copy_of=src)
         if copy.nics:
             await self.a._sync_network()
         return copy

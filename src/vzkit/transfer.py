@@ -32,7 +32,7 @@ from vzkit import lifecycle
 from vzkit.engines.qemu import disks as layers
 from vzkit.errors import Conflict, ImageError, InvalidConfig, StateError
 from vzkit.images.rootfs import container_rootfs
-from vzkit.models import ImageInfo, Instance, InstanceState, InstanceType, NicConfig
+from vzkit.models import ImageInfo, Instance, InstanceType
 from vzkit.storage import qcow2
 from vzkit.storage.snapshots import SnapshotStore
 
@@ -203,20 +203,9 @@ class Transfers:
                 (files / d).mkdir(exist_ok=True)
             (files / "upper").mkdir(exist_ok=True)
         async with self.a._network_lock:
-            inst = Instance(
-                name=new_name,
-                type=record.type,
-                image=record.image,
-                image_digest=local.digest,
-                limits=record.limits,
-                state=InstanceState.STOPPED,
-                accel=record.accel,
-                created_at=record.created_at,
-                firewall=record.firewall,
+            inst = self.a.copy_record(
+                record, new_name, new_uuid, image_digest=local.digest, created_at=record.created_at
             )
-            # Addresses and MACs are the new host's; networks must exist here.
-            wanted = [NicConfig(network=n.network) for n in record.nics]
-            inst.nics = self.a.networks.resolve_nics(new_name, new_uuid, wanted)
             os.rename(files, engine.state_dir(new_uuid))
             try:
                 self.a.db.insert(inst, new_uuid, runtime)
@@ -224,6 +213,7 @@ class Transfers:
                 shutil.rmtree(engine.state_dir(new_uuid), ignore_errors=True)
                 raise
         SnapshotStore(engine.state_dir(new_uuid), new_name).cleanup()
+        self.a.events.publish("instance-created", new_name, type=inst.type.value, imported=True)
         if inst.nics:
             await self.a._sync_network()
         return inst

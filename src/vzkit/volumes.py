@@ -124,6 +124,7 @@ class Volumes:
             if inst.state in lifecycle.ACTIVE:
                 mount = self.storage.mount(inst, att)
                 await self.a._engine(inst.type).attach_volume(name, mount)
+            self.a.events.publish("volume-attached", name, volume=att.volume, pool=att.pool)
             return self.a._save(inst, volumes=[*inst.volumes, att])
 
     async def detach(self, name: str, pool: str, volume: str) -> Instance:
@@ -138,4 +139,5 @@ class Volumes:
             if inst.state in lifecycle.ACTIVE:
                 mount = self.storage.mount(inst, att)
                 await self.a._engine(inst.type).detach_volume(name, mount)
+            self.a.events.publish("volume-detached", name, volume=volume, pool=pool)
             return self.a._save(inst, volumes=[v for v in inst.volumes if v is not att])

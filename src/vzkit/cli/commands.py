@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vzkit.cli import checks, netcmds, snapcmds, storecmds
+from vzkit.cli import checks, netcmds, obscmds, snapcmds, storecmds
 from vzkit.cli.checks import UsageError
 from vzkit.cli.render import (
     Progress,
@@ -573,6 +573,7 @@ _HANDLERS: dict[str, Handler] = {
     **netcmds.HANDLERS,
     **snapcmds.HANDLERS,
     **storecmds.HANDLERS,
+    **obscmds.HANDLERS,
     "config.show": cmd_config_show,
     "config.set": cmd_config_set,
     "image.list": cmd_image_list,

@@ -245,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="the archive ('-': standard input)")
     p.add_argument("--name", help="a new name (default: the exported one)")
 
+    p = add("monitor", "print lifecycle events as they happen")
+    p.add_argument("--type", help="only these event types, comma-separated")
+
+    p = add("top", "instances' CPU, memory, disk and network use, live")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S")
+    p.add_argument("--once", action="store_true", help="print once and exit")
+
     p = add("publish", "turn a VM's disk into a new image")
     p.add_argument("instance")
     p.add_argument("image")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from vzkit.actions import Actions
 from vzkit.engines.base import ExecSession
 from vzkit.errors import InvalidConfig, VzError
 from vzkit.host.probe import probe_host
+from vzkit.metrics import InstanceStats, RequestMetrics, collect, render
 from vzkit.models import (
     ErrorBody,
     ExecRequest,
@@ -67,6 +69,27 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     app = FastAPI(
         title="vzd", version=__version__, openapi_url="/openapi.json", docs_url=None, redoc_url=None
     )
+
+    requests = RequestMetrics()
+
+    @app.middleware("http")
+    async def _measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        requests.observe(request.method, route, response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        text = render(await collect(actions), requests, __version__)
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    @app.get(f"{API}/stats", responses=_ERRORS)
+    async def stats() -> list[InstanceStats]:
+        return await collect(actions)
 
     @app.exception_handler(VzError)
     async def _vz_error(request: Request, exc: VzError) -> JSONResponse:
@@ -225,6 +248,33 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     async def delete_network(name: str) -> Response:
         await actions.delete_network(name)
         return Response(status_code=204)
+
+    @app.websocket(f"{API}/events")
+    async def events_ws(ws: WebSocket, type: str | None = None) -> None:
+        """Lifecycle events as JSON text messages, from now on; ``?type=a,b`` filters."""
+        await ws.accept()
+        types = {t for t in (type or "").split(",") if t} or None
+        stream = actions.events.subscribe(types)
+
+        async def closed() -> None:
+            with contextlib.suppress(WebSocketDisconnect):
+                while (await ws.receive())["type"] != "websocket.disconnect":
+                    pass
+
+        watcher = asyncio.create_task(closed())
+        try:
+            while not watcher.done():
+                nxt = asyncio.ensure_future(anext(stream))
+                done, _ = await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    break
+                await ws.send_text(nxt.result().model_dump_json())
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            watcher.cancel()
+            await stream.aclose()
 
     # -- storage pools and volumes -------------------------------------------------------
 

@@ -92,7 +92,7 @@ async def serve(settings: Settings) -> None:
         InstanceType.VM: qemu,
         InstanceType.CONTAINER: containers,
     }
-    actions = Actions(settings, db, host, images, engines)
+    actions = Actions(settings, db, host, images, engines, cgroups=driver)
     await actions.reconcile()
     await actions.snapshots.reconcile()
     await asyncio.to_thread(actions.networks.reconcile)

@@ -110,6 +110,10 @@ class Engine(Protocol):
 
     def state_dir(self, uuid: str) -> Path: ...
 
+    async def io_stats(self, name: str) -> tuple[int, int] | None:
+        """Disk bytes read and written by a running instance, if the engine knows them."""
+        ...
+
     async def attach_volume(self, name: str, volume: VolumeMount) -> None:
         """Give a running instance a volume (StateError if the engine cannot live)."""
         ...

@@ -30,6 +30,7 @@ from vzkit.network._netns import NetnsRef, entered, netns_path
 __all__ = [
     "ALIAS_PREFIX",
     "OwnedLink",
+    "byte_counters",
     "delete_link",
     "ensure_bridge",
     "ensure_tap",
@@ -324,3 +325,18 @@ def list_owned(netns: NetnsRef = None) -> list[OwnedLink]:
                 continue
             owned.append(OwnedLink(name, int(link["index"]), kind, alias, network, instance))
     return owned
+
+
+def byte_counters(names: list[str], netns: NetnsRef = None) -> tuple[int, int]:
+    """Received and transmitted bytes summed over the links ``names`` (missing ones: 0)."""
+    rx = tx = 0
+    with _ipr(netns) as ipr:
+        for name in names:
+            idx = _index(ipr, name)
+            if idx is None:
+                continue
+            stats = ipr.get_links(idx)[0].get_attr("IFLA_STATS64")
+            if stats is not None:
+                rx += int(stats["rx_bytes"])
+                tx += int(stats["tx_bytes"])
+    return rx, tx

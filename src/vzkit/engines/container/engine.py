@@ -483,6 +483,9 @@ class ContainerEngine(ProcessEngine):
         await self._runtime(*args, live.uuid)
         self._write_bundle(inst.model_copy(update={"limits": limits}), self.state_dir(live.uuid))
 
+    async def io_stats(self, name: str) -> tuple[int, int] | None:
+        return None  # the block layer is the host's; cgroup io accounting is not read yet
+
     async def attach_volume(self, name: str, volume: VolumeMount) -> None:
         assert volume.target is not None
         ro = ["--readonly"] if volume.readonly else []

@@ -408,6 +408,16 @@ class QemuEngine(ProcessEngine):
         running = layers.top_name(runtime) if inst.name in self._live else None
         await asyncio.to_thread(layers.merge_out, self.state_dir(uuid), layer, running)
 
+    async def io_stats(self, name: str) -> tuple[int, int] | None:
+        """Bytes read and written by the guest, over all its disks."""
+        live = self._live.get(name)
+        if live is None or live.qmp is None:
+            return None
+        devices: Any = await live.qmp.execute("query-blockstats")
+        read = sum(int(d.get("stats", {}).get("rd_bytes", 0)) for d in devices)
+        written = sum(int(d.get("stats", {}).get("wr_bytes", 0)) for d in devices)
+        return read, written
+
     # -- volumes ---------------------------------------------------------------------------
 
     def _hotplug(self, name: str, verb: str) -> QMPClient:
