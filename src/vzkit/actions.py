@@ -49,6 +49,7 @@ from vzkit.models import (
 )
 from vzkit.network.manager import NetworkManager
 from vzkit.network.nics import NetPlan
+from vzkit.operations import Operations
 from vzkit.settings import Settings
 from vzkit.snapshotting import Snapshots
 from vzkit.transfer import Transfers
@@ -87,6 +88,7 @@ class Actions:
         self.networks = networks or NetworkManager(settings, db)
         self.cgroups = cgroups
         self.events = EventBus()
+        self.operations = Operations(self.events)
         self.snapshots = Snapshots(self)
         self.volumes = Volumes(self)
         self.transfers = Transfers(self)

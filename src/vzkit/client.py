@@ -55,6 +55,7 @@ if TYPE_CHECKING:
         InstanceStats,
         InstanceUpdate,
         NetworkConfig,
+        Operation,
         PoolInfo,
         SnapshotInfo,
         StateChange,
@@ -707,6 +708,34 @@ class Client:
     def stats(self) -> list[InstanceStats]:
         """Every instance's usage counters (CPU seconds, memory, disk and network bytes)."""
         return [_parse("InstanceStats", s) for s in self._json("GET", f"{API}/stats")]
+
+    # -- background operations --------------------------------------------------------------
+
+    def submit(self, method: str, path: str, body: Any = None, **query: Any) -> Operation:
+        """Start any long call (create, state change, snapshot, restore, copy, delete) in
+        the background: ``submit("POST", "/1.0/instances", {...})``; follow it with
+        :meth:`wait_operation`."""
+        data = self._json(method, path, body, query={**query, "background": True})
+        result: Operation = _parse("Operation", data)
+        return result
+
+    def get_operation(self, op_id: str) -> Operation:
+        result: Operation = _parse("Operation", self._json("GET", f"{API}/operations/{_q(op_id)}"))
+        return result
+
+    def list_operations(self) -> list[Operation]:
+        return [_parse("Operation", o) for o in self._json("GET", f"{API}/operations")]
+
+    def wait_operation(self, op_id: str, timeout: float | None = None) -> Operation:
+        """The operation once finished (or as it is after ``timeout`` seconds)."""
+        path = f"{API}/operations/{_q(op_id)}/wait"
+        result: Operation = _parse("Operation", self._json("GET", path, query={"timeout": timeout}))
+        return result
+
+    def cancel_operation(self, op_id: str) -> Operation:
+        path = f"{API}/operations/{_q(op_id)}"
+        result: Operation = _parse("Operation", self._json("DELETE", path))
+        return result
 
     # -- events -----------------------------------------------------------------------------
 

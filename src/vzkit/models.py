@@ -21,6 +21,7 @@ from vzkit.network.models import (
     PortForward,
     Proto,
 )
+from vzkit.operations import Operation, OperationStatus
 from vzkit.storage.models import (
     PoolConfig,
     PoolInfo,
@@ -42,6 +43,8 @@ __all__ = [  # re-exported: one import site for every resource model
     "NetworkConfig",
     "NetworkUpdate",
     "NicConfig",
+    "Operation",
+    "OperationStatus",
     "PoolConfig",
     "PoolInfo",
     "PortForward",

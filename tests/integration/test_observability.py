@@ -9,11 +9,14 @@ import select
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from tests.conftest import Daemon
+from tests.integration.helpers import wait_for
 from vzkit.client import Client
+from vzkit.errors import NotFound
 from vzkit.events import Event
 
 pytestmark = pytest.mark.integration
@@ -104,3 +107,29 @@ def test_usage_numbers_and_prometheus_text(client: Client, vzd: Daemon) -> None:
         ln.startswith('vz_api_requests_total{method="GET",route="/1.0/stats",status="200"}')
         for ln in samples
     )
+
+
+def test_background_operations(client: Client, vzd: Daemon) -> None:
+    op = client.submit("POST", "/1.0/instances", {"name": "bg", "type": "container"})
+    assert op.resource == "bg" and op.kind == "instance-create"
+    done = client.wait_operation(op.id, timeout=60)
+    assert done.status == "success", done.error
+    assert done.result["name"] == "bg" and done.result["state"] == "running"
+    op = client.submit("PUT", "/1.0/instances/bg/state", {"action": "stop", "force": True})
+    assert client.wait_operation(op.id, 60).result["state"] == "stopped"
+
+    failed = client.submit("POST", "/1.0/instances", {"name": "bad", "image": "nope"})
+    done = client.wait_operation(failed.id, 30)
+    assert done.status == "failure" and done.error and done.error["code"] == "not_found"
+    with pytest.raises(NotFound):
+        client.submit("PUT", "/1.0/instances/ghost/state", {"action": "start"})
+    with pytest.raises(NotFound):
+        client.get_operation("no-such-op")
+    assert {op.id, failed.id} <= {o.id for o in client.list_operations()}
+
+    # Cancelling a boot half-way unwinds it: no instance, no QEMU.
+    slow = client.submit("POST", "/1.0/instances", {"name": "slow"})
+    time.sleep(0.5)
+    assert client.cancel_operation(slow.id).status == "cancelled"
+    assert "slow" not in {i.name for i in client.list_instances()}
+    assert wait_for(lambda: not vzd.qemu_pids(), 10)

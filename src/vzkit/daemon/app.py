@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
@@ -48,6 +48,7 @@ from vzkit.models import (
     VolumeInfo,
     VolumeUpdate,
 )
+from vzkit.operations import Operation
 from vzkit.storage.snapshots import CopyRequest, SnapshotCreate, SnapshotInfo
 
 API = "/1.0"
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody} for s in (400, 404, 409, 422, 500, 501, 507)
 }
+# Routes that take ?background=true answer 202 with an Operation.
+_BG: dict[int | str, dict[str, Any]] = {**_ERRORS, 202: {"model": Operation}}
 
 
 def _validation_message(exc: RequestValidationError | ValidationError) -> str:
@@ -71,6 +74,25 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     )
 
     requests = RequestMetrics()
+
+    async def _run(
+        background: bool, kind: str, resource: str | None, work: Coroutine[Any, Any, Any]
+    ) -> Any:
+        """The work's result now, or (``?background=true``) 202 and its operation."""
+        if not background:
+            return await work
+        if resource is not None and kind != "instance-create":
+            try:
+                actions.get(resource)  # an unknown instance is a 404 now, not a failed op
+            except VzError:
+                work.close()
+                raise
+        op = actions.operations.submit(kind, resource, work)
+        return JSONResponse(
+            op.model_dump(mode="json"),
+            status_code=202,
+            headers={"Location": f"{API}/operations/{op.id}"},
+        )
 
     @app.middleware("http")
     async def _measure(
@@ -134,16 +156,18 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     async def list_instances() -> list[Instance]:
         return actions.list_instances()
 
-    @app.post(f"{API}/instances", status_code=201, responses=_ERRORS)
-    async def create_instance(req: InstanceCreate) -> Instance:
-        return await actions.create(req)
+    @app.post(f"{API}/instances", status_code=201, response_model=Instance, responses=_BG)
+    async def create_instance(req: InstanceCreate, background: bool = False) -> Any:
+        return await _run(background, "instance-create", req.name, actions.create(req))
 
     @app.get(f"{API}/instances/{{name}}", responses=_ERRORS)
     async def get_instance(name: str) -> Instance:
         return actions.get(name)
 
-    @app.delete(f"{API}/instances/{{name}}", status_code=204, responses=_ERRORS)
-    async def delete_instance(name: str, force: bool = False) -> Response:
+    @app.delete(f"{API}/instances/{{name}}", status_code=204, response_model=None, responses=_BG)
+    async def delete_instance(name: str, force: bool = False, background: bool = False) -> Any:
+        if background:
+            return await _run(True, "instance-delete", name, actions.delete(name, force=force))
         await actions.delete(name, force=force)
         return Response(status_code=204)
 
@@ -151,9 +175,10 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     async def update_instance(name: str, change: InstanceUpdate) -> Instance:
         return await actions.update(name, change)
 
-    @app.put(f"{API}/instances/{{name}}/state", responses=_ERRORS)
-    async def change_state(name: str, change: StateChange) -> Instance:
-        return await actions.change_state(name, change)
+    @app.put(f"{API}/instances/{{name}}/state", response_model=Instance, responses=_BG)
+    async def change_state(name: str, change: StateChange, background: bool = False) -> Any:
+        work = actions.change_state(name, change)
+        return await _run(background, f"instance-{change.action.value}", name, work)
 
     @app.get(f"{API}/instances/{{name}}/console/log", responses=_ERRORS)
     async def console_log(name: str) -> Response:
@@ -330,17 +355,28 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     async def list_snapshots(name: str) -> list[SnapshotInfo]:
         return actions.snapshots.list(name)
 
-    @app.post(f"{API}/instances/{{name}}/snapshots", status_code=201, responses=_ERRORS)
-    async def create_snapshot(name: str, req: SnapshotCreate) -> SnapshotInfo:
-        return await actions.snapshots.create(name, req.name, stateful=req.stateful)
+    @app.post(
+        f"{API}/instances/{{name}}/snapshots",
+        status_code=201,
+        response_model=SnapshotInfo,
+        responses=_BG,
+    )
+    async def create_snapshot(name: str, req: SnapshotCreate, background: bool = False) -> Any:
+        work = actions.snapshots.create(name, req.name, stateful=req.stateful)
+        return await _run(background, "snapshot-create", name, work)
 
     @app.get(f"{API}/instances/{{name}}/snapshots/{{snapshot}}", responses=_ERRORS)
     async def get_snapshot(name: str, snapshot: str) -> SnapshotInfo:
         return actions.snapshots.get(name, snapshot)
 
-    @app.post(f"{API}/instances/{{name}}/snapshots/{{snapshot}}/restore", responses=_ERRORS)
-    async def restore_snapshot(name: str, snapshot: str) -> Instance:
-        return await actions.snapshots.restore(name, snapshot)
+    @app.post(
+        f"{API}/instances/{{name}}/snapshots/{{snapshot}}/restore",
+        response_model=Instance,
+        responses=_BG,
+    )
+    async def restore_snapshot(name: str, snapshot: str, background: bool = False) -> Any:
+        work = actions.snapshots.restore(name, snapshot)
+        return await _run(background, "snapshot-restore", name, work)
 
     @app.delete(
         f"{API}/instances/{{name}}/snapshots/{{snapshot}}", status_code=204, responses=_ERRORS
@@ -349,9 +385,31 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
         await actions.snapshots.delete(name, snapshot)
         return Response(status_code=204)
 
-    @app.post(f"{API}/instances/{{name}}/copy", status_code=201, responses=_ERRORS)
-    async def copy_instance(name: str, req: CopyRequest) -> Instance:
-        return await actions.snapshots.copy(name, req.name)
+    @app.post(
+        f"{API}/instances/{{name}}/copy", status_code=201, response_model=Instance, responses=_BG
+    )
+    async def copy_instance(name: str, req: CopyRequest, background: bool = False) -> Any:
+        return await _run(background, "instance-copy", name, actions.snapshots.copy(name, req.name))
+
+    # -- background operations -----------------------------------------------------------
+
+    @app.get(f"{API}/operations", responses=_ERRORS)
+    async def list_operations() -> list[Operation]:
+        return actions.operations.all()
+
+    @app.get(f"{API}/operations/{{op_id}}", responses=_ERRORS)
+    async def get_operation(op_id: str) -> Operation:
+        return actions.operations.get(op_id)
+
+    @app.get(f"{API}/operations/{{op_id}}/wait", responses=_ERRORS)
+    async def wait_operation(
+        op_id: str, timeout: float | None = Query(None, gt=0, le=3600)
+    ) -> Operation:
+        return await actions.operations.wait(op_id, timeout)
+
+    @app.delete(f"{API}/operations/{{op_id}}", responses=_ERRORS)
+    async def cancel_operation(op_id: str) -> Operation:
+        return await actions.operations.cancel(op_id)
 
     # -- an instance's NICs, port forwards and ingress allow-list -------------------------
 
