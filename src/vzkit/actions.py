@@ -362,48 +362,62 @@ class Actions:
     async def reconcile(self) -> None:
         """Match the database with what is really alive (after a daemon restart)."""
         for inst in self.db.list():
-            _, uuid, runtime = self.db.get(inst.name)
-            engine = self.engines.get(inst.type)
-            if engine is None:
-                continue
-            if inst.state is InstanceState.CREATING:
-                # A create interrupted by a daemon crash: unwind it.
+            try:
+                await self._reconcile_one(inst)
+            except Exception as exc:
+                # One instance in a state vzd cannot sort out must not keep vzd down.
+                log.exception("cannot re-attach to %s", inst.name)
+                with contextlib.suppress(Exception):
+                    self._save(
+                        inst,
+                        state=InstanceState.ERROR,
+                        pid=None,
+                        reason=f"vzd could not re-attach to it: {exc}",
+                    )
+
+    async def _reconcile_one(self, inst: Instance) -> None:
+        _, uuid, runtime = self.db.get(inst.name)
+        engine = self.engines.get(inst.type)
+        if engine is None:
+            return
+        if inst.state is InstanceState.CREATING:
+            # A create interrupted by a daemon crash: unwind it.
+            with contextlib.suppress(Exception):
+                await engine.destroy(inst, uuid)
+            self.db.delete(inst.name)
+            return
+        if inst.state not in lifecycle.ACTIVE:
+            return
+        observed = await engine.attach(inst, uuid, runtime)
+        if observed is None:
+            if inst.ephemeral:
                 with contextlib.suppress(Exception):
                     await engine.destroy(inst, uuid)
                 self.db.delete(inst.name)
-                continue
-            if inst.state not in lifecycle.ACTIVE:
-                continue
-            observed = await engine.attach(inst, uuid, runtime)
-            if observed is None:
-                if inst.ephemeral:
-                    with contextlib.suppress(Exception):
-                        await engine.destroy(inst, uuid)
-                    self.db.delete(inst.name)
-                    continue
-                stopping = inst.state is InstanceState.STOPPING
-                self._save(
-                    inst,
-                    state=InstanceState.STOPPED if stopping else InstanceState.CRASHED,
-                    pid=None,
-                    reason=None if stopping else "its process ended while vzd was not running",
-                )
-            elif inst.state is InstanceState.STARTING:
-                # The agent never answered before the daemon died: the start failed.
-                await engine.stop(inst.name, force=True, timeout=1)
-                self._save(
-                    inst,
-                    state=InstanceState.ERROR,
-                    pid=None,
-                    reason="vzd stopped while the instance was starting",
-                )
-            elif observed == "paused" and inst.state is InstanceState.RUNNING:
-                # Paused but recorded running: a snapshot was under way when vzd died.
-                await engine.resume(inst.name)
-                self._save(inst, state=InstanceState.RUNNING)
-            else:
-                state = InstanceState.PAUSED if observed == "paused" else InstanceState.RUNNING
-                self._save(inst, state=state)
+                return
+            stopping = inst.state is InstanceState.STOPPING
+            self._save(
+                inst,
+                state=InstanceState.STOPPED if stopping else InstanceState.CRASHED,
+                pid=None,
+                reason=None if stopping else "its process ended while vzd was not running",
+            )
+        elif inst.state is InstanceState.STARTING:
+            # The agent never answered before the daemon died: the start failed.
+            await engine.stop(inst.name, force=True, timeout=1)
+            self._save(
+                inst,
+                state=InstanceState.ERROR,
+                pid=None,
+                reason="vzd stopped while the instance was starting",
+            )
+        elif observed == "paused" and inst.state is InstanceState.RUNNING:
+            # Paused but recorded running: a snapshot was under way when vzd died.
+            await engine.resume(inst.name)
+            self._save(inst, state=InstanceState.RUNNING)
+        else:
+            state = InstanceState.PAUSED if observed == "paused" else InstanceState.RUNNING
+            self._save(inst, state=state)
 
     # -- guest access ------------------------------------------------------------------
 

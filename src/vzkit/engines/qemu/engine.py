@@ -261,11 +261,17 @@ class QemuEngine(ProcessEngine):
 
     async def attach(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> str | None:
         pid = inst.pid
+        if pid is None:
+            # vzd died during the boot, before it recorded the pid: QEMU's pid file has it.
+            with contextlib.suppress(OSError, ValueError):
+                pid = int((self.runtime_dir(uuid) / "qemu.pid").read_text().strip())
         if pid is None or not process.is_our_qemu(pid, uuid):
             if self.cgroups is not None:
                 cg = self.cgroups.open(f"{self.settings.cgroup_parent}/{inst.name}")
                 if cg is not None:
-                    await asyncio.to_thread(cg.destroy)
+                    # Whatever is left in it is ours and unwanted (a launcher shell).
+                    await asyncio.to_thread(cg.kill)
+                    await asyncio.to_thread(cg.destroy, timeout=5.0)
             shutil.rmtree(self.runtime_dir(uuid), ignore_errors=True)
             return None
         cgroup = None
