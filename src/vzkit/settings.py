@@ -37,6 +37,8 @@ class Settings:
     )
     # Forced accelerator ("kvm" or "tcg"); None means probe.
     accel: str | None = field(default_factory=lambda: os.environ.get("VZ_ACCEL") or None)
+    # QEMU in its own mount namespace that shows it only its own files (off: debugging).
+    jail: bool = field(default_factory=lambda: os.environ.get("VZ_JAIL", "1") != "0")
     # The network instances join when they name none; made on first use. "" or "none":
     # instances get no network unless they ask (the test suite's daemon outside netns).
     default_network: str | None = field(

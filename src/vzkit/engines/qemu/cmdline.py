@@ -63,6 +63,9 @@ class MachineSpec:
     pid_file: Path
     disks: tuple[Disk, ...] = ()
     nics: tuple[Nic, ...] = ()
+    # QEMU's own seccomp filter. spawn and elevateprivileges stay allowed: -daemonize forks
+    # and calls setsid after the filter is in place.
+    sandbox: bool = True
     # Bounds TCG's translation cache, which otherwise grows to 1 GiB of host memory.
     tcg_tb_size_mib: int = TCG_TB_SIZE_MIB
     extra: tuple[str, ...] = field(default=())
@@ -152,6 +155,8 @@ def build_argv(binary: str, spec: MachineSpec) -> list[str]:
             "-device",
             f"virtio-net-{bus},netdev=net{i},mac={nic.mac}",
         ]
+    if spec.sandbox:
+        argv += ["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]
     argv += ["-daemonize", "-pidfile", str(spec.pid_file), *spec.extra]
     return argv
 

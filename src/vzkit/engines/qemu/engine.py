@@ -179,6 +179,7 @@ class QemuEngine(ProcessEngine):
                 process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock", "console.sock")
             ]
             state_fd = os.open(restore, os.O_RDONLY) if restore else None
+            jail = self._jail(sdir, rdir, volumes) if self.settings.jail else None
             with process.closing_all(socks), _closing_fd(state_fd):
                 spec = MachineSpec(
                     name=inst.name,
@@ -213,6 +214,7 @@ class QemuEngine(ProcessEngine):
                     procs_files=cgroup.procs_files() if cgroup else [],
                     pid_file=spec.pid_file,
                     log_file=sdir / "qemu.log",
+                    jail=jail,
                 )
             t_launched = time.monotonic()
             live = _Live(inst.name, uuid, pid, rdir, cgroup=cgroup, type=inst.type)
@@ -258,6 +260,15 @@ class QemuEngine(ProcessEngine):
                 await asyncio.to_thread(cgroup.destroy)
             shutil.rmtree(rdir, ignore_errors=True)
             raise
+
+    def _jail(self, sdir: Path, rdir: Path, volumes: Sequence[VolumeMount]) -> process.Jail:
+        """QEMU sees the images, its own instance directories and its own volumes; the
+        rest of vzkit's state (other instances' disks and sockets, the database) is
+        covered."""
+        s = self.settings
+        keep = [(s.images_dir, True), (sdir, False), (rdir, False)]
+        keep += [(v.host_path, v.readonly) for v in volumes]
+        return process.Jail(hide=(s.state_dir, s.runtime_dir), keep=tuple(keep))
 
     async def attach(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> str | None:
         pid = inst.pid
@@ -440,13 +451,20 @@ class QemuEngine(ProcessEngine):
         qmp = self._hotplug(name, "attach")
         node = volume.device_id
         try:
+            # By descriptor: the jailed QEMU cannot see the pool.
+            fd = os.open(volume.host_path, os.O_RDONLY if volume.readonly else os.O_RDWR)
+            try:
+                qmp.send_fd_scm(fd)
+                added: Any = await qmp.execute("add-fd", {"opaque": node})
+            finally:
+                os.close(fd)
             await qmp.execute(
                 "blockdev-add",
                 {
                     "driver": "qcow2",
                     "node-name": node,
                     "read-only": volume.readonly,
-                    "file": {"driver": "file", "filename": str(volume.host_path)},
+                    "file": {"driver": "file", "filename": f"/dev/fdset/{added['fdset-id']}"},
                 },
             )
         except Exception as exc:
@@ -503,6 +521,11 @@ class QemuEngine(ProcessEngine):
         for n in (node, f"{node}-file"):
             with contextlib.suppress(Exception):
                 await qmp.execute("blockdev-del", {"node-name": n})
+        with contextlib.suppress(Exception):
+            fdsets: Any = await qmp.execute("query-fdsets")
+            for fdset in fdsets:
+                if any(f.get("opaque") == node for f in fdset.get("fds", [])):
+                    await qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
 
     async def resize_volume(self, name: str, volume: VolumeMount, size: int) -> None:
         live = self._get(name)

@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from vzkit._proc import alive
@@ -40,24 +41,64 @@ def listen_unix(path: Path) -> socket.socket:
     return sock
 
 
-def _cgroup_wrapper(procs_files: Sequence[Path], argv: Sequence[str]) -> list[str]:
-    # The shell joins the cgroups before exec, so every byte QEMU allocates is accounted
-    # (writing the pid afterwards would race with QEMU's start-up allocations).
-    if not procs_files:
+@dataclass(frozen=True)
+class Jail:
+    """What QEMU sees of vzkit's directories: ``hide`` are covered with empty tmpfs, then
+    ``keep`` (path, read-only) are mounted back at their own paths, so the command line's
+    paths still work and nothing else of vzkit's state is visible: not another instance's
+    disks or sockets, not the database."""
+
+    hide: tuple[Path, ...]
+    keep: tuple[tuple[Path, bool], ...]
+
+
+# Joins the cgroups (before exec, so every byte QEMU allocates is accounted); then, in the
+# private mount namespace `unshare` made, parks what the jail keeps on a scratch directory
+# (bind mounts, taken while the paths are still visible), covers the hidden directories
+# and moves the parked mounts back into place.
+_LAUNCH = r"""
+set -e
+n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done
+[ "$1" = 0 ] && { shift; exec "$@"; }
+stage=$(mktemp -d /dev/shm/.vz-jail.XXXXXX)
+trap 'rm -rf "$stage"' EXIT
+hides=$1; shift; i=0; set -- "$@"
+while [ "$i" -lt "$hides" ]; do eval "hide_$i=\$1"; shift; i=$((i+1)); done
+keeps=$1; shift; i=0
+while [ "$i" -lt "$keeps" ]; do
+  eval "path_$i=\$1 ro_$i=\$2"; shift 2
+  if [ -d "$(eval echo \"\$path_$i\")" ]; then mkdir "$stage/$i"; else : > "$stage/$i"; fi
+  eval mount --bind \"\$path_$i\" \"$stage/$i\"
+  i=$((i+1))
+done
+i=0
+while [ "$i" -lt "$hides" ]; do
+  eval mount -t tmpfs -o mode=0755,size=1m vz-jail \"\$hide_$i\"; i=$((i+1))
+done
+i=0
+while [ "$i" -lt "$keeps" ]; do
+  eval "target=\$path_$i ro=\$ro_$i"
+  if [ -d "$stage/$i" ]; then mkdir -p "$target"; else mkdir -p "${target%/*}"; : > "$target"; fi
+  mount --move "$stage/$i" "$target"
+  [ "$ro" = 1 ] && mount -o remount,bind,ro "$target"
+  i=$((i+1))
+done
+rm -rf "$stage"; trap - EXIT
+exec "$@"
+"""
+
+
+def _wrapper(procs_files: Sequence[Path], jail: Jail | None, argv: Sequence[str]) -> list[str]:
+    if not procs_files and jail is None:
         return list(argv)
-    script = (
-        'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; '
-        'shift; n=$((n-1)); done; exec "$@"'
-    )
-    return [
-        "/bin/sh",
-        "-c",
-        script,
-        "vz-launch",
-        str(len(procs_files)),
-        *map(str, procs_files),
-        *argv,
-    ]
+    args = [str(len(procs_files)), *map(str, procs_files)]
+    if jail is None:
+        return ["/bin/sh", "-c", _LAUNCH, "vz-launch", *args, "0", *argv]
+    args += [str(len(jail.hide)), *map(str, jail.hide), str(len(jail.keep))]
+    for path, ro in jail.keep:
+        args += [str(path), "1" if ro else "0"]
+    shell = ["/bin/sh", "-c", _LAUNCH, "vz-launch", *args, *argv]
+    return ["unshare", "--mount", "--propagation", "private", *shell]
 
 
 async def launch(
@@ -67,6 +108,7 @@ async def launch(
     procs_files: Sequence[Path],
     pid_file: Path,
     log_file: Path,
+    jail: Jail | None = None,
 ) -> int:
     """Run QEMU (with -daemonize) and return the pid of the daemonized process."""
     with contextlib.suppress(FileNotFoundError):
@@ -75,7 +117,7 @@ async def launch(
         start = log.tell()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *_cgroup_wrapper(procs_files, argv),
+                *_wrapper(procs_files, jail, argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=log,
