@@ -395,6 +395,15 @@ class Actions:
                     await engine.destroy(inst, uuid)
                 self.db.delete(inst.name)
                 return
+            if inst.state is InstanceState.STARTING:
+                # vzd died during the boot, before QEMU was up (or the engine killed it).
+                self._save(
+                    inst,
+                    state=InstanceState.ERROR,
+                    pid=None,
+                    reason="vzd stopped while the instance was starting",
+                )
+                return
             stopping = inst.state is InstanceState.STOPPING
             self._save(
                 inst,

@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--process", "-p", help="OCI process JSON file")
     e.add_argument("--tty", "-t", action="store_true")
     e.add_argument("--console-socket")
+    e.add_argument("--console-size", help="ROWSxCOLS: the terminal's size from the start")
     e.add_argument("--cwd")
     e.add_argument("--env", "-e", action="append", default=[])
     e.add_argument("--user", "-u")
@@ -210,6 +211,7 @@ _EXEC_VALUES = {
     "--process": "process",
     "-p": "process",
     "--console-socket": "console_socket",
+    "--console-size": "console_size",
     "--cwd": "cwd",
     "--user": "user",
     "-u": "user",
@@ -228,7 +230,8 @@ _EXEC_FLAGS = {
 
 def _fast_exec(argv: list[str], i: int, out: dict[str, Any]) -> Args | None:
     """`exec [options] ID [--] ARGS...` (an engine's every exec pays for argparse else)."""
-    out.update(command="exec", process=None, console_socket=None, cwd=None, user=None,
+    out.update(command="exec", process=None, console_socket=None, console_size=None, cwd=None,
+               user=None,
                pid_file=None, preserve_fds=0, env=[], cap=[], tty=False,
                no_new_privs=False, detach=False)  # fmt: skip
     n = len(argv)
@@ -413,6 +416,15 @@ def _dispatch(a: Any, log: Logger) -> int:
     raise InvalidConfig(f"unknown command {c!r}")
 
 
+def _console_size(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    rows, sep, cols = text.partition("x")
+    if not sep or not rows.isdigit() or not cols.isdigit():
+        raise InvalidConfig(f"invalid --console-size {text!r}", hint="give ROWSxCOLS, e.g. 24x80")
+    return int(rows), int(cols)
+
+
 def _exec(a: Any, rt: Any) -> int:
     from vzkit.engines.container.state import load
 
@@ -430,6 +442,7 @@ def _exec(a: Any, rt: Any) -> int:
             load(a.root, a.id).config(),
             args=args,
             tty=a.tty,
+            console_size=_console_size(a.console_size),
             cwd=a.cwd,
             env=a.env,
             user=a.user,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import struct
 import termios
 
 from vzkit.errors import EngineError, InvalidConfig
@@ -29,11 +30,21 @@ def connect(path: str) -> int:
     return sock.detach()
 
 
-def setup_pty(sock_fd: int) -> str:
+def setup_pty(sock_fd: int, size: dict[str, int] | None = None) -> str:
     """In the init: open a pty, make its slave the controlling tty and stdio, send the
-    master over ``sock_fd``. Returns the slave's path (for /dev/console)."""
+    master over ``sock_fd``. Returns the slave's path (for /dev/console).
+
+    ``size`` is OCI's ``process.consoleSize``: set before the process runs, so its first
+    look at the terminal already sees it (the caller's resize would come too late).
+    """
     master, slave = os.openpty()
     name = os.ttyname(slave)
+    if size:
+        fcntl.ioctl(
+            slave,
+            termios.TIOCSWINSZ,
+            struct.pack("HHHH", int(size.get("height", 0)), int(size.get("width", 0)), 0, 0),
+        )
     try:
         # The init is a session leader (setsid) without a tty: this one becomes its own.
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)

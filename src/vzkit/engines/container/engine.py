@@ -616,6 +616,7 @@ class ContainerEngine(ProcessEngine):
         server.bind(str(path))
         server.listen(1)
         args = ["exec", "--tty", "--console-socket", str(path)]
+        args += ["--console-size", f"{req.rows}x{req.cols}"]
         if req.cwd:
             args += ["--cwd", req.cwd]
         for k, v in {"TERM": "xterm-256color", **req.env}.items():

@@ -405,7 +405,7 @@ def _terminal(ctx: InitContext) -> str:
             "process.terminal is true but no --console-socket was given",
             hint="pass --console-socket, or set process.terminal to false",
         )
-    return console.setup_pty(ctx.console_fd)
+    return console.setup_pty(ctx.console_fd, ctx.process.get("consoleSize"))
 
 
 def _prepare_process(ctx: InitContext, step: _Step, caps: Any) -> str:

@@ -883,6 +883,7 @@ def exec_process_from(
     *,
     args: list[str],
     tty: bool,
+    console_size: tuple[int, int] | None = None,
     cwd: str | None,
     env: list[str],
     user: str | None,
@@ -903,6 +904,8 @@ def exec_process_from(
         "noNewPrivileges": bool(base.get("noNewPrivileges")) or no_new_privs,
         "rlimits": base.get("rlimits") or [],
     }
+    if tty and console_size:
+        process["consoleSize"] = {"height": console_size[0], "width": console_size[1]}
     if env:
         # Later values win, as in a shell's environment.
         keys = {e.split("=", 1)[0] for e in env}
