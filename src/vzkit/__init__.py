@@ -11,9 +11,16 @@ from vzkit.errors import (
     VzError,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vzkit.aclient import AsyncClient
+    from vzkit.client import Client
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
+    "Client",
     "Conflict",
     "EngineError",
     "HostUnsupported",
@@ -24,3 +31,16 @@ __all__ = [
     "VzError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The SDK on demand: `import vzkit` stays light (vz-runtime starts through it).
+    if name == "Client":
+        from vzkit.client import Client
+
+        return Client
+    if name == "AsyncClient":
+        from vzkit.aclient import AsyncClient
+
+        return AsyncClient
+    raise AttributeError(f"module 'vzkit' has no attribute {name!r}")

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vzkit import lifecycle
@@ -21,7 +25,7 @@ from vzkit.network import links
 if TYPE_CHECKING:
     from vzkit.actions import Actions
 
-__all__ = ["InstanceStats", "RequestMetrics", "collect", "render"]
+__all__ = ["AuditLog", "InstanceStats", "RequestMetrics", "collect", "render"]
 
 # Seconds: API calls are milliseconds; an instance launch is seconds.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -45,6 +49,35 @@ class RequestMetrics:
                 counts[i] += 1
         counts[-1] += 1
         self.sums[key] += seconds
+
+
+class AuditLog:
+    """Every mutating API call, one JSON line each: when, what, and how it ended.
+
+    Appended with O_APPEND and a single write per line, so lines never interleave.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def record(self, method: str, path: str, status: int, seconds: float) -> None:
+        line = json.dumps(
+            {
+                "time": datetime.now(UTC).isoformat(),
+                "method": method,
+                "path": path,
+                "status": status,
+                "ms": round(seconds * 1000, 1),
+            }
+        )
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, (line + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the audit log must never fail a request
 
 
 async def collect(actions: Actions) -> list[InstanceStats]:

@@ -133,3 +133,18 @@ def test_background_operations(client: Client, vzd: Daemon) -> None:
     assert client.cancel_operation(slow.id).status == "cancelled"
     assert "slow" not in {i.name for i in client.list_instances()}
     assert wait_for(lambda: not vzd.qemu_pids(), 10)
+
+
+def test_mutating_calls_are_audited(client: Client, vzd: Daemon) -> None:
+    client.create_instance({"name": "aud", "type": "container", "start": False})
+    client.delete_instance("aud")
+    lines = [
+        json.loads(ln) for ln in (vzd.settings.state_dir / "audit.log").read_text().splitlines()
+    ]
+    mine = [
+        (e["method"], e["path"], e["status"])
+        for e in lines
+        if "aud" in e["path"] or (e["method"] == "POST" and e["path"] == "/1.0/instances")
+    ]
+    assert ("POST", "/1.0/instances", 201) in mine and ("DELETE", "/1.0/instances/aud", 204) in mine
+    assert not any(e["method"] == "GET" for e in lines), "reads are not audited"

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.sync.server import ServerConnection
@@ -252,3 +253,21 @@ def test_run_deletes_even_when_the_block_fails(fake: FakeVzd, client: Client) ->
     body = json.loads(fake.seen[0].body)
     assert body == {"image": "minimal", "ephemeral": True, "start": True, "accel": "tcg"}
     assert fake.seen[-1].method == "DELETE" and fake.seen[-1].query == {"force": "true"}
+
+
+def test_async_client_runs_every_call_off_the_loop(fake: FakeVzd, tmp_path: Path) -> None:
+    import asyncio
+
+    import vzkit
+
+    fake.on("GET", "/1.0/instances", Reply(200, [INSTANCE]))
+    fake.on("GET", "/1.0/instances/web", Reply(200, INSTANCE))
+    settings = Settings(state_dir=tmp_path / "state", runtime_dir=tmp_path / "run")
+
+    async def main() -> tuple[Any, Any]:
+        async with vzkit.AsyncClient(fake.path, settings=settings, autostart=False) as c:
+            return await asyncio.gather(c.list_instances(), c.get_instance("web"))
+
+    listed, one = asyncio.run(main())
+    assert [i.name for i in listed] == ["web"] and one.name == "web"
+    assert vzkit.Client is Client

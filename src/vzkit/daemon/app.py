@@ -25,7 +25,7 @@ from vzkit.actions import Actions
 from vzkit.engines.base import ExecSession
 from vzkit.errors import InvalidConfig, VzError
 from vzkit.host.probe import probe_host
-from vzkit.metrics import InstanceStats, RequestMetrics, collect, render
+from vzkit.metrics import AuditLog, InstanceStats, RequestMetrics, collect, render
 from vzkit.models import (
     ErrorBody,
     ExecRequest,
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody} for s in (400, 404, 409, 422, 500, 501, 507)
 }
+_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Routes that take ?background=true answer 202 with an Operation.
 _BG: dict[int | str, dict[str, Any]] = {**_ERRORS, 202: {"model": Operation}}
 
@@ -74,6 +75,7 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
     )
 
     requests = RequestMetrics()
+    audit = AuditLog(actions.settings.state_dir / "audit.log")
 
     async def _run(
         background: bool, kind: str, resource: str | None, work: Coroutine[Any, Any, Any]
@@ -101,7 +103,10 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
         start = time.perf_counter()
         response = await call_next(request)
         route = getattr(request.scope.get("route"), "path", "unmatched")
-        requests.observe(request.method, route, response.status_code, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        requests.observe(request.method, route, response.status_code, elapsed)
+        if request.method in _MUTATING:
+            audit.record(request.method, request.url.path, response.status_code, elapsed)
         return response
 
     @app.get("/metrics", include_in_schema=False)
