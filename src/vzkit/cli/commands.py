@@ -24,6 +24,7 @@ from vzkit.cli.render import (
     dump_json,
     flatten,
     format_size,
+    json_mode,
     key_values,
     table,
 )
@@ -65,7 +66,7 @@ def _out() -> Any:
 
 
 def _json_mode(args: argparse.Namespace) -> bool:
-    return bool(args.format == "json")
+    return json_mode(args)
 
 
 # -- run / exec -------------------------------------------------------------------------------

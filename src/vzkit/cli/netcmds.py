@@ -8,25 +8,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vzkit.cli import checks
-from vzkit.cli.render import dump_json, key_values, table
+from vzkit.cli.render import dump_json, json_mode, key_values, show, table
 from vzkit.client import Client
 
 if TYPE_CHECKING:
     from vzkit.models import Instance
 
 Handler = Callable[[argparse.Namespace, Client], int]
-
-
-def _json_mode(args: argparse.Namespace) -> bool:
-    return bool(args.format == "json")
-
-
-def _show(args: argparse.Namespace, model: Any, text: str | None) -> int:
-    if _json_mode(args):
-        sys.stdout.write(model.model_dump_json(indent=2) + "\n")
-    elif text:
-        sys.stdout.write(text + "\n")
-    return 0
 
 
 def network_pairs(i: Instance) -> list[tuple[str, object]]:
@@ -52,12 +40,12 @@ def cmd_network_create(args: argparse.Namespace, client: Client) -> int:
     if args.domain:
         body["dns_domain"] = args.domain
     net = client.create_network(body)
-    return _show(args, net, f"{net.name}: {net.subnet} on {net.bridge}")
+    return show(args, net, f"{net.name}: {net.subnet} on {net.bridge}")
 
 
 def cmd_network_list(args: argparse.Namespace, client: Client) -> int:
     nets = client.list_networks()
-    if _json_mode(args):
+    if json_mode(args):
         dump_json([n.model_dump(mode="json") for n in nets], sys.stdout)
         return 0
     users: dict[str, int] = {}
@@ -81,8 +69,8 @@ def cmd_network_list(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_network_show(args: argparse.Namespace, client: Client) -> int:
     net = client.get_network(checks.check_name(args.name, "network"))
-    if _json_mode(args):
-        return _show(args, net, None)
+    if json_mode(args):
+        return show(args, net, None)
     key_values(list(net.model_dump(mode="json").items()), sys.stdout)
     return 0
 
@@ -96,13 +84,13 @@ _NETWORK_KEYS: dict[str, Callable[[str], object]] = {
 def cmd_network_set(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.name, "network")
     net = client.update_network(name, **checks.parse_settings(args.settings, _NETWORK_KEYS))
-    return _show(args, net, f"{net.name}: {'isolated' if net.isolated else 'nat'}")
+    return show(args, net, f"{net.name}: {'isolated' if net.isolated else 'nat'}")
 
 
 def cmd_network_delete(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.name, "network")
     client.delete_network(name)
-    if not _json_mode(args):
+    if not json_mode(args):
         sys.stdout.write(f"{name}: deleted\n")
     return 0
 
@@ -112,14 +100,14 @@ def cmd_network_attach(args: argparse.Namespace, client: Client) -> int:
     network = checks.check_name(args.network, "network")
     inst = client.attach_network(name, network, ip=args.ip, mac=args.mac)
     nic = next(n for n in reversed(inst.nics) if n.network == network)
-    return _show(args, inst, f"{name}: {nic.name} on {network}, {nic.ip} ({nic.mac})")
+    return show(args, inst, f"{name}: {nic.name} on {network}, {nic.ip} ({nic.mac})")
 
 
 def cmd_network_detach(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
     network = checks.check_name(args.network, "network")
     inst = client.detach_network(name, network)
-    return _show(args, inst, f"{name}: detached from {network}")
+    return show(args, inst, f"{name}: detached from {network}")
 
 
 # -- vz port ----------------------------------------------------------------------------------
@@ -131,7 +119,7 @@ def cmd_port_add(args: argparse.Namespace, client: Client) -> int:
     inst = client.add_port(name, spec["host_port"], spec["port"], spec["proto"])
     pf = next(p for p in inst.ports if p.host_port == spec["host_port"])
     text = f"{name}: host port {pf.host_port}/{pf.proto} -> {pf.ip}:{pf.port}"
-    return _show(args, inst, text)
+    return show(args, inst, text)
 
 
 def cmd_port_list(args: argparse.Namespace, client: Client) -> int:
@@ -142,7 +130,7 @@ def cmd_port_list(args: argparse.Namespace, client: Client) -> int:
     rows = [
         (i.name, p.host_port, p.proto.value, str(p.ip), p.port) for i in instances for p in i.ports
     ]
-    if _json_mode(args):
+    if json_mode(args):
         keys = ("instance", "host_port", "proto", "ip", "port")
         dump_json([dict(zip(keys, r, strict=True)) for r in rows], sys.stdout)
     else:
@@ -154,7 +142,7 @@ def cmd_port_remove(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
     port, proto = checks.parse_host_port(args.spec)
     inst = client.remove_port(name, port, proto)
-    return _show(args, inst, f"{name}: host port {port}/{proto} no longer forwarded")
+    return show(args, inst, f"{name}: host port {port}/{proto} no longer forwarded")
 
 
 # -- vz firewall ------------------------------------------------------------------------------
@@ -168,13 +156,13 @@ def cmd_firewall_add(args: argparse.Namespace, client: Client) -> int:
         )
     inst = client.add_firewall_rule(name, source=args.source, proto=args.proto, port=args.port)
     n = len(inst.firewall or [])
-    return _show(args, inst, f"{name}: rule {n - 1} added; ingress not allowed is dropped")
+    return show(args, inst, f"{name}: rule {n - 1} added; ingress not allowed is dropped")
 
 
 def cmd_firewall_list(args: argparse.Namespace, client: Client) -> int:
     inst = client.get_instance(checks.check_name(args.instance))
     rules = inst.firewall
-    if _json_mode(args):
+    if json_mode(args):
         dump_json(
             {
                 "enabled": rules is not None,
@@ -199,17 +187,17 @@ def cmd_firewall_remove(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
     inst = client.remove_firewall_rule(name, args.index)
     left = len(inst.firewall or [])
-    return _show(args, inst, f"{name}: rule {args.index} removed, {left} left")
+    return show(args, inst, f"{name}: rule {args.index} removed, {left} left")
 
 
 def cmd_firewall_deny_all(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
-    return _show(args, client.set_firewall(name, []), f"{name}: all ingress dropped")
+    return show(args, client.set_firewall(name, []), f"{name}: all ingress dropped")
 
 
 def cmd_firewall_open(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
-    return _show(args, client.set_firewall(name, None), f"{name}: all ingress let in")
+    return show(args, client.set_firewall(name, None), f"{name}: all ingress let in")
 
 
 HANDLERS: dict[str, Handler] = {

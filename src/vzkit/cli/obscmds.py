@@ -6,21 +6,17 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from vzkit.cli.render import dump_json, format_size, table
+from vzkit.cli.render import dump_json, format_size, json_mode, table
 from vzkit.client import Client
 
 Handler = Callable[[argparse.Namespace, Client], int]
-
-
-def _json_mode(args: argparse.Namespace) -> bool:
-    return bool(args.format == "json")
 
 
 def cmd_monitor(args: argparse.Namespace, client: Client) -> int:
     """Print lifecycle events as they happen, one line each (JSON lines with --format json)."""
     types = [t for t in (args.type or "").split(",") if t] or None
     for event in client.events(types):
-        if _json_mode(args):
+        if json_mode(args):
             sys.stdout.write(event.model_dump_json() + "\n")
         else:
             details = " ".join(f"{k}={v}" for k, v in event.data.items() if v is not None)
@@ -35,11 +31,11 @@ def cmd_top(args: argparse.Namespace, client: Client) -> int:
     import time
 
     prev: dict[str, tuple[float, float]] = {}
-    interactive = sys.stdout.isatty() and not args.once and not _json_mode(args)
+    interactive = sys.stdout.isatty() and not args.once and not json_mode(args)
     while True:
         now = time.monotonic()
         stats = client.stats()
-        if _json_mode(args):
+        if json_mode(args):
             dump_json([s.model_dump(mode="json") for s in stats], sys.stdout)
         else:
             rows = []
@@ -76,7 +72,7 @@ def cmd_top(args: argparse.Namespace, client: Client) -> int:
             )
             table(head, rows, sys.stdout)
         sys.stdout.flush()
-        if args.once or _json_mode(args):
+        if args.once or json_mode(args):
             return 0
         time.sleep(args.interval)
 

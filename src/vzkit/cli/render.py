@@ -58,6 +58,20 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, object
     return pairs
 
 
+def json_mode(args: Any) -> bool:
+    """Whether the command was given --format json."""
+    return bool(getattr(args, "format", None) == "json")
+
+
+def show(args: Any, model: Any, text: str | None) -> int:
+    """A command's answer: the model as JSON with --format json, else the line ``text``."""
+    if json_mode(args):
+        sys.stdout.write(model.model_dump_json(indent=2) + "\n")
+    elif text:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
 def dump_json(data: Any, out: TextIO) -> None:
     out.write(json.dumps(data, indent=2, default=str) + "\n")
 

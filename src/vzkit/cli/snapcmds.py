@@ -8,21 +8,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vzkit.cli import checks
-from vzkit.cli.render import Progress, age_since, dump_json, format_size, key_values, table
+from vzkit.cli.render import (
+    Progress,
+    age_since,
+    dump_json,
+    format_size,
+    json_mode,
+    key_values,
+    table,
+)
 from vzkit.client import Client
 
 Handler = Callable[[argparse.Namespace, Client], int]
-
-
-def _json_mode(args: argparse.Namespace) -> bool:
-    return bool(args.format == "json")
 
 
 def cmd_snapshot_create(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
     snap = checks.check_name(args.snapshot, "snapshot") if args.snapshot else None
     info = client.create_snapshot(name, snap, stateful=args.stateful)
-    if _json_mode(args):
+    if json_mode(args):
         sys.stdout.write(info.model_dump_json(indent=2) + "\n")
     else:
         kind = "stateful snapshot" if info.stateful else "snapshot"
@@ -32,7 +36,7 @@ def cmd_snapshot_create(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_snapshot_list(args: argparse.Namespace, client: Client) -> int:
     snaps = client.list_snapshots(checks.check_name(args.instance))
-    if _json_mode(args):
+    if json_mode(args):
         dump_json([s.model_dump(mode="json") for s in snaps], sys.stdout)
         return 0
     rows = [
@@ -47,7 +51,7 @@ def cmd_snapshot_info(args: argparse.Namespace, client: Client) -> int:
     info = client.get_snapshot(
         checks.check_name(args.instance), checks.check_name(args.snapshot, "snapshot")
     )
-    if _json_mode(args):
+    if json_mode(args):
         sys.stdout.write(info.model_dump_json(indent=2) + "\n")
     else:
         key_values(list(info.model_dump(mode="json").items()), sys.stdout)
@@ -57,7 +61,7 @@ def cmd_snapshot_info(args: argparse.Namespace, client: Client) -> int:
 def cmd_snapshot_restore(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
     inst = client.restore_snapshot(name, checks.check_name(args.snapshot, "snapshot"))
-    if _json_mode(args):
+    if json_mode(args):
         sys.stdout.write(inst.model_dump_json(indent=2) + "\n")
     else:
         sys.stdout.write(f"{name}: restored {args.snapshot}, {inst.state.value}\n")
@@ -67,7 +71,7 @@ def cmd_snapshot_restore(args: argparse.Namespace, client: Client) -> int:
 def cmd_snapshot_delete(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
     client.delete_snapshot(name, checks.check_name(args.snapshot, "snapshot"))
-    if not _json_mode(args):
+    if not json_mode(args):
         sys.stdout.write(f"{name}: snapshot {args.snapshot} deleted\n")
     return 0
 
@@ -75,7 +79,7 @@ def cmd_snapshot_delete(args: argparse.Namespace, client: Client) -> int:
 def cmd_copy(args: argparse.Namespace, client: Client) -> int:
     src, dst = checks.check_name(args.source), checks.check_name(args.target)
     inst = client.copy_instance(src, dst)
-    if _json_mode(args):
+    if json_mode(args):
         sys.stdout.write(inst.model_dump_json(indent=2) + "\n")
     else:
         sys.stdout.write(f"{dst}: copy of {src}, {inst.state.value} (start it: vz start {dst})\n")
@@ -101,7 +105,7 @@ def cmd_export(args: argparse.Namespace, client: Client) -> int:
         raise
     finally:
         progress.done()
-    if not _json_mode(args):
+    if not json_mode(args):
         sys.stdout.write(f"{name}: exported to {target} ({format_size(size)})\n")
     else:
         dump_json({"instance": name, "file": str(target), "size": size}, sys.stdout)
@@ -121,7 +125,7 @@ def cmd_import(args: argparse.Namespace, client: Client) -> int:
             ) from exc
         with source:
             inst = client.import_instance(source, name)
-    if _json_mode(args):
+    if json_mode(args):
         sys.stdout.write(inst.model_dump_json(indent=2) + "\n")
     else:
         sys.stdout.write(f"{inst.name}: imported, {inst.state.value} (vz start {inst.name})\n")
@@ -136,7 +140,7 @@ def cmd_publish(args: argparse.Namespace, client: Client) -> int:
         info = client.publish_instance(name, image, progress)
     finally:
         progress.done()
-    if _json_mode(args):
+    if json_mode(args):
         sys.stdout.write(info.model_dump_json(indent=2) + "\n")
     else:
         sys.stdout.write(f"{info.name} {info.digest} ({format_size(info.size)})\n")

@@ -8,19 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 from vzkit.cli import checks
-from vzkit.cli.render import dump_json, format_size, key_values, table
+from vzkit.cli.render import dump_json, format_size, json_mode, key_values, show, table
 from vzkit.client import Client
 
 Handler = Callable[[argparse.Namespace, Client], int]
-
-
-def _json_mode(args: argparse.Namespace) -> bool:
-    return bool(args.format == "json")
-
-
-def _show(args: argparse.Namespace, model: Any, text: str) -> int:
-    sys.stdout.write(model.model_dump_json(indent=2) + "\n" if _json_mode(args) else text + "\n")
-    return 0
 
 
 def parse_volume(spec: str) -> dict[str, Any]:
@@ -48,12 +39,12 @@ def parse_volume(spec: str) -> dict[str, Any]:
 
 def cmd_storage_create(args: argparse.Namespace, client: Client) -> int:
     pool = client.create_pool(checks.check_name(args.name, "pool"), args.path)
-    return _show(args, pool, f"{pool.name}: {pool.driver} pool at {pool.path}")
+    return show(args, pool, f"{pool.name}: {pool.driver} pool at {pool.path}")
 
 
 def cmd_storage_list(args: argparse.Namespace, client: Client) -> int:
     pools = client.list_pools()
-    if _json_mode(args):
+    if json_mode(args):
         dump_json([p.model_dump(mode="json") for p in pools], sys.stdout)
         return 0
     rows = [
@@ -65,8 +56,8 @@ def cmd_storage_list(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_storage_info(args: argparse.Namespace, client: Client) -> int:
     pool = client.get_pool(checks.check_name(args.name, "pool"))
-    if _json_mode(args):
-        return _show(args, pool, "")
+    if json_mode(args):
+        return show(args, pool, "")
     key_values(list(pool.model_dump(mode="json").items()), sys.stdout)
     return 0
 
@@ -74,7 +65,7 @@ def cmd_storage_info(args: argparse.Namespace, client: Client) -> int:
 def cmd_storage_delete(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.name, "pool")
     client.delete_pool(name)
-    if not _json_mode(args):
+    if not json_mode(args):
         sys.stdout.write(f"{name}: deleted\n")
     return 0
 
@@ -86,12 +77,12 @@ def cmd_volume_create(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.name, "volume")
     size = checks.check_memory(args.size) if args.size else 1024**3
     vol = client.create_volume(name, size, pool=args.pool, content=args.content)
-    return _show(args, vol, f"{vol.name}: {args.content} volume, {format_size(vol.size)}")
+    return show(args, vol, f"{vol.name}: {args.content} volume, {format_size(vol.size)}")
 
 
 def cmd_volume_list(args: argparse.Namespace, client: Client) -> int:
     vols = client.list_volumes(args.pool)
-    if _json_mode(args):
+    if json_mode(args):
         dump_json([v.model_dump(mode="json") for v in vols], sys.stdout)
         return 0
     rows = [
@@ -111,8 +102,8 @@ def cmd_volume_list(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_volume_info(args: argparse.Namespace, client: Client) -> int:
     vol = client.get_volume(checks.check_name(args.name, "volume"), args.pool)
-    if _json_mode(args):
-        return _show(args, vol, "")
+    if json_mode(args):
+        return show(args, vol, "")
     key_values(list(vol.model_dump(mode="json").items()), sys.stdout)
     return 0
 
@@ -120,13 +111,13 @@ def cmd_volume_info(args: argparse.Namespace, client: Client) -> int:
 def cmd_volume_resize(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.name, "volume")
     vol = client.resize_volume(name, checks.check_memory(args.size), pool=args.pool)
-    return _show(args, vol, f"{vol.name}: {format_size(vol.size)}")
+    return show(args, vol, f"{vol.name}: {format_size(vol.size)}")
 
 
 def cmd_volume_delete(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.name, "volume")
     client.delete_volume(name, pool=args.pool)
-    if not _json_mode(args):
+    if not json_mode(args):
         sys.stdout.write(f"{name}: deleted\n")
     return 0
 
@@ -138,14 +129,14 @@ def cmd_volume_attach(args: argparse.Namespace, client: Client) -> int:
         inst, name, pool=args.pool, path=args.path, readonly=args.readonly
     )
     where = args.path or f"/dev/disk/by-id/virtio-{name[:20]}"
-    return _show(args, result, f"{inst}: volume {name} at {where}")
+    return show(args, result, f"{inst}: volume {name} at {where}")
 
 
 def cmd_volume_detach(args: argparse.Namespace, client: Client) -> int:
     inst = checks.check_name(args.instance)
     name = checks.check_name(args.volume, "volume")
     result = client.detach_volume(inst, name, pool=args.pool)
-    return _show(args, result, f"{inst}: volume {name} detached")
+    return show(args, result, f"{inst}: volume {name} detached")
 
 
 HANDLERS: dict[str, Handler] = {
