@@ -103,6 +103,18 @@ def test_vm_volume_hotplug_resize_and_move(client: Client, volumes: list[str]) -
     client.attach_volume("q35", "data")
     dev = "/dev/disk/by-id/virtio-data"
     sh(client, "q35", f"echo hello-disk | dd of={dev} bs=512 count=1 conv=sync 2>/dev/null; sync")
+    # A second live attachment either works or fails leaving nothing half-attached.
+    client.create_volume("extra", "16MiB")
+    volumes.append("extra")
+    try:
+        client.attach_volume("q35", "extra")
+    except VzError as exc:
+        assert exc.hint and "stop" in exc.hint
+        assert [v.volume for v in client.get_instance("q35").volumes] == ["data"]
+        assert client.get_volume("extra").attached_to == []
+    else:
+        assert sh(client, "q35", "ls /dev/disk/by-id/virtio-extra")
+        client.detach_volume("q35", "extra")
     client.resize_volume("data", "64MiB")
     sectors = sh(client, "q35", f"cat /sys/block/$(basename $(readlink {dev}))/size")
     assert int(sectors) == 64 * 2**20 // 512

@@ -235,7 +235,9 @@ class QemuEngine(ProcessEngine):
                 # After a restore the guest may be another instance's memory: rename it too.
                 await _configure_guest(agent, net.guest_script(inst.name if restore else None))
             if volumes:
-                await _configure_guest(agent, _disk_links([v.name[:20] for v in volumes]))
+                await _configure_guest(
+                    agent, _disk_links([v.name[:20] for v in volumes]), "disks", "see the console"
+                )
             log.info(
                 "%s started: set-up %.3fs, qemu launch %.3fs, qmp %.3fs, boot to agent %.3fs",
                 inst.name,
@@ -488,7 +490,22 @@ class QemuEngine(ProcessEngine):
             # Without udev (the minimal image) nothing loads the driver of a device that
             # was not there at boot; the script does, and waits for the disk to appear.
             agent = await self._agent(self._get(name))
-            await _configure_guest(agent, _disk_links([volume.name[:20]]))
+            try:
+                await _configure_guest(
+                    agent,
+                    _disk_links([volume.name[:20]]),
+                    "disks",
+                    "the guest did not see the hot-plugged disk (here a q35 VM takes one "
+                    f"live-attached volume); stop {name}, attach it, start it again",
+                )
+            except BaseException:
+                # The guest never saw it: take it out again, nothing half-attached stays.
+                with contextlib.suppress(Exception):
+                    await qmp.execute("device_del", {"id": node})
+                with contextlib.suppress(Exception):
+                    await asyncio.sleep(0.5)
+                    await qmp.execute("blockdev-del", {"node-name": node})
+                raise
             return
         with contextlib.suppress(Exception):
             await qmp.execute("blockdev-del", {"node-name": node})
@@ -770,15 +787,18 @@ def _ensure_tap(nic: NicPlan) -> None:
     links.ensure_tap(nic.host_name, bridge=nic.bridge, network=nic.network, instance=nic.instance)
 
 
-async def _configure_guest(agent: AgentClient, script: str) -> None:
-    """Address the guest's NICs through its agent: no DHCP round trip on the boot path."""
+async def _configure_guest(
+    agent: AgentClient,
+    script: str,
+    what: str = "network",
+    hint: str = "the image needs a POSIX sh and the ip command (busybox or iproute2)",
+) -> None:
+    """Run a set-up script in the guest through its agent (NIC addresses: no DHCP round
+    trip on the boot path; disks: driver and /dev/disk/by-id links)."""
     done = await agent.run(["/bin/sh", "-c", script], timeout=30)
     if done.result.exit_code != 0:
         why = (done.stderr or done.stdout).decode(errors="replace").strip()[-500:]
-        raise EngineError(
-            f"configuring the guest's network failed: {why or done.result}",
-            hint="the image needs a POSIX sh and the ip command (busybox or iproute2)",
-        )
+        raise EngineError(f"configuring the guest's {what} failed: {why or done.result}", hint=hint)
 
 
 @contextlib.contextmanager
