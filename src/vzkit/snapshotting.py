@@ -71,7 +71,10 @@ class Snapshots:
                     hint="wait until it is running or stopped",
                 )
             if stateful and inst.type is InstanceType.CONTAINER:
-                await engine.save_state(name, Path())  # raises the explanation
+                raise InvalidConfig(
+                    "containers have no stateful snapshots (their processes are not checkpointed)",
+                    hint="take a snapshot without --stateful: it keeps the container's files",
+                )
             if stateful and inst.state not in lifecycle.ACTIVE:
                 raise StateError(
                     f"a stateful snapshot needs a running instance; {name!r} is {inst.state.value}",
