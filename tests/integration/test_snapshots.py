@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, _cleanup
 from tests.integration.helpers import wait_for
 from vzkit.client import Client
 from vzkit.db import Database
@@ -171,11 +171,14 @@ def small_state_dir(private_daemon: Daemon) -> Iterator[Daemon]:
     try:
         yield private_daemon
     finally:
-        private_daemon.stop()
+        # Instances first: a running QEMU keeps files open on the tmpfs.
+        _cleanup(private_daemon)
         for _ in range(50):
             if subprocess.run(["umount", str(state)], check=False).returncode == 0:
                 break
             time.sleep(0.1)
+        else:
+            pytest.fail(f"the test tmpfs {state} stayed busy")
 
 
 def test_a_full_disk_gives_a_clear_error_and_no_partial_files(small_state_dir: Daemon) -> None:
