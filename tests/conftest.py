@@ -112,6 +112,8 @@ class Daemon:
 
 
 def _make_daemon(root: Path, cache: Path) -> Daemon:
+    # mkdtemp makes 0700 directories: QEMU's unprivileged user must be able to pass.
+    root.chmod(0o755)
     env = dict(os.environ)
     env.update(
         VZ_STATE_DIR=str(root / "state"),

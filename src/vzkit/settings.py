@@ -37,6 +37,8 @@ class Settings:
     )
     # Forced accelerator ("kvm" or "tcg"); None means probe.
     accel: str | None = field(default_factory=lambda: os.environ.get("VZ_ACCEL") or None)
+    # The user QEMU runs as ("" or a missing user: root); scripts/setup creates vz-qemu.
+    qemu_user: str = field(default_factory=lambda: os.environ.get("VZ_QEMU_USER", "vz-qemu"))
     # QEMU in its own mount namespace that shows it only its own files (off: debugging).
     jail: bool = field(default_factory=lambda: os.environ.get("VZ_JAIL", "1") != "0")
     # The network instances join when they name none; made on first use. "" or "none":

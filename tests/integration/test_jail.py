@@ -4,6 +4,7 @@ sandbox is on."""
 from __future__ import annotations
 
 import os
+import pwd
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,10 @@ def test_qemu_cannot_see_another_instances_files(client: Client, vzd: Daemon) ->
         assert os.listdir(f"/proc/{pb}/root{vzd.settings.images_dir}")
         status = Path(f"/proc/{pb}/status").read_text()
         assert "Seccomp:\t2" in status, "QEMU's seccomp filter is on"
+        # An unprivileged user (scripts/setup creates it), with no capabilities.
+        uid = pwd.getpwnam("vz-qemu").pw_uid
+        assert f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}" in status
+        assert "CapEff:\t0000000000000000" in status
     finally:
         for name in ("ja", "jb"):
             if name in {i.name for i in client.list_instances()}:

@@ -264,12 +264,13 @@ def ensure_tap(
             idx = _index(ipr, name)
             if idx is not None and _kind(ipr.get_links(idx)[0]) != "tun":
                 raise Conflict(f"interface {name} exists and is not a TAP device")
-        if idx is None:
+        if idx is None or owner is not None:
+            # Also for an existing TAP: the user QEMU runs as may have changed.
             fd = _tun_open(name, _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
             try:
                 fcntl.ioctl(fd, _TUNSETPERSIST, 1)
                 if owner is not None:
-                    fcntl.ioctl(fd, 0x400454CC, owner)  # TUNSETOWNER: QEMU may run unprivileged
+                    fcntl.ioctl(fd, 0x400454CC, owner)  # TUNSETOWNER: QEMU runs unprivileged
             finally:
                 os.close(fd)
         with IPRoute() as ipr:

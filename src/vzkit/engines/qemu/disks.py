@@ -45,10 +45,15 @@ async def freeze_offline(directory: Path, top: str) -> str:
     return new
 
 
-async def freeze_live(qmp: Any, directory: Path, top: str) -> str:
-    """The same for a running QEMU: the guest's disk switches to the new top at once."""
+async def freeze_live(
+    qmp: Any, directory: Path, top: str, owner: tuple[int, int] | None = None
+) -> str:
+    """The same for a running QEMU: the guest's disk switches to the new top at once.
+    ``owner``: the user QEMU runs as, who must be able to write the new top."""
     new = _new_name()
     await asyncio.to_thread(qcow2.create, directory / new, backing=Path(top))
+    if owner is not None:
+        os.chown(directory / new, *owner)
     try:
         node = await active_node(qmp)
         new_node = "n" + new.removeprefix("disk-").removesuffix(".qcow2")

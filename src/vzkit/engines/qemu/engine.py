@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -101,6 +102,7 @@ class QemuEngine(ProcessEngine):
         self.images = images
         self.cgroups = cgroups
         self._live: dict[str, _Live] = {}
+        self.user = _qemu_user(settings.qemu_user, (settings.state_dir, settings.runtime_dir))
 
     def runtime_dir(self, uuid: str) -> Path:
         return self.settings.instance_runtime_dir / uuid
@@ -174,7 +176,7 @@ class QemuEngine(ProcessEngine):
                     self._cgroup_limits(inst, inst.limits),
                 )
             for nic in net.nics:
-                await asyncio.to_thread(_ensure_tap, nic)
+                await asyncio.to_thread(_ensure_tap, nic, self.user[0] if self.user else None)
             socks = [
                 process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock", "console.sock")
             ]
@@ -207,6 +209,7 @@ class QemuEngine(ProcessEngine):
                 )
                 # A fresh boot starts a fresh console log.
                 (sdir / "console.log").write_bytes(b"")
+                self._give(rdir, sdir / "console.log", *(d.path for d in disks if not d.read_only))
                 t_spawn = time.monotonic()
                 pid = await process.launch(
                     build_argv(self.settings.qemu_binary, spec),
@@ -270,7 +273,13 @@ class QemuEngine(ProcessEngine):
         s = self.settings
         keep = [(s.images_dir, True), (sdir, False), (rdir, False)]
         keep += [(v.host_path, v.readonly) for v in volumes]
-        return process.Jail(hide=(s.state_dir, s.runtime_dir), keep=tuple(keep))
+        return process.Jail(hide=(s.state_dir, s.runtime_dir), keep=tuple(keep), user=self.user)
+
+    def _give(self, *paths: Path) -> None:
+        """Hand files QEMU writes to its user (created by vzd, as root)."""
+        if self.user is not None:
+            for path in paths:
+                os.chown(path, *self.user)
 
     async def attach(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> str | None:
         pid = inst.pid
@@ -372,7 +381,7 @@ class QemuEngine(ProcessEngine):
         top = layers.top_name(runtime)
         live = self._live.get(inst.name)
         if live is not None and live.qmp is not None:
-            new = await layers.freeze_live(live.qmp, sdir, top)
+            new = await layers.freeze_live(live.qmp, sdir, top, self.user)
         else:
             new = await layers.freeze_offline(sdir, top)
         return {**runtime, "top": new}, top
@@ -783,8 +792,31 @@ umount "$d"; rmdir "$d"
 """
 
 
-def _ensure_tap(nic: NicPlan) -> None:
-    links.ensure_tap(nic.host_name, bridge=nic.bridge, network=nic.network, instance=nic.instance)
+def _ensure_tap(nic: NicPlan, owner: int | None = None) -> None:
+    links.ensure_tap(
+        nic.host_name, bridge=nic.bridge, network=nic.network, instance=nic.instance, owner=owner
+    )
+
+
+def _qemu_user(name: str, dirs: tuple[Path, ...]) -> tuple[int, int] | None:
+    """The (uid, gid) QEMU runs as, or None (root) when that cannot work, with the reason
+    in the log: no such user, or vzkit's directories under one it cannot enter."""
+    if not name:
+        return None
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        log.warning("user %s does not exist: QEMU runs as root (run scripts/setup)", name)
+        return None
+    for d in dirs:
+        for parent in d.absolute().parents:
+            mode = parent.stat().st_mode if parent.exists() else 0o755
+            if not mode & 0o001:
+                log.warning(
+                    "%s cannot enter %s (mode %o): QEMU runs as root", name, parent, mode & 0o777
+                )
+                return None
+    return entry.pw_uid, entry.pw_gid
 
 
 async def _configure_guest(

@@ -50,6 +50,8 @@ class Jail:
 
     hide: tuple[Path, ...]
     keep: tuple[tuple[Path, bool], ...]
+    # Run QEMU as this user (uid, gid), its supplementary groups included, no capabilities.
+    user: tuple[int, int] | None = None
 
 
 # Joins the cgroups (before exec, so every byte QEMU allocates is accounted); then, in the
@@ -97,6 +99,12 @@ def _wrapper(procs_files: Sequence[Path], jail: Jail | None, argv: Sequence[str]
     args += [str(len(jail.hide)), *map(str, jail.hide), str(len(jail.keep))]
     for path, ro in jail.keep:
         args += [str(path), "1" if ro else "0"]
+    if jail.user is not None:
+        uid, gid = jail.user
+        argv = [
+            "setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--", *argv,
+        ]  # fmt: skip
     shell = ["/bin/sh", "-c", _LAUNCH, "vz-launch", *args, *argv]
     return ["unshare", "--mount", "--propagation", "private", *shell]
 
