@@ -30,6 +30,7 @@ def private_daemon(
     (entered with nsenter, not ``ip netns exec``, which remounts /sys and hides cgroups).
     """
     root = Path(tempfile.mkdtemp(prefix="vzb-"))
+    root.chmod(0o755)  # QEMU's unprivileged user must be able to pass
     env = dict(os.environ)
     env.update(
         VZ_STATE_DIR=str(root / "state"),

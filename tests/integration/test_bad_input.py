@@ -127,10 +127,11 @@ def test_missing_kernel(private_daemon: Daemon, tmp_path: Path) -> None:
     assert "linux-image-cloud-amd64" in e.value.hint
 
 
-def test_qemu_failing_to_start_leaves_nothing(private_daemon: Daemon, tmp_path: Path) -> None:
+def test_qemu_failing_to_start_leaves_nothing(private_daemon: Daemon) -> None:
     real = shutil.which("qemu-system-x86_64")
     assert real
-    fake = tmp_path / "qemu-broken"
+    # In the daemon's own (0755) root: QEMU runs as vz-qemu, who cannot enter pytest's tmp.
+    fake = private_daemon.root / "qemu-broken"
     # Answers the probe's --version like QEMU, fails every launch like a broken install.
     fake.write_text(
         f'#!/bin/sh\n[ "$1" = --version ] && exec {real} --version\n'
