@@ -125,7 +125,8 @@ def test_info_works_on_an_image_in_use(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        for _ in range(100):
+        # qemu-io takes its lock once it has started: on a loaded machine that is seconds.
+        for _ in range(600):
             probe = subprocess.run(
                 ["qemu-img", "info", str(img)], capture_output=True, text=True, check=False
             )
