@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -125,8 +126,15 @@ def test_info_works_on_an_image_in_use(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        # qemu-io takes its lock once it has started: on a loaded machine that is seconds.
+        # Probe only once qemu-io has the image open: a probe while it opens would take a
+        # lock of its own first and make qemu-io give up.
+        fds = Path(f"/proc/{holder.pid}/fd")
         for _ in range(600):
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd) == str(img) for fd in fds.iterdir()):
+                    break
+            time.sleep(0.05)
+        for _ in range(100):
             probe = subprocess.run(
                 ["qemu-img", "info", str(img)], capture_output=True, text=True, check=False
             )
