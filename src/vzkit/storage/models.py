@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from vzkit.units import NAME_RE, NAME_RULE, parse_size
 
@@ -60,21 +60,20 @@ def _name(value: str, what: str) -> str:
     return value
 
 
+PoolName = Annotated[str, AfterValidator(lambda v: _name(v, "pool"))]
+VolumeName = Annotated[str, AfterValidator(lambda v: _name(v, "volume"))]
+
+
 class PoolConfig(_Strict):
     """A storage pool: where volumes live and which driver manages them."""
 
-    name: str
+    name: PoolName
     # Only "dir" exists today; the field is there so "btrfs" or "lvm" can join without
     # changing the shape of stored configs or API bodies.
     driver: Literal["dir"] = "dir"
     path: Path | None = Field(
         None, description="Directory of a dir pool; default: <state_dir>/storage/<name>"
     )
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        return _name(value, "pool")
 
     @field_validator("path")
     @classmethod
@@ -96,22 +95,12 @@ class PoolInfo(PoolConfig):
 class VolumeConfig(_Strict):
     """A volume: a disk (block) or a directory (filesystem) in a pool."""
 
-    name: str
-    pool: str = "default"
+    name: VolumeName
+    pool: PoolName = "default"
     size: VolumeSize
     content: Content = Field(
         "block", description="block: a qcow2 disk for VMs; filesystem: a directory for containers"
     )
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        return _name(value, "volume")
-
-    @field_validator("pool")
-    @classmethod
-    def _check_pool(cls, value: str) -> str:
-        return _name(value, "pool")
 
 
 class VolumeInfo(VolumeConfig):
@@ -133,22 +122,12 @@ class VolumeUpdate(_Strict):
 class VolumeAttachment(_Strict):
     """A volume an instance has: a disk for a VM, a bind mount for a container."""
 
-    volume: str
-    pool: str = "default"
+    volume: VolumeName
+    pool: PoolName = "default"
     path: str | None = Field(
         None, description="Containers: where it is mounted (absolute path); VMs: unused"
     )
     readonly: bool = False
-
-    @field_validator("volume")
-    @classmethod
-    def _check_volume(cls, value: str) -> str:
-        return _name(value, "volume")
-
-    @field_validator("pool")
-    @classmethod
-    def _check_pool(cls, value: str) -> str:
-        return _name(value, "pool")
 
     @field_validator("path")
     @classmethod
