@@ -15,6 +15,7 @@ from vzkit.cli.render import (
     format_size,
     json_mode,
     key_values,
+    show,
     table,
 )
 from vzkit.client import Client
@@ -26,12 +27,8 @@ def cmd_snapshot_create(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
     snap = checks.check_name(args.snapshot, "snapshot") if args.snapshot else None
     info = client.create_snapshot(name, snap, stateful=args.stateful)
-    if json_mode(args):
-        sys.stdout.write(info.model_dump_json(indent=2) + "\n")
-    else:
-        kind = "stateful snapshot" if info.stateful else "snapshot"
-        sys.stdout.write(f"{name}: {kind} {info.name} taken ({format_size(info.size)})\n")
-    return 0
+    kind = "stateful snapshot" if info.stateful else "snapshot"
+    return show(args, info, f"{name}: {kind} {info.name} taken ({format_size(info.size)})")
 
 
 def cmd_snapshot_list(args: argparse.Namespace, client: Client) -> int:
@@ -61,11 +58,7 @@ def cmd_snapshot_info(args: argparse.Namespace, client: Client) -> int:
 def cmd_snapshot_restore(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
     inst = client.restore_snapshot(name, checks.check_name(args.snapshot, "snapshot"))
-    if json_mode(args):
-        sys.stdout.write(inst.model_dump_json(indent=2) + "\n")
-    else:
-        sys.stdout.write(f"{name}: restored {args.snapshot}, {inst.state.value}\n")
-    return 0
+    return show(args, inst, f"{name}: restored {args.snapshot}, {inst.state.value}")
 
 
 def cmd_snapshot_delete(args: argparse.Namespace, client: Client) -> int:
@@ -79,11 +72,7 @@ def cmd_snapshot_delete(args: argparse.Namespace, client: Client) -> int:
 def cmd_copy(args: argparse.Namespace, client: Client) -> int:
     src, dst = checks.check_name(args.source), checks.check_name(args.target)
     inst = client.copy_instance(src, dst)
-    if json_mode(args):
-        sys.stdout.write(inst.model_dump_json(indent=2) + "\n")
-    else:
-        sys.stdout.write(f"{dst}: copy of {src}, {inst.state.value} (start it: vz start {dst})\n")
-    return 0
+    return show(args, inst, f"{dst}: copy of {src}, {inst.state.value} (start it: vz start {dst})")
 
 
 def cmd_export(args: argparse.Namespace, client: Client) -> int:
@@ -125,11 +114,7 @@ def cmd_import(args: argparse.Namespace, client: Client) -> int:
             ) from exc
         with source:
             inst = client.import_instance(source, name)
-    if json_mode(args):
-        sys.stdout.write(inst.model_dump_json(indent=2) + "\n")
-    else:
-        sys.stdout.write(f"{inst.name}: imported, {inst.state.value} (vz start {inst.name})\n")
-    return 0
+    return show(args, inst, f"{inst.name}: imported, {inst.state.value} (vz start {inst.name})")
 
 
 def cmd_publish(args: argparse.Namespace, client: Client) -> int:
@@ -140,11 +125,7 @@ def cmd_publish(args: argparse.Namespace, client: Client) -> int:
         info = client.publish_instance(name, image, progress)
     finally:
         progress.done()
-    if json_mode(args):
-        sys.stdout.write(info.model_dump_json(indent=2) + "\n")
-    else:
-        sys.stdout.write(f"{info.name} {info.digest} ({format_size(info.size)})\n")
-    return 0
+    return show(args, info, f"{info.name} {info.digest} ({format_size(info.size)})")
 
 
 HANDLERS: dict[str, Handler] = {
