@@ -345,22 +345,19 @@ def rebase_unsafe(path: Path, new_backing: Path | None, *, backing_format: str =
     renamed or copied). ``None`` detaches the overlay: clusters it never wrote then read
     as zeros. A relative name is relative to ``path``'s directory.
     """
-    _need(path)
-    argv = [_binary(), "rebase", "-q", "-u", "-f", FORMAT]
-    if new_backing is None:
-        argv += ["-b", ""]
-    else:
-        argv += ["-b", _p(new_backing), "-F", backing_format]
-    argv.append(_p(path))
-    _run(argv, image=path, what=f"rebasing {path.name}")
+    _rebase(path, new_backing, backing_format, ["-u"])
 
 
 def rebase(path: Path, new_backing: Path | None, *, backing_format: str = FORMAT) -> None:
     """Re-point ``path`` at ``new_backing`` keeping its content: the clusters where the old
     and new backing chains differ are copied into ``path`` first (a safe rebase). ``None``
     makes ``path`` standalone. Offline only; the old backing chain must still exist."""
+    _rebase(path, new_backing, backing_format, [])
+
+
+def _rebase(path: Path, new_backing: Path | None, backing_format: str, mode: list[str]) -> None:
     _need(path)
-    argv = [_binary(), "rebase", "-q", "-f", FORMAT]
+    argv = [_binary(), "rebase", "-q", *mode, "-f", FORMAT]
     if new_backing is None:
         argv += ["-b", ""]
     else:
