@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vzkit.cli import checks
-from vzkit.cli.render import dump_json, json_mode, key_values, show, table
+from vzkit.cli.render import dump_json, json_mode, show, show_fields, table
 from vzkit.client import Client
 
 if TYPE_CHECKING:
@@ -69,10 +69,7 @@ def cmd_network_list(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_network_show(args: argparse.Namespace, client: Client) -> int:
     net = client.get_network(checks.check_name(args.name, "network"))
-    if json_mode(args):
-        return show(args, net, None)
-    key_values(list(net.model_dump(mode="json").items()), sys.stdout)
-    return 0
+    return show_fields(args, net)
 
 
 _NETWORK_KEYS: dict[str, Callable[[str], object]] = {

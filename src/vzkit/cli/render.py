@@ -72,6 +72,14 @@ def show(args: Any, model: Any, text: str | None) -> int:
     return 0
 
 
+def show_fields(args: Any, model: Any) -> int:
+    """A resource's every field: as JSON with --format json, else one ``key: value`` a line."""
+    if json_mode(args):
+        return show(args, model, None)
+    key_values(list(model.model_dump(mode="json").items()), sys.stdout)
+    return 0
+
+
 def dump_json(data: Any, out: TextIO) -> None:
     out.write(json.dumps(data, indent=2, default=str) + "\n")
 

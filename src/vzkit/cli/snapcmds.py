@@ -14,8 +14,8 @@ from vzkit.cli.render import (
     dump_json,
     format_size,
     json_mode,
-    key_values,
     show,
+    show_fields,
     table,
 )
 from vzkit.client import Client
@@ -48,11 +48,7 @@ def cmd_snapshot_info(args: argparse.Namespace, client: Client) -> int:
     info = client.get_snapshot(
         checks.check_name(args.instance), checks.check_name(args.snapshot, "snapshot")
     )
-    if json_mode(args):
-        sys.stdout.write(info.model_dump_json(indent=2) + "\n")
-    else:
-        key_values(list(info.model_dump(mode="json").items()), sys.stdout)
-    return 0
+    return show_fields(args, info)
 
 
 def cmd_snapshot_restore(args: argparse.Namespace, client: Client) -> int:

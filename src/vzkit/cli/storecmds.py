@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vzkit.cli import checks
-from vzkit.cli.render import dump_json, format_size, json_mode, key_values, show, table
+from vzkit.cli.render import dump_json, format_size, json_mode, show, show_fields, table
 from vzkit.client import Client
 
 Handler = Callable[[argparse.Namespace, Client], int]
@@ -56,10 +56,7 @@ def cmd_storage_list(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_storage_info(args: argparse.Namespace, client: Client) -> int:
     pool = client.get_pool(checks.check_name(args.name, "pool"))
-    if json_mode(args):
-        return show(args, pool, "")
-    key_values(list(pool.model_dump(mode="json").items()), sys.stdout)
-    return 0
+    return show_fields(args, pool)
 
 
 def cmd_storage_delete(args: argparse.Namespace, client: Client) -> int:
@@ -102,10 +99,7 @@ def cmd_volume_list(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_volume_info(args: argparse.Namespace, client: Client) -> int:
     vol = client.get_volume(checks.check_name(args.name, "volume"), args.pool)
-    if json_mode(args):
-        return show(args, vol, "")
-    key_values(list(vol.model_dump(mode="json").items()), sys.stdout)
-    return 0
+    return show_fields(args, vol)
 
 
 def cmd_volume_resize(args: argparse.Namespace, client: Client) -> int:
