@@ -33,6 +33,8 @@ if not BUSYBOX.exists():  # pragma: no cover - depends on the host
 class Runtime:
     """vz-runtime with a private --root; remembers ids to clean up."""
 
+    command: list[str] = RUNTIME
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.ids: set[str] = set()
@@ -44,7 +46,7 @@ class Runtime:
         # hold a pipe open until it exits.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             code = subprocess.run(
-                [*RUNTIME, "--root", str(self.root), *args],
+                [*self.command, "--root", str(self.root), *args],
                 stdout=out,
                 stderr=err,
                 timeout=timeout,

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import remove_cgroups
+from tests.integration import test_runtime_cli as cli_tests
 from tests.integration.helpers import wait_for
 from vzkit.host.cgroups import detect_version
 
@@ -91,40 +91,22 @@ def cpu_quota_us(path: str) -> int:
 # ---------------------------------------------------------------------------- the runtime
 
 
-class Runtime:
+class Runtime(cli_tests.Runtime):
     """vz-runtime with a private --root and a private cgroup parent; cleans up both."""
 
+    command = RUNTIME
+
     def __init__(self, root: Path, tmp: Path) -> None:
-        self.root = root
+        super().__init__(root)
         self.tmp = tmp
         self.parent = f"vz-rtest-{uuid.uuid4().hex[:8]}"
-        self.ids: list[str] = []
         self.bundles = 0
 
     def __call__(
-        self, *args: str, check: bool = True, timeout: float = 30
+        self, *args: str, check: bool = True, timeout: float = 30, **kw: Any
     ) -> subprocess.CompletedProcess[str]:
-        # Files, not pipes: a detached container inherits the runtime's stdio.
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            code = subprocess.run(
-                [*RUNTIME, "--root", str(self.root), *args],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                timeout=timeout,
-            ).returncode
-            out.seek(0)
-            err.seek(0)
-            proc = subprocess.CompletedProcess(
-                args, code, out.read().decode(errors="replace"), err.read().decode(errors="replace")
-            )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"vz-runtime {' '.join(args)} -> {proc.returncode}: {proc.stderr}")
-        return proc
-
-    def state(self, cid: str) -> dict[str, Any]:
-        out: dict[str, Any] = json.loads(self("state", cid).stdout)
-        return out
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        return super().__call__(*args, check=check, timeout=timeout, **kw)
 
     def cgroup(self, cid: str) -> str:
         return f"{self.parent}/{cid}"
@@ -157,7 +139,7 @@ class Runtime:
 
     def new_id(self) -> str:
         cid = f"r-{uuid.uuid4().hex[:10]}"
-        self.ids.append(cid)
+        self.ids.add(cid)
         return cid
 
     def cleanup(self) -> None:
