@@ -2,7 +2,8 @@
 
 * `GET /1.0/instances` with 200 instances in the database: p50 and p99 over 1000 requests
   (target: p99 under 50 ms). Beside it, `GET /1.0` (no database work) as the floor of one
-  HTTP round trip in the same run.
+  HTTP round trip in the same run. Then the same list over the TLS API (bearer token, one
+  keep-alive connection) against the unix socket: the ratio of their p50s.
 * 20 containers launched concurrently (20 threads, one client each) against the same 20
   launched one after the other: total times and their ratio.
 """
@@ -10,12 +11,18 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import socket
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from benchmarks._common import private_daemon
 from vzkit.client import Client
+from vzkit.remote.config import Remote
 
 
 def _percentiles(xs: list[float]) -> str:
@@ -23,22 +30,46 @@ def _percentiles(xs: list[float]) -> str:
     return f"p50 {qs[49] * 1000:.2f} ms  p99 {qs[98] * 1000:.2f} ms"
 
 
-def latency(client: Client, count: int, requests: int) -> None:
+def _timed(call: Callable[[], object], requests: int) -> list[float]:
+    out = []
+    for _ in range(requests):
+        start = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _tls_client(client: Client, state_dir: Path, workdir: Path) -> Client:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    client.set_listen(address)
+    token = client.add_trust("bench", "token").token
+    shutil.copy(state_dir / "pki" / "ca.crt", workdir / "ca.crt")
+    (workdir / "token").write_text(token)
+    return Client(remote=Remote("bench", [address], "token", "", workdir))
+
+
+def latency(client: Client, state_dir: Path, count: int, requests: int) -> None:
     for i in range(count):
         client.create_instance({"name": f"i{i:03d}", "type": "container", "start": False})
     assert len(client.list_instances()) == count
-    lists, pings = [], []
-    for _ in range(requests):
-        start = time.perf_counter()
-        client.list_instances()
-        lists.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        client.server_info()
-        pings.append(time.perf_counter() - start)
+    lists = _timed(client.list_instances, requests)
+    pings = _timed(client.server_info, requests)
     print(f"GET /1.0/instances ({count} instances), {requests} requests: {_percentiles(lists)}")
     print(f"GET /1.0 (floor), {requests} requests: {_percentiles(pings)}")
     p99 = statistics.quantiles(lists, n=100)[98]
     print(f"p99 target < 50 ms: {'met' if p99 < 0.05 else 'MISSED'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        remote = _tls_client(client, state_dir, Path(tmp))
+        tls = _timed(remote.list_instances, requests)
+        unix = _timed(client.list_instances, requests)  # interleaved in time with the TLS run
+        remote.close()
+    print(f"over TLS (bearer token, keep-alive): {_percentiles(tls)}")
+    ratio = statistics.median(tls) / statistics.median(unix)
+    print(f"TLS / unix socket p50: {ratio:.2f}x")
+    client.set_listen(None)
+    client.remove_trust("bench")
     for i in range(count):
         client.delete_instance(f"i{i:03d}")
 
@@ -69,8 +100,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--launch", type=int, default=20)
     args = parser.parse_args()
-    with private_daemon(VZ_CPU_OVERCOMMIT="32", VZ_MEMORY_OVERCOMMIT="4") as (_env, client):
-        latency(client, args.instances, args.requests)
+    with private_daemon(VZ_CPU_OVERCOMMIT="32", VZ_MEMORY_OVERCOMMIT="4") as (env, client):
+        latency(client, Path(env["VZ_STATE_DIR"]), args.instances, args.requests)
         throughput(client, args.launch)
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         SnapshotInfo,
         VolumeInfo,
     )
+    from vzkit.remote.models import TrustCreated, TrustEntry
 
 
 class Resources:
@@ -242,3 +243,34 @@ class Resources:
 
     def remove_firewall_rule(self, name: str, index: int) -> Instance:
         return self._instance_call("DELETE", f"{API}/instances/{_q(name)}/firewall/rules/{index}")
+
+    # -- remote access ----------------------------------------------------------------------
+
+    def server_config(self) -> dict[str, Any]:
+        """The TLS listener: ``{"listen", "addresses", "ca_fingerprint", ...}``."""
+        config: dict[str, Any] = self._json("GET", f"{API}/server")
+        return config
+
+    def set_listen(self, address: str | None) -> dict[str, Any]:
+        """Serve the API over TLS on ``address`` (``HOST:PORT``, ``:PORT``); None: stop."""
+        config: dict[str, Any] = self._json("PATCH", f"{API}/server", {"listen": address})
+        return config
+
+    def list_trust(self) -> list[TrustEntry]:
+        from vzkit.remote.models import TrustEntry
+
+        return [TrustEntry.model_validate(e) for e in self._json("GET", f"{API}/trust")]
+
+    def add_trust(
+        self, name: str, type: str = "certificate", expires_in: int | None = None
+    ) -> TrustCreated:
+        """A join token (``certificate``: for `vz remote add`) or a bearer ``token``; the
+        secret is in the answer only."""
+        from vzkit.remote.models import TrustCreated
+
+        body = {"name": name, "type": type, "expires_in": expires_in}
+        return TrustCreated.model_validate(self._json("POST", f"{API}/trust", body))
+
+    def remove_trust(self, name: str) -> None:
+        """Revoke at once: the next request with that certificate or token is refused."""
+        self._raw("DELETE", f"{API}/trust/{_q(name)}")

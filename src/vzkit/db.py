@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS volumes (
     data TEXT NOT NULL,
     PRIMARY KEY (pool, name)
 );
+CREATE TABLE IF NOT EXISTS trust (name TEXT PRIMARY KEY, data TEXT NOT NULL);
 """
 
 
@@ -173,3 +174,27 @@ class Database:
 
     def delete_volume(self, pool: str, name: str) -> None:
         self._conn.execute("DELETE FROM volumes WHERE pool = ? AND name = ?", (pool, name))
+
+    # -- remote access ---------------------------------------------------------------------
+    # Stored as JSON; vzkit.remote.models owns the schema.
+
+    def trust_rows(self) -> builtins.list[str]:
+        return [r[0] for r in self._conn.execute("SELECT data FROM trust ORDER BY name")]
+
+    def put_trust(self, name: str, data: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO trust(name, data) VALUES (?, ?)", (name, data))
+
+    def delete_trust(self, name: str) -> None:
+        self._conn.execute("DELETE FROM trust WHERE name = ?", (name,))
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self._conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value)
+            )

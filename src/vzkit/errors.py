@@ -100,6 +100,20 @@ class AgentError(EngineError):
     code = "agent_error"
 
 
+class Unauthorized(VzError):
+    """A remote caller sent no credentials, or ones vzd does not know."""
+
+    http_status = 401
+    code = "unauthorized"
+
+
+class Forbidden(VzError):
+    """A remote caller is known but not allowed (a revoked certificate, an expired token)."""
+
+    http_status = 403
+    code = "forbidden"
+
+
 class DaemonUnavailable(VzError):
     """The CLI or SDK could not reach vzd."""
 
@@ -120,6 +134,8 @@ _BY_CODE: dict[str, type[VzError]] = {
         EngineError,
         ImageError,
         AgentError,
+        Unauthorized,
+        Forbidden,
         DaemonUnavailable,
     )
 }

@@ -60,10 +60,12 @@ class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def record(self, method: str, path: str, status: int, seconds: float) -> None:
+    def record(self, method: str, path: str, status: int, seconds: float, caller: str) -> None:
         line = json.dumps(
             {
                 "time": datetime.now(UTC).isoformat(),
+                # unix:uid=N (the local socket), certificate:NAME, token:NAME, anonymous.
+                "caller": caller,
                 "method": method,
                 "path": path,
                 "status": status,

@@ -15,6 +15,29 @@ def _env_path(name: str, default: str) -> Path:
     return Path(os.environ.get(name, default))
 
 
+def client_config_dir() -> Path:
+    """The CLI's and SDK's own files (remotes): $VZ_CONFIG_DIR, else ~/.config/vzkit."""
+    if env := os.environ.get("VZ_CONFIG_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "vzkit"
+
+
+def default_remote() -> str | None:
+    """The remote the CLI talks to when none is named: $VZ_REMOTE, else the one chosen with
+    `vz remote switch`; None for the local daemon. Kept here, away from the TLS code, so a
+    plain `vz` call reads one small file and imports nothing more."""
+    import json
+
+    name = os.environ.get("VZ_REMOTE")
+    if name is None:
+        try:
+            name = json.loads((client_config_dir() / "remotes.json").read_text()).get("current")
+        except (OSError, ValueError, AttributeError):
+            name = None
+    return None if name in (None, "", "local") else str(name)
+
+
 @dataclass(frozen=True)
 class Settings:
     state_dir: Path = field(default_factory=lambda: _env_path("VZ_STATE_DIR", "/var/lib/vzkit"))
@@ -50,6 +73,9 @@ class Settings:
             else os.environ.get("VZ_DEFAULT_NETWORK", "vzbr0")
         )
     )
+
+    # HOST:PORT for the TLS API; overrides the address stored with `vz daemon listen`.
+    listen: str | None = field(default_factory=lambda: os.environ.get("VZ_LISTEN") or None)
 
     @property
     def socket_path(self) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import select
 import subprocess
@@ -147,4 +148,6 @@ def test_mutating_calls_are_audited(client: Client, vzd: Daemon) -> None:
         if "aud" in e["path"] or (e["method"] == "POST" and e["path"] == "/1.0/instances")
     ]
     assert ("POST", "/1.0/instances", 201) in mine and ("DELETE", "/1.0/instances/aud", 204) in mine
+    # Who: the local socket's caller by uid (SO_PEERCRED).
+    assert {e["caller"] for e in lines if "aud" in e["path"]} == {f"unix:uid={os.getuid()}"}
     assert not any(e["method"] == "GET" for e in lines), "reads are not audited"

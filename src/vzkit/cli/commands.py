@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vzkit.cli import checks, netcmds, obscmds, snapcmds, storecmds
+from vzkit.cli import checks, netcmds, obscmds, remotecmds, snapcmds, storecmds
 from vzkit.cli.checks import UsageError
 from vzkit.cli.render import (
     Progress,
@@ -38,15 +38,21 @@ Handler = Callable[[argparse.Namespace, Client], int]
 
 
 def _client(args: argparse.Namespace, *, autostart: bool = True) -> Client:
-    return Client(args.socket, autostart=autostart and not args.no_autostart)
+    from vzkit.settings import default_remote
+
+    remote = args.remote_name or (None if args.socket else default_remote())
+    return Client(args.socket, autostart=autostart and not args.no_autostart, remote=remote)
 
 
 def dispatch(args: argparse.Namespace) -> int:
     key = args.cmd
     subs = ("file_cmd", "config_cmd", "network_cmd", "port_cmd", "firewall_cmd", "snapshot_cmd")
-    for sub in (*subs, "storage_cmd", "volume_cmd", "image_cmd", "host_cmd", "daemon_cmd"):
+    more = ("storage_cmd", "volume_cmd", "image_cmd", "host_cmd", "daemon_cmd", "remote_cmd")
+    for sub in (*subs, *more, "trust_cmd"):
         if getattr(args, sub, None):
             key = f"{args.cmd}.{getattr(args, sub)}"
+    if key.startswith("remote."):
+        return remotecmds.REMOTE_HANDLERS[key](args)  # this host's files only: no vzd
     handler = _HANDLERS[key]
     if key.startswith("daemon."):
         return handler(args, _client(args, autostart=False))
@@ -575,6 +581,7 @@ _HANDLERS: dict[str, Handler] = {
     **snapcmds.HANDLERS,
     **storecmds.HANDLERS,
     **obscmds.HANDLERS,
+    **remotecmds.HANDLERS,
     "config.show": cmd_config_show,
     "config.set": cmd_config_set,
     "image.list": cmd_image_list,

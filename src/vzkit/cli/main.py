@@ -42,6 +42,13 @@ def _globals(defaults: bool) -> _Parser:
         help="vzd's socket (default: $VZ_SOCKET or /run/vzkit/vzd.sock)",
     )
     p.add_argument(
+        "--remote",
+        dest="remote_name",  # `file push`'s positional is called remote
+        default=d(None),
+        metavar="NAME",
+        help="talk to this remote's vzd over TLS (default: $VZ_REMOTE, or `vz remote switch`)",
+    )
+    p.add_argument(
         "--no-autostart",
         action="store_true",
         default=d(False),
@@ -310,10 +317,55 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--refresh", action="store_true", help="probe again")
 
     p = add("daemon", "control vzd")
-    dsub = p.add_subparsers(dest="daemon_cmd", metavar="start|stop|status", parser_class=_Parser)
+    dsub = p.add_subparsers(
+        dest="daemon_cmd", metavar="start|stop|status|listen", parser_class=_Parser
+    )
     dsub.required = True
     for name in ("start", "stop", "status"):
         dsub.add_parser(name, help=f"{name} vzd", parents=[g])
+    dl = dsub.add_parser("listen", help="serve the API over TLS (show, set, or off)", parents=[g])
+    dl.add_argument("address", nargs="?", metavar="HOST:PORT|:PORT|off")
+
+    p = add("remote", "other hosts' vzd, reached over TLS")
+    rsub = p.add_subparsers(
+        dest="remote_cmd", metavar="add|list|remove|switch", parser_class=_Parser
+    )
+    rsub.required = True
+    ra = rsub.add_parser(
+        "add",
+        help="add a remote: NAME JOIN-TOKEN, or NAME ADDRESS --token BEARER",
+        parents=[g],
+    )
+    ra.add_argument("name")
+    ra.add_argument("target", metavar="TOKEN|ADDRESS")
+    ra.add_argument("--token", help="a bearer token (from: vz trust add NAME --type token)")
+    ra.add_argument("--fingerprint", help="the server CA's SHA-256 (with --token)")
+    ra.add_argument(
+        "--accept-certificate",
+        action="store_true",
+        help="trust the CA the server presents, unchecked (with --token)",
+    )
+    rsub.add_parser("list", help="list remotes", parents=[g])
+    rsub.add_parser("remove", help="forget a remote", parents=[g]).add_argument("name")
+    rsub.add_parser(
+        "switch", help="make a remote the default ('local': this host)", parents=[g]
+    ).add_argument("name")
+
+    p = add("trust", "who may use this vzd over TLS")
+    tsub = p.add_subparsers(dest="trust_cmd", metavar="add|list|remove", parser_class=_Parser)
+    tsub.required = True
+    ta = tsub.add_parser(
+        "add", help="make a join token (or, --type token, a bearer token)", parents=[g]
+    )
+    ta.add_argument("name")
+    ta.add_argument("--type", choices=["certificate", "token"], default="certificate")
+    ta.add_argument(
+        "--expires",
+        metavar="DURATION",
+        help="e.g. 30m, 12h, 7d (default: a join token lasts 1d, a bearer token forever)",
+    )
+    tsub.add_parser("list", help="list trusted clients", parents=[g])
+    tsub.add_parser("remove", help="revoke at once", parents=[g]).add_argument("name")
     return top
 
 

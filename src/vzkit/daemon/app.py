@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vzkit import __version__
 from vzkit.actions import Actions
+from vzkit.daemon.remote import MUTATING, AuthMiddleware, RemoteAccess, caller_of
 from vzkit.engines.base import ExecSession
-from vzkit.errors import InvalidConfig, VzError
+from vzkit.errors import InvalidConfig, StateError, VzError
 from vzkit.host.probe import probe_host
 from vzkit.metrics import AuditLog, InstanceStats, RequestMetrics, collect, render
 from vzkit.models import (
@@ -49,14 +50,22 @@ from vzkit.models import (
     VolumeUpdate,
 )
 from vzkit.operations import Operation
+from vzkit.remote.models import (
+    ServerConfig,
+    TrustCreate,
+    TrustCreated,
+    TrustEntry,
+    TrustJoin,
+    TrustJoined,
+    TrustType,
+)
 from vzkit.storage.snapshots import CopyRequest, SnapshotCreate, SnapshotInfo
 
 API = "/1.0"
 log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorBody} for s in (400, 404, 409, 422, 500, 501, 507)
+    s: {"model": ErrorBody} for s in (400, 401, 403, 404, 409, 422, 500, 501, 507)
 }
-_MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Routes that take ?background=true answer 202 with an Operation.
 _BG: dict[int | str, dict[str, Any]] = {**_ERRORS, 202: {"model": Operation}}
 
@@ -69,7 +78,7 @@ def _validation_message(exc: RequestValidationError | ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
+def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAccess) -> FastAPI:
     app = FastAPI(
         title="vzd", version=__version__, openapi_url="/openapi.json", docs_url=None, redoc_url=None
     )
@@ -105,8 +114,9 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
         route = getattr(request.scope.get("route"), "path", "unmatched")
         elapsed = time.perf_counter() - start
         requests.observe(request.method, route, response.status_code, elapsed)
-        if request.method in _MUTATING:
-            audit.record(request.method, request.url.path, response.status_code, elapsed)
+        if request.method in MUTATING:
+            caller = str(caller_of(request.scope) or "unknown")
+            audit.record(request.method, request.url.path, response.status_code, elapsed, caller)
         return response
 
     @app.get("/metrics", include_in_schema=False)
@@ -146,10 +156,49 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
         return JSONResponse({"error": str(exc.detail), "code": code}, status_code=exc.status_code)
 
     @app.get(API)
-    async def server_info() -> dict[str, Any]:
+    async def server_info(request: Request) -> dict[str, Any]:
         import os
 
-        return {"api_version": "1.0", "server_version": __version__, "pid": os.getpid()}
+        caller = caller_of(request.scope)
+        info: dict[str, Any] = {"api_version": "1.0", "server_version": __version__}
+        if request.url.scheme == "https":
+            # Public: a client checks it against the fingerprint it was given out of band
+            # (the join token) before it sends a secret.
+            info["ca_certificate"] = remote.ca_pem()
+        if caller is None or caller.kind == "anonymous":
+            return {**info, "auth": "untrusted"}
+        return {**info, "auth": "trusted", "caller": str(caller), "pid": os.getpid()}
+
+    @app.get(f"{API}/server", responses=_ERRORS)
+    async def server_config() -> dict[str, Any]:
+        return remote.info()
+
+    @app.patch(f"{API}/server", responses=_ERRORS)
+    async def configure_server(cfg: ServerConfig) -> dict[str, Any]:
+        return await remote.configure(cfg)
+
+    @app.get(f"{API}/trust", responses=_ERRORS)
+    async def list_trust() -> list[TrustEntry]:
+        return remote.trust.entries()
+
+    @app.post(f"{API}/trust", status_code=201, responses=_ERRORS)
+    async def add_trust(req: TrustCreate) -> TrustCreated:
+        if req.type is TrustType.CERTIFICATE and not remote.addresses():
+            raise StateError(
+                "vzd does not listen on the network, so a join token could not reach it",
+                hint="turn the TLS API on first: vz daemon listen :8443",
+            )
+        # In the loop, not a thread: it writes the database (signing takes under 1 ms).
+        return remote.trust.add(req, remote.addresses())
+
+    @app.delete(f"{API}/trust/{{name}}", status_code=204, responses=_ERRORS)
+    async def remove_trust(name: str) -> Response:
+        remote.trust.remove(name)
+        return Response(status_code=204)
+
+    @app.post(f"{API}/trust/join", responses=_ERRORS)
+    async def join(req: TrustJoin) -> TrustJoined:
+        return remote.trust.join(req)
 
     @app.get(f"{API}/host")
     async def host_info(refresh: bool = False) -> dict[str, Any]:
@@ -492,6 +541,7 @@ def create_app(actions: Actions, shutdown: Callable[[], None]) -> FastAPI:
         asyncio.get_running_loop().call_later(0.05, shutdown)
         return {"status": "shutting down"}
 
+    app.add_middleware(AuthMiddleware, remote=remote, audit=audit)  # outermost: runs first
     return app
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import grp
 import logging
@@ -22,6 +23,7 @@ import uvicorn
 
 from vzkit.actions import Actions
 from vzkit.daemon.app import create_app
+from vzkit.daemon.remote import RemoteAccess, tag_unix
 from vzkit.db import Database
 from vzkit.engines.base import Engine
 from vzkit.engines.container.engine import ContainerEngine
@@ -103,7 +105,8 @@ async def serve(settings: Settings) -> None:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(actions, shutdown)
+    remote = RemoteAccess(db, settings.state_dir / "pki", settings.listen)
+    app = create_app(actions, shutdown, remote)
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -112,6 +115,7 @@ async def serve(settings: Settings) -> None:
         ws_max_size=16 * 1024 * 1024,
         timeout_keep_alive=30,
     )
+    tag_unix(config)
     server = uvicorn.Server(config)
     sock = _bind(settings.socket_path)
     settings.pid_file.write_text(f"{os.getpid()}\n")
@@ -131,6 +135,7 @@ async def serve(settings: Settings) -> None:
             except Exception:
                 log.exception("network supervision failed")
 
+    await remote.start(app)
     keeper = asyncio.create_task(housekeeping())
     supervisor = asyncio.create_task(supervise_networks())
     try:
@@ -138,6 +143,7 @@ async def serve(settings: Settings) -> None:
     finally:
         keeper.cancel()
         supervisor.cancel()
+        await remote.stop()
         await actions.close()
         db.close()
         with contextlib.suppress(FileNotFoundError):
@@ -150,13 +156,22 @@ async def serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vzd", description="the vzkit daemon")
     parser.add_argument("--debug", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="serve the API over TLS there too (default: $VZ_LISTEN, or what "
+        "`vz daemon listen` stored)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(serve(Settings()))
+        settings = Settings()
+        if args.listen:
+            settings = dataclasses.replace(settings, listen=args.listen)
+        asyncio.run(serve(settings))
     except VzError as exc:
         print(f"vzd: error: {exc.message}", file=sys.stderr)
         if exc.hint:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import ipaddress
 import os
 import struct
 from collections.abc import Iterator
@@ -341,3 +342,11 @@ def byte_counters(names: list[str], netns: NetnsRef = None) -> tuple[int, int]:
                 rx += int(stats["rx_bytes"])
                 tx += int(stats["tx_bytes"])
     return rx, tx
+
+
+def host_addresses(netns: NetnsRef = None) -> list[str]:
+    """This host's unicast addresses (link-local left out), loopback last."""
+    with _ipr(netns) as ipr:
+        addrs = [ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()]
+    usable = [a for a in addrs if not a.is_link_local]
+    return [str(a) for a in sorted(usable, key=lambda a: (a.is_loopback, a.version, a))]
