@@ -83,6 +83,13 @@ def test_without_credentials_only_the_version_probe(tls: tuple[Daemon, str]) -> 
         err = json.loads(body)
         assert status == 401 and err["code"] == "unauthorized", (method, path)
         assert "vz remote add" in err["hint"]
+    # Headers cannot make a network caller look local, nor borrow another peer's address.
+    for forged in (
+        {"X-Forwarded-Proto": "http"},
+        {"X-Forwarded-For": "127.0.0.1", "Forwarded": "for=127.0.0.1;proto=http"},
+    ):
+        status, body = _https(d, address, "GET", "/1.0/instances", headers=forged)
+        assert status == 401, (forged, body)
     # WebSockets too (events, exec).
     ctx = ssl.create_default_context(cafile=str(d.settings.state_dir / "pki" / "ca.crt"))
     with pytest.raises(InvalidStatus) as exc:

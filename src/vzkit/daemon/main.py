@@ -112,6 +112,7 @@ async def serve(settings: Settings) -> None:
         log_level="warning",
         access_log=False,
         lifespan="off",
+        proxy_headers=False,  # the caller is who the kernel says (SO_PEERCRED), not a header
         ws_max_size=16 * 1024 * 1024,
         timeout_keep_alive=30,
     )

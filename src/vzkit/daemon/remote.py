@@ -47,6 +47,9 @@ _OPEN = {("GET", "/1.0"), ("GET", "/1.0/"), ("POST", "/1.0/trust/join")}
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _LISTEN_KEY = "server.listen"
 CALLER_KEY = "vzkit.caller"
+# Set by the TLS server's entry point only, so "came over the network" cannot be forged by
+# a header (a scheme is: X-Forwarded-Proto).
+_VIA_TLS = "vzkit.via_tls"
 
 
 @dataclass(frozen=True)
@@ -253,7 +256,7 @@ class RemoteAccess:
 
     def identify(self, scope: Scope) -> Caller:
         client = scope.get("client")
-        if scope.get("scheme") not in ("https", "wss"):
+        if not scope.get(_VIA_TLS):
             uid = client[0] if isinstance(client, list | tuple) and client else ""
             return Caller("unix", uid if str(uid).startswith("uid=") else "")
         der = self.peers.certificate(client)
@@ -317,9 +320,17 @@ class RemoteAccess:
         sock = _bind_tcp(host, port)
         try:
             crt, key = await asyncio.to_thread(self._server_cert, host)
+            app = self._app
+
+            async def via_tls(scope: Scope, receive: Receive, send: Send) -> None:
+                scope[_VIA_TLS] = True
+                await app(scope, receive, send)
+
             config = uvicorn.Config(
-                self._app,
+                via_tls,
                 log_level="warning",
+                # vzd is no proxy's backend: X-Forwarded-* must not change who a peer is.
+                proxy_headers=False,
                 access_log=False,
                 lifespan="off",
                 ws_max_size=16 * 1024 * 1024,
