@@ -43,10 +43,14 @@ def _hint(op: str, name: str, state: S) -> str:
     return f"see its state with: vz info {name}"
 
 
+# How an operation reads in "cannot ... 'web'" where its key is not a verb.
+_VERB = {"file": "copy files to or from", "shell": "open a shell in", "console": "attach to"}
+
+
 def check(op: str, name: str, state: S) -> None:
     if state not in ALLOWED[op]:
         raise StateError(
-            f"cannot {op} {name!r}: it is {state.value}",
+            f"cannot {_VERB.get(op, op)} {name!r}: it is {state.value}",
             hint=_hint(op, name, state),
             state=state.value,
         )

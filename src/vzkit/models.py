@@ -31,7 +31,7 @@ from vzkit.storage.models import (
     VolumeUpdate,
 )
 from vzkit.storage.snapshots import CopyRequest, SnapshotCreate, SnapshotInfo
-from vzkit.units import NAME_RE, NAME_RULE, format_size, parse_size
+from vzkit.units import MAX_SIZE, NAME_PATTERN, NAME_RE, NAME_RULE, format_size, parse_size
 
 __all__ = [  # re-exported: one import site for every resource model
     "NAME_RE",
@@ -69,7 +69,12 @@ def _memory(value: Any) -> Any:
     return value
 
 
-MemoryBytes = Annotated[int, BeforeValidator(_memory), Field(gt=0)]
+# The Field before the validator: the other way round pydantic writes "gt"/"le" into the
+# JSON schema instead of "exclusiveMinimum"/"maximum", which no schema reader knows.
+MemoryBytes = Annotated[int, Field(gt=0, le=MAX_SIZE), BeforeValidator(_memory)]
+# A host CPU number (as in /sys/devices/system/cpu/cpuN); whether the host has it is
+# checked when the instance starts.
+CpuNumber = Annotated[int, Field(ge=0)]
 
 
 def validate_name(name: str, what: str = "instance") -> str:
@@ -112,7 +117,7 @@ class Limits(Strict):
     cpu_weight: int = Field(
         100, ge=1, le=10000, description="Relative CPU weight against other instances"
     )
-    cpu_pin: list[int] | None = Field(
+    cpu_pin: list[CpuNumber] | None = Field(
         None, description="Host CPUs the instance may run on (default: any)"
     )
 
@@ -123,7 +128,7 @@ class LimitsUpdate(Strict):
     cpus: int | None = Field(None, ge=1, le=256)
     memory: MemoryBytes | None = None
     cpu_weight: int | None = Field(None, ge=1, le=10000)
-    cpu_pin: list[int] | None = None
+    cpu_pin: list[CpuNumber] | None = None
 
 
 class InstanceUpdate(Strict):
@@ -135,7 +140,11 @@ class InstanceUpdate(Strict):
 class InstanceCreate(Strict):
     """Request body for creating (and optionally starting) an instance."""
 
-    name: str | None = Field(None, description="Instance name; generated when absent")
+    name: str | None = Field(
+        None,
+        description="Instance name; generated when absent",
+        json_schema_extra={"pattern": NAME_PATTERN},
+    )
     type: InstanceType = InstanceType.MICROVM
     image: str = "minimal"
     limits: Limits = Field(default_factory=Limits)

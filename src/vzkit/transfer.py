@@ -46,6 +46,13 @@ _CHUNK = 1 << 20
 _KEEP = ("upper", "snapshots")
 
 
+def _no_disk(inst: Instance) -> InvalidConfig:
+    return InvalidConfig(
+        f"{inst.name!r} has no disk of its own: it boots image {inst.image!r} as is",
+        hint="publish a VM with a root disk (such as one of the debian image)",
+    )
+
+
 class Transfers:
     def __init__(self, actions: Actions) -> None:
         self.a = actions
@@ -94,21 +101,28 @@ class Transfers:
         self.a.db.set_runtime(inst.name, new_runtime)
         return frozen
 
+    def check_publish(self, name: str, image: str) -> tuple[Instance, str, dict[str, Any]]:
+        """Raise what :meth:`publish` would for this instance and image name, at once: the
+        API calls it before its progress stream starts, so these are 4xx answers rather
+        than errors inside a 200 stream (and come before a disk is flattened for nothing)."""
+        inst, uuid, runtime = self.a.db.get(name)
+        if inst.type is InstanceType.CONTAINER:
+            raise InvalidConfig(
+                "containers cannot be published as images yet",
+                hint=f"copy it instead (vz copy {name} NEW), or export it",
+            )
+        if not (self.a._engine(inst.type).state_dir(uuid) / layers.top_name(runtime)).is_file():
+            raise _no_disk(inst)
+        self.a.images.check_new_name(image)
+        return inst, uuid, runtime
+
     async def publish(self, name: str, image: str, progress: Progress) -> ImageInfo:
         """A new image whose disk is the instance's disk, flattened into one file."""
         async with self.a._lock(name):
-            inst, uuid, runtime = self.a.db.get(name)
-            if inst.type is InstanceType.CONTAINER:
-                raise InvalidConfig(
-                    "containers cannot be published as images yet",
-                    hint=f"copy it instead (vz copy {name} NEW), or export it",
-                )
+            inst, uuid, runtime = self.check_publish(name, image)
             frozen = await self._freeze(inst, uuid, runtime)
             if frozen is None:
-                raise InvalidConfig(
-                    f"{name!r} has no disk of its own: it boots image {inst.image!r} as is",
-                    hint="publish a VM with a root disk (such as one of the debian image)",
-                )
+                raise _no_disk(inst)
             sdir = self.a._engine(inst.type).state_dir(uuid)
         base = self.a.images.get(inst.image)
         tmp = self.a.settings.images_dir / f".tmp-publish-{uuidlib.uuid4().hex}.qcow2"

@@ -7,7 +7,17 @@ from __future__ import annotations
 
 import re
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# The rule as a JSON Schema (ECMAScript) pattern, which the API schema shows.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+def anchored(pattern: str) -> re.Pattern[str]:
+    """``pattern`` (``^...$``) compiled to match whole strings only: Python's ``$`` also
+    matches before a final newline, which let names such as ``"web\\n"`` through."""
+    return re.compile(pattern.removesuffix("$") + r"\Z")
+
+
+NAME_RE = anchored(NAME_PATTERN)
 NAME_RULE = (
     "names are 1-63 characters of lowercase letters, digits and '-', "
     "starting and ending with a letter or digit"
@@ -29,7 +39,10 @@ _UNITS = {
     "tb": 1000**4,
     "tib": 1024**4,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# ASCII digits only: \d would also take other scripts' digits, which float() accepts.
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*\Z")
+# Sizes are 64-bit signed integers wherever they go (SQLite, qemu-img, the kernel).
+MAX_SIZE = 2**63 - 1
 
 
 def parse_size(value: str | int, *, default_unit: str = "") -> int:
@@ -40,7 +53,10 @@ def parse_size(value: str | int, *, default_unit: str = "") -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"invalid size {value!r}: use a number with a unit such as 512MiB or 2GiB")
     unit = m.group(2).lower() or default_unit
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = float(m.group(1)) * _UNITS[unit]  # inf for a number too long for a float
+    if size >= 2**63:
+        raise ValueError(f"invalid size {value!r}: too large")
+    return int(size)
 
 
 def format_size(n: int) -> str:

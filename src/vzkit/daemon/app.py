@@ -73,6 +73,10 @@ _BG: dict[int | str, dict[str, Any]] = {**_ERRORS, 202: {"model": Operation}}
 def _validation_message(exc: RequestValidationError | ValidationError) -> str:
     parts = []
     for err in exc.errors():
+        if err.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            why = err.get("ctx", {}).get("error", "")
+            parts.append(f"the body is not valid JSON ({why} at character {err['loc'][-1]})")
+            continue
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
         parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
     return "invalid request: " + "; ".join(parts)
@@ -152,8 +156,12 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own errors (no such route, a method the route lacks, a body that is
+        # not UTF-8): an ErrorBody like every other error, pointing at the reference.
         code = "not_found" if exc.status_code == 404 else "http_error"
-        return JSONResponse({"error": str(exc.detail), "code": code}, status_code=exc.status_code)
+        hint = "see the API reference in docs/api.md"
+        body = {"error": str(exc.detail), "code": code, "hint": hint}
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.get(API)
     async def server_info(request: Request) -> dict[str, Any]:
@@ -514,7 +522,7 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
 
     @app.post(f"{API}/instances/{{name}}/publish", responses=_ERRORS)
     async def publish_instance(name: str, image: str = Query(...)) -> StreamingResponse:
-        actions.get(name)  # an unknown instance is a 404 before the stream starts
+        actions.transfers.check_publish(name, image)  # a 4xx before the stream starts
         return StreamingResponse(
             _image_stream(lambda progress: actions.transfers.publish(name, image, progress)),
             media_type="application/x-ndjson",

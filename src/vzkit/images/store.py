@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from vzkit.errors import Conflict, ImageError, NotFound
-from vzkit.models import NAME_RE, ImageInfo
+from vzkit.errors import Conflict, ImageError, InvalidConfig, NotFound
+from vzkit.models import NAME_RE, NAME_RULE, ImageInfo
 from vzkit.settings import Settings
 
 Progress = Callable[[str, float | None], None]
@@ -232,24 +232,27 @@ class ImageStore:
         report("done", 1.0)
         return info
 
-    def publish(self, name: str, base: ImageInfo, rootfs: Path, origin: str) -> ImageInfo:
-        """A new image: ``base``'s kernel and initramfs with ``rootfs`` as its disk.
-
-        ``rootfs`` (a standalone qcow2) is moved into the store. Published images have no
-        builder: they are never rebuilt, only deleted.
-        """
-        if name in self._builders or not NAME_RE.match(name):
+    def check_new_name(self, name: str) -> None:
+        """Raise unless ``name`` can be the name of a new published image."""
+        if not NAME_RE.match(name):
+            raise InvalidConfig(f"invalid image name {name!r}: {NAME_RULE}")
+        if name in self._builders:
             raise Conflict(
-                f"image name {name!r} is taken by a built-in image"
-                if NAME_RE.match(name)
-                else f"invalid image name {name!r}",
-                hint="choose another name",
+                f"image name {name!r} is taken by a built-in image", hint="choose another name"
             )
         if self._manifest_path(name).exists():
             raise Conflict(
                 f"an image named {name!r} already exists",
                 hint=f"choose another name, or delete it: vz image delete {name}",
             )
+
+    def publish(self, name: str, base: ImageInfo, rootfs: Path, origin: str) -> ImageInfo:
+        """A new image: ``base``'s kernel and initramfs with ``rootfs`` as its disk.
+
+        ``rootfs`` (a standalone qcow2) is moved into the store. Published images have no
+        builder: they are never rebuilt, only deleted.
+        """
+        self.check_new_name(name)
         files = {
             role: Path(path) for role, path in base.files.items() if role not in (CMDLINE_ROLE,)
         }

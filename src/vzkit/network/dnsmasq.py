@@ -23,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from vzkit._proc import alive
 from vzkit.errors import EngineError, InvalidConfig
 from vzkit.network import _bin
 from vzkit.network._netns import NetnsRef, entered
@@ -251,9 +252,9 @@ class Dnsmasq:
             try:
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + timeout
-                while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                while alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.01)
-                if Path(f"/proc/{pid}").exists():
+                if alive(pid):
                     os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass

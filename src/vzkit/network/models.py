@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vzkit.units import NAME_RE, NAME_RULE
+from vzkit.units import NAME_PATTERN, NAME_RE, NAME_RULE, anchored
 
 __all__ = [
     "FirewallRule",
@@ -23,9 +22,17 @@ __all__ = [
 
 # Linux interface names: at most 15 bytes (IFNAMSIZ - 1); we also keep them to characters
 # that are safe in nft strings and sysctl paths (no '.', which sysctl reads as a separator).
-IFNAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,15}$")
-_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+# The *_PATTERN strings are what the API schema shows (JSON Schema, ECMAScript syntax); the
+# validators check the same rules, with clearer errors than a pattern mismatch.
+IFNAME_PATTERN = r"^[a-zA-Z0-9_-]{1,15}$"
+IFNAME_RE = anchored(IFNAME_PATTERN)
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_LABEL_RE = anchored(f"^{_LABEL}$")
+DOMAIN_PATTERN = rf"^{_LABEL}(\.{_LABEL})*$"
+DOMAIN_MAX = 253  # bytes of a DNS name in text form, dots included
+# What the API takes (either case, ':' or '-'); the model stores lowercase with ':'.
+MAC_PATTERN = r"^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$"
+_MAC_RE = anchored(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 class _Strict(BaseModel):
@@ -39,9 +46,22 @@ def _name(value: str) -> str:
 
 
 def _check_domain(value: str) -> str:
-    if not all(_LABEL_RE.match(label) for label in value.split(".")):
-        raise ValueError(f"invalid DNS domain {value!r}: dot-separated lowercase labels")
+    if len(value) > DOMAIN_MAX or not all(_LABEL_RE.match(label) for label in value.split(".")):
+        raise ValueError(
+            f"invalid DNS domain {value!r}: dot-separated lowercase labels, "
+            f"at most {DOMAIN_MAX} characters"
+        )
     return value
+
+
+# Addresses a bridge and its instances cannot use: the kernel routes them specially.
+_SPECIAL_RANGES = {
+    IPv4Network("0.0.0.0/8"): "'this network'",
+    IPv4Network("127.0.0.0/8"): "loopback",
+    IPv4Network("169.254.0.0/16"): "link-local",
+    IPv4Network("224.0.0.0/4"): "multicast",
+    IPv4Network("240.0.0.0/4"): "reserved, and the broadcast address",
+}
 
 
 class Proto(StrEnum):
@@ -56,7 +76,7 @@ class NetworkConfig(_Strict):
     or derived from the subnet here (gateway, DHCP range).
     """
 
-    name: str
+    name: str = Field(json_schema_extra={"pattern": NAME_PATTERN})
     subnet: IPv4Network | None = Field(
         None, description="IPv4 subnet in CIDR form; default: a free /24 from 10.80.0.0/16"
     )
@@ -65,8 +85,16 @@ class NetworkConfig(_Strict):
     dhcp_range: tuple[IPv4Address, IPv4Address] | None = Field(
         None, description="First and last address DHCP hands out; default: .10 to .250 in a /24"
     )
-    dns_domain: str = Field("vz", description="Domain instances' names resolve under")
-    bridge: str | None = Field(None, description="Bridge interface name; default: vzbr<N>")
+    dns_domain: str = Field(
+        "vz",
+        description="Domain instances' names resolve under",
+        json_schema_extra={"pattern": DOMAIN_PATTERN, "maxLength": DOMAIN_MAX},
+    )
+    bridge: str | None = Field(
+        None,
+        description="Bridge interface name; default: vzbr<N>",
+        json_schema_extra={"pattern": IFNAME_PATTERN},
+    )
 
     @field_validator("name")
     @classmethod
@@ -78,6 +106,12 @@ class NetworkConfig(_Strict):
     def _subnet_size(cls, value: IPv4Network | None) -> IPv4Network | None:
         if value is not None and value.prefixlen > 29:
             raise ValueError(f"subnet {value} is too small: use a /29 or larger")
+        for special, what in _SPECIAL_RANGES.items():
+            if value is not None and value.overlaps(special):
+                raise ValueError(
+                    f"subnet {value} overlaps {special} ({what}): use a private range "
+                    "such as 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"
+                )
         return value
 
     @field_validator("dns_domain")
@@ -143,7 +177,9 @@ class NetworkUpdate(_Strict):
     """
 
     isolated: bool | None = None
-    dns_domain: str | None = None
+    dns_domain: str | None = Field(
+        None, json_schema_extra={"pattern": DOMAIN_PATTERN, "maxLength": DOMAIN_MAX}
+    )
 
     @field_validator("dns_domain")
     @classmethod
@@ -159,13 +195,19 @@ class NicConfig(_Strict):
     for its whole life so its address and MAC survive restarts.
     """
 
-    network: str
+    network: str = Field(json_schema_extra={"pattern": NAME_PATTERN})
     ip: IPv4Address | None = Field(
         None, description="Static address; default: one leased from the network's DHCP range"
     )
-    mac: str | None = Field(None, description="MAC address; default: stable per instance and NIC")
+    mac: str | None = Field(
+        None,
+        description="MAC address; default: stable per instance and NIC",
+        json_schema_extra={"pattern": MAC_PATTERN},
+    )
     name: str | None = Field(
-        None, description="Interface name inside the instance; default: eth0, eth1, ..."
+        None,
+        description="Interface name inside the instance; default: eth0, eth1, ...",
+        json_schema_extra={"pattern": IFNAME_PATTERN},
     )
 
     @field_validator("network")

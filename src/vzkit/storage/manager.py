@@ -93,12 +93,18 @@ class StorageManager:
         assert pool.path is not None
         if any(p.path == pool.path for p in self.pools()):
             raise Conflict(f"pool path {pool.path} is already used by another pool")
-        if pool.path.exists() and any(pool.path.iterdir()) and config.path is not None:
+        try:
+            if pool.path.exists() and any(pool.path.iterdir()) and config.path is not None:
+                raise InvalidConfig(
+                    f"pool path {pool.path} is not empty",
+                    hint="give an empty or new directory: vzkit owns what is in a pool",
+                )
+            self.driver(pool).setup()
+        except OSError as exc:
             raise InvalidConfig(
-                f"pool path {pool.path} is not empty",
-                hint="give an empty or new directory: vzkit owns what is in a pool",
-            )
-        self.driver(pool).setup()
+                f"cannot use {pool.path} as a pool directory: {exc.strerror or exc}",
+                hint="give a directory path that vzd can create or write to",
+            ) from exc
         self.db.put_pool(pool.name, pool.model_dump_json())
         return pool
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from vzkit.units import NAME_RE, NAME_RULE, parse_size
+from vzkit.units import NAME_PATTERN, NAME_RE, NAME_RULE, parse_size
 
 __all__ = [
+    "MAX_VOLUME_SIZE",
     "MIN_VOLUME_SIZE",
     "Content",
     "PoolConfig",
@@ -22,6 +24,10 @@ __all__ = [
 ]
 
 MIN_VOLUME_SIZE = 1024**2
+PATH_MAX = 4095  # bytes of a path the kernel takes (PATH_MAX less the final NUL)
+# qcow2 with its default 64 KiB clusters ends at 2 PiB (a 32 MiB L1 table) and qemu-img
+# fails below that already; 1 PiB leaves a margin and is more than any host here has.
+MAX_VOLUME_SIZE = 1024**5
 SECTOR = 512
 
 # block: a qcow2 file, attached to VMs as a disk; filesystem: a directory, bind-mounted
@@ -46,11 +52,13 @@ def _size(value: Any) -> Any:
 
 VolumeSize = Annotated[
     int,
-    BeforeValidator(_size),
+    # The Field before the validator, or the schema says "ge"/"le" (see models.MemoryBytes).
     Field(
         ge=MIN_VOLUME_SIZE,
+        le=MAX_VOLUME_SIZE,
         description="Size in bytes, or a string such as '10GiB'; rounded up to 512 bytes",
     ),
+    BeforeValidator(_size),
 ]
 
 
@@ -60,8 +68,10 @@ def _name(value: str, what: str) -> str:
     return value
 
 
-PoolName = Annotated[str, AfterValidator(lambda v: _name(v, "pool"))]
-VolumeName = Annotated[str, AfterValidator(lambda v: _name(v, "volume"))]
+# The pattern shows the rule in the API schema; the validator checks it with a clearer error.
+_NAME_SCHEMA = Field(json_schema_extra={"pattern": NAME_PATTERN})
+PoolName = Annotated[str, AfterValidator(lambda v: _name(v, "pool")), _NAME_SCHEMA]
+VolumeName = Annotated[str, AfterValidator(lambda v: _name(v, "volume")), _NAME_SCHEMA]
 
 
 class PoolConfig(_Strict):
@@ -78,9 +88,21 @@ class PoolConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
-        # A relative path would depend on the daemon's working directory.
-        if value is not None and not value.is_absolute():
-            raise ValueError(f"pool path {str(value)!r} must be absolute")
+        if value is None:
+            return None
+        text = str(value)
+        # A relative path would depend on the daemon's working directory; '..' would let
+        # two spellings of one directory pass for two pools.
+        if not value.is_absolute() or ".." in value.parts:
+            raise ValueError(f"pool path {text!r} must be absolute, without '..'")
+        try:
+            raw: bytes | None = os.fsencode(value)
+        except UnicodeEncodeError:  # a lone surrogate: no file name has it
+            raw = None
+        if raw is None or b"\0" in raw or len(raw) > PATH_MAX:
+            raise ValueError(
+                f"invalid pool path {text!r}: at most {PATH_MAX} bytes of UTF-8, without NUL"
+            )
         return value
 
 
@@ -125,7 +147,9 @@ class VolumeAttachment(_Strict):
     volume: VolumeName
     pool: PoolName = "default"
     path: str | None = Field(
-        None, description="Containers: where it is mounted (absolute path); VMs: unused"
+        None,
+        description="Containers: where it is mounted (absolute path); VMs: unused",
+        json_schema_extra={"pattern": "^/.", "maxLength": PATH_MAX},
     )
     readonly: bool = False
 
@@ -133,7 +157,14 @@ class VolumeAttachment(_Strict):
     @classmethod
     def _mount_point(cls, value: str | None) -> str | None:
         if value is not None and (
-            not value.startswith("/") or value == "/" or ".." in value.split("/")
+            not value.startswith("/")
+            or value == "/"
+            or ".." in value.split("/")
+            or "\0" in value
+            or len(value) > PATH_MAX
         ):
-            raise ValueError(f"invalid mount path {value!r}: absolute, not /, without '..'")
+            raise ValueError(
+                f"invalid mount path {value!r}: absolute, not /, without '..' or NUL, "
+                f"at most {PATH_MAX} characters"
+            )
         return value

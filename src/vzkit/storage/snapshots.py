@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vzkit.errors import Conflict, NotFound
-from vzkit.units import NAME_RE, NAME_RULE
+from vzkit.units import NAME_PATTERN, NAME_RE, NAME_RULE
 
 __all__ = ["CopyRequest", "SnapshotCreate", "SnapshotInfo", "SnapshotStore"]
 
@@ -49,7 +49,9 @@ class SnapshotCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, description="Default: snap0, snap1, ...")
+    name: str | None = Field(
+        None, description="Default: snap0, snap1, ...", json_schema_extra={"pattern": NAME_PATTERN}
+    )
     stateful: bool = Field(False, description="Also save the running memory and device state")
 
     @field_validator("name")
@@ -65,7 +67,7 @@ class CopyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: str = Field(json_schema_extra={"pattern": NAME_PATTERN})
 
     @field_validator("name")
     @classmethod

@@ -115,3 +115,10 @@ def test_human_size() -> None:
     assert human_size(25276063744) == "23.5GiB"
     assert human_size(512 * MiB) == "512MiB"
     assert human_size(10) == "10B"
+
+
+@pytest.mark.parametrize("limits", [{"cpu_pin": [0, -1]}, {"memory": 2**63}])
+def test_limits_no_host_can_meet_rejected(limits: dict[str, object]) -> None:
+    # Accepted before, and only refused (a 507, like a real shortage) when the instance started.
+    with pytest.raises(ValueError):
+        Limits.model_validate(limits)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vzkit.errors import ImageError, NotFound
+from vzkit.errors import Conflict, ImageError, InvalidConfig, NotFound
 from vzkit.images.store import BuilderFactory, BuildResult, ImageStore, Progress
 from vzkit.settings import Settings
 
@@ -296,3 +296,20 @@ def test_cheap_check_is_fast(settings: Settings, host: Path) -> None:
     for _ in range(20):
         store.check(info)
     assert (time.perf_counter() - start) / 20 < 0.005
+
+
+def test_check_new_name(settings: Settings, host: Path) -> None:
+    """What publish checks before it flattens a disk (and the API before its stream)."""
+    store = make_store(settings, minimal=FakeBuilder(host))
+    store.check_new_name("mine")
+    with pytest.raises(InvalidConfig, match="invalid image name"):
+        store.check_new_name("Mine\n")
+    with pytest.raises(Conflict, match="built-in"):
+        store.check_new_name("minimal")
+    store.build("minimal")
+    base = store.get("minimal")
+    disk = settings.state_dir / "disk.qcow2"
+    disk.write_bytes(b"QFI\xfb" + bytes(508))
+    store.publish("mine", base, disk, "web")
+    with pytest.raises(Conflict, match="already exists"):
+        store.check_new_name("mine")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -9,10 +11,18 @@ import pytest
 from pydantic import ValidationError
 
 from vzkit.errors import Conflict, InvalidConfig
-from vzkit.network import ipam, nft
+from vzkit.network import dnsmasq, ipam, nft
 from vzkit.network.dnsmasq import Dnsmasq, HostEntry, host_upstreams
 from vzkit.network.links import link_name
-from vzkit.network.models import FirewallRule, NetworkConfig, NicConfig, PortForward
+from vzkit.network.models import (
+    IFNAME_PATTERN,
+    MAC_PATTERN,
+    FirewallRule,
+    NetworkConfig,
+    NicConfig,
+    PortForward,
+)
+from vzkit.units import NAME_PATTERN
 
 
 def net(name: str, subnet: str, bridge: str, **kw: object) -> NetworkConfig:
@@ -250,3 +260,78 @@ def test_host_upstreams(tmp_path: Path) -> None:
     rc.write_text("# x\nnameserver 192.0.2.1\nnameserver ::1\nsearch example\n")
     assert host_upstreams(rc) == ["192.0.2.1"]
     assert host_upstreams(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize(
+    "subnet",
+    [
+        "127.0.0.0/8",
+        "127.1.0.0/24",
+        "0.0.0.0/0",
+        "0.0.0.0/8",
+        "169.254.1.0/24",
+        "224.0.0.0/24",
+        "240.0.0.0/24",
+        "255.255.255.248/29",
+        "192.0.0.0/2",
+    ],
+)
+def test_special_purpose_subnets_rejected(subnet: str) -> None:
+    # The API took these (a bridge with 127.0.0.1/8 next to lo), found by the API fuzz test.
+    with pytest.raises(ValidationError, match="overlaps"):
+        NetworkConfig.model_validate({"name": "a", "subnet": subnet})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "lab\n"},
+        {"name": "a", "bridge": "br0\n"},
+        {"name": "a", "dns_domain": "vz\n"},
+        {"name": "a", "dns_domain": ".".join(["a" * 63] * 4)},  # 255 characters
+    ],
+)
+def test_trailing_newlines_and_long_domains_rejected(body: dict[str, object]) -> None:
+    # Python's $ matches before a final newline: "lab\n" went into dnsmasq's files.
+    with pytest.raises(ValidationError):
+        NetworkConfig.model_validate(body)
+
+
+@pytest.mark.parametrize(
+    "nic",
+    [
+        {"network": "a\n"},
+        {"network": "a", "mac": "0a:76:7a:00:00:01\n"},
+        {"network": "a", "name": "eth1\n"},
+    ],
+)
+def test_nic_trailing_newlines_rejected(nic: dict[str, str]) -> None:
+    with pytest.raises(ValidationError):
+        NicConfig.model_validate(nic)
+
+
+def test_schema_shows_the_rules() -> None:
+    props = NetworkConfig.model_json_schema()["properties"]
+    assert props["name"]["pattern"] == NAME_PATTERN
+    assert props["bridge"]["pattern"] == IFNAME_PATTERN
+    assert props["dns_domain"]["maxLength"] == 253
+    nic = NicConfig.model_json_schema()["properties"]
+    assert nic["mac"]["pattern"] == MAC_PATTERN and nic["network"]["pattern"] == NAME_PATTERN
+
+
+def test_dnsmasq_zombie_counts_as_gone() -> None:
+    # A daemonized dnsmasq's parent is init, which may take seconds to reap it: stopping
+    # a network waited for that (about 2 s per network here) though the zombie holds nothing.
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert dnsmasq._alive(child.pid)
+        child.kill()
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{child.pid}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not dnsmasq._alive(child.pid)  # a zombie: not reaped yet
+    finally:
+        child.kill()
+        child.wait()
+    assert not dnsmasq._alive(child.pid)

@@ -9,7 +9,17 @@ import pytest
 from pydantic import ValidationError
 
 from vzkit import storage
-from vzkit.storage.models import MIN_VOLUME_SIZE, PoolConfig, PoolInfo, VolumeConfig, VolumeInfo
+from vzkit.storage.models import (
+    MAX_VOLUME_SIZE,
+    MIN_VOLUME_SIZE,
+    PATH_MAX,
+    PoolConfig,
+    PoolInfo,
+    VolumeAttachment,
+    VolumeConfig,
+    VolumeInfo,
+)
+from vzkit.units import NAME_PATTERN
 
 
 def volume(**kw: Any) -> VolumeConfig:
@@ -106,3 +116,51 @@ def test_public_names() -> None:
     ]
     for name in storage.__all__:
         assert hasattr(storage, name)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        MAX_VOLUME_SIZE + 512,  # past qcow2's limit, where qemu-img fails (a 500 before)
+        2**70,  # past a 64-bit size
+        "1" + "0" * 400 + "GiB",  # a float overflow in parse_size (a 500 before)
+        "\u0661\u0662GiB",  # Arabic-Indic digits, which float() would take
+    ],
+)
+def test_volume_size_too_large_or_odd_rejected(bad: str | int) -> None:
+    with pytest.raises(ValidationError, match="size"):
+        volume(size=bad)
+
+
+def test_volume_size_upper_bound_accepted() -> None:
+    assert volume(size=MAX_VOLUME_SIZE).size == MAX_VOLUME_SIZE
+    assert volume(size="1024TiB").size == MAX_VOLUME_SIZE
+
+
+@pytest.mark.parametrize("name", ["data\n", "data\n\n"])
+def test_name_with_trailing_newline_rejected(name: str) -> None:
+    # Python's $ matches before a final newline: the rule is anchored with \Z.
+    with pytest.raises(ValidationError, match="invalid volume name"):
+        volume(name=name)
+    with pytest.raises(ValidationError, match="invalid pool name"):
+        PoolConfig.model_validate({"name": name})
+
+
+@pytest.mark.parametrize(
+    "path", ["/srv/a\x00b", "/srv/\ud800", "/srv/../etc", "/" + "a" * PATH_MAX, "/srv/a\n/.."]
+)
+def test_pool_path_rejected(path: str) -> None:
+    with pytest.raises(ValidationError, match="pool path"):
+        PoolConfig.model_validate({"name": "p", "path": path})
+
+
+@pytest.mark.parametrize("path", ["/data\x00", "/" + "a" * PATH_MAX, "relative", "/", "/a/../b"])
+def test_mount_path_rejected(path: str) -> None:
+    with pytest.raises(ValidationError, match="invalid mount path"):
+        VolumeAttachment.model_validate({"volume": "v", "path": path})
+
+
+def test_schema_shows_the_name_rule() -> None:
+    props = VolumeConfig.model_json_schema()["properties"]
+    assert props["name"]["pattern"] == NAME_PATTERN == props["pool"]["pattern"]
+    assert props["size"]["maximum"] == MAX_VOLUME_SIZE
