@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from vzkit._proc import alive
 from vzkit.errors import Conflict, InvalidConfig
-from vzkit.network import dnsmasq, ipam, nft
+from vzkit.network import ipam, nft
 from vzkit.network.dnsmasq import Dnsmasq, HostEntry, host_upstreams
 from vzkit.network.links import link_name
 from vzkit.network.models import (
@@ -319,19 +320,20 @@ def test_schema_shows_the_rules() -> None:
     assert nic["mac"]["pattern"] == MAC_PATTERN and nic["network"]["pattern"] == NAME_PATTERN
 
 
-def test_dnsmasq_zombie_counts_as_gone() -> None:
+def test_zombie_counts_as_gone() -> None:
     # A daemonized dnsmasq's parent is init, which may take seconds to reap it: stopping
-    # a network waited for that (about 2 s per network here) though the zombie holds nothing.
+    # a network waited for that (about 2 s per network here) though the zombie holds
+    # nothing. Dnsmasq.stop waits on vzkit._proc.alive.
     child = subprocess.Popen(["sleep", "30"])
     try:
-        assert dnsmasq._alive(child.pid)
+        assert alive(child.pid)
         child.kill()
         deadline = time.monotonic() + 5
         while Path(f"/proc/{child.pid}/stat").read_text().split()[2] != "Z":
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert not dnsmasq._alive(child.pid)  # a zombie: not reaped yet
+        assert not alive(child.pid)  # a zombie: not reaped yet
     finally:
         child.kill()
         child.wait()
-    assert not dnsmasq._alive(child.pid)
+    assert not alive(child.pid)
