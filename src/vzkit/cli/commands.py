@@ -22,6 +22,7 @@ from vzkit.cli.render import (
     Progress,
     age_since,
     dump_json,
+    dump_models,
     flatten,
     format_size,
     json_mode,
@@ -261,7 +262,7 @@ def cmd_launch(args: argparse.Namespace, client: Client) -> int:
 def cmd_list(args: argparse.Namespace, client: Client) -> int:
     items = client.list_instances()
     if _json_mode(args):
-        dump_json([i.model_dump(mode="json") for i in items], _out())
+        dump_models(items, _out())
         return 0
     rows = [
         (
@@ -444,7 +445,7 @@ def image_pairs(img: ImageInfo) -> list[tuple[str, object]]:
 def cmd_image_list(args: argparse.Namespace, client: Client) -> int:
     images = client.list_images()
     if _json_mode(args):
-        dump_json([i.model_dump(mode="json") for i in images], _out())
+        dump_models(images, _out())
         return 0
     rows = [
         (

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vzkit.cli import checks
-from vzkit.cli.render import dump_json, json_mode, show, show_fields, table
+from vzkit.cli.render import dump_json, dump_models, json_mode, show, show_fields, table
 from vzkit.client import Client
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def cmd_network_create(args: argparse.Namespace, client: Client) -> int:
 def cmd_network_list(args: argparse.Namespace, client: Client) -> int:
     nets = client.list_networks()
     if json_mode(args):
-        dump_json([n.model_dump(mode="json") for n in nets], sys.stdout)
+        dump_models(nets, sys.stdout)
         return 0
     users: dict[str, int] = {}
     for inst in client.list_instances():

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from vzkit.cli.render import dump_json, format_size, json_mode, table
+from vzkit.cli.render import dump_models, format_size, json_mode, table
 from vzkit.client import Client
 
 Handler = Callable[[argparse.Namespace, Client], int]
@@ -36,7 +36,7 @@ def cmd_top(args: argparse.Namespace, client: Client) -> int:
         now = time.monotonic()
         stats = client.stats()
         if json_mode(args):
-            dump_json([s.model_dump(mode="json") for s in stats], sys.stdout)
+            dump_models(stats, sys.stdout)
         else:
             rows = []
             for s in stats:

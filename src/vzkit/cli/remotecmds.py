@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from vzkit.cli.checks import UsageError
-from vzkit.cli.render import age_since, dump_json, json_mode, key_values, table
+from vzkit.cli.render import age_since, dump_json, dump_models, json_mode, key_values, table
 from vzkit.client import Client
 
 Handler = Callable[[argparse.Namespace, Client], int]
@@ -126,7 +126,7 @@ def cmd_trust_add(args: argparse.Namespace, client: Client) -> int:
 def cmd_trust_list(args: argparse.Namespace, client: Client) -> int:
     entries = client.list_trust()
     if json_mode(args):
-        dump_json([e.model_dump(mode="json") for e in entries], sys.stdout)
+        dump_models(entries, sys.stdout)
         return 0
     rows = [
         (

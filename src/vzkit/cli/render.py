@@ -84,6 +84,11 @@ def dump_json(data: Any, out: TextIO) -> None:
     out.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def dump_models(items: Sequence[Any], out: TextIO) -> None:
+    """A list answer (instances, networks, volumes, ...) as ``--format json`` prints it."""
+    dump_json([i.model_dump(mode="json") for i in items], out)
+
+
 class Progress:
     """Build progress on stderr: one redrawn line with a bar on a terminal, plain lines else."""
 

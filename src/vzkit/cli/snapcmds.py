@@ -12,6 +12,7 @@ from vzkit.cli.render import (
     Progress,
     age_since,
     dump_json,
+    dump_models,
     format_size,
     json_mode,
     show,
@@ -34,7 +35,7 @@ def cmd_snapshot_create(args: argparse.Namespace, client: Client) -> int:
 def cmd_snapshot_list(args: argparse.Namespace, client: Client) -> int:
     snaps = client.list_snapshots(checks.check_name(args.instance))
     if json_mode(args):
-        dump_json([s.model_dump(mode="json") for s in snaps], sys.stdout)
+        dump_models(snaps, sys.stdout)
         return 0
     rows = [
         (s.name, "yes" if s.stateful else "no", format_size(s.size), age_since(s.created_at))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vzkit.cli import checks
-from vzkit.cli.render import dump_json, format_size, json_mode, show, show_fields, table
+from vzkit.cli.render import dump_models, format_size, json_mode, show, show_fields, table
 from vzkit.client import Client
 
 Handler = Callable[[argparse.Namespace, Client], int]
@@ -45,7 +45,7 @@ def cmd_storage_create(args: argparse.Namespace, client: Client) -> int:
 def cmd_storage_list(args: argparse.Namespace, client: Client) -> int:
     pools = client.list_pools()
     if json_mode(args):
-        dump_json([p.model_dump(mode="json") for p in pools], sys.stdout)
+        dump_models(pools, sys.stdout)
         return 0
     rows = [
         (p.name, p.driver, str(p.path), format_size(p.free), format_size(p.total)) for p in pools
@@ -80,7 +80,7 @@ def cmd_volume_create(args: argparse.Namespace, client: Client) -> int:
 def cmd_volume_list(args: argparse.Namespace, client: Client) -> int:
     vols = client.list_volumes(args.pool)
     if json_mode(args):
-        dump_json([v.model_dump(mode="json") for v in vols], sys.stdout)
+        dump_models(vols, sys.stdout)
         return 0
     rows = [
         (

@@ -191,13 +191,14 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
 
     @app.post(f"{API}/trust", status_code=201, responses=_ERRORS)
     async def add_trust(req: TrustCreate) -> TrustCreated:
-        if req.type is TrustType.CERTIFICATE and not remote.addresses():
+        addresses = remote.addresses()  # a netlink dump when listening on every address
+        if req.type is TrustType.CERTIFICATE and not addresses:
             raise StateError(
                 "vzd does not listen on the network, so a join token could not reach it",
                 hint="turn the TLS API on first: vz daemon listen :8443",
             )
         # In the loop, not a thread: it writes the database (signing takes under 1 ms).
-        return remote.trust.add(req, remote.addresses())
+        return remote.trust.add(req, addresses)
 
     @app.delete(f"{API}/trust/{{name}}", status_code=204, responses=_ERRORS)
     async def remove_trust(name: str) -> Response:

@@ -17,6 +17,7 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,9 @@ class Remote:
     def key_file(self) -> Path:
         return self.directory / "client.key"
 
-    @property
+    @cached_property
     def token(self) -> str | None:
+        # Read once: headers() runs on every request.
         p = self.directory / "token"
         return p.read_text().strip() if self.auth == "token" and p.exists() else None
 
