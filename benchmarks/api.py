@@ -4,6 +4,9 @@
   (target: p99 under 50 ms). Beside it, `GET /1.0` (no database work) as the floor of one
   HTTP round trip in the same run. Then the same list over the TLS API (bearer token, one
   keep-alive connection) against the unix socket: the ratio of their p50s.
+* The same list under concurrent load: 20 clients (one thread and one keep-alive connection
+  each) listing the 200 instances at once, and 10 clients: p50, p99 and requests per second
+  (target: p99 under 50 ms at 20 clients).
 * 20 containers launched concurrently (20 threads, one client each) against the same 20
   launched one after the other: total times and their ratio.
 """
@@ -50,6 +53,28 @@ def _tls_client(client: Client, state_dir: Path, workdir: Path) -> Client:
     return Client(remote=Remote("bench", [address], "token", "", workdir))
 
 
+def concurrent(socket_path: Path, clients: int, requests: int) -> float:
+    """``clients`` threads list instances at once; prints p50/p99 and throughput, returns p99."""
+
+    def worker(_: int) -> list[float]:
+        c = Client(socket_path, autostart=False)
+        try:
+            c.list_instances()  # connect outside the timed part, as a keep-alive client would
+            return _timed(c.list_instances, requests)
+        finally:
+            c.close()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        samples = [x for xs in pool.map(worker, range(clients)) for x in xs]
+    wall = time.perf_counter() - start
+    print(
+        f"{clients} concurrent clients x {requests} lists: {_percentiles(samples)}  "
+        f"{len(samples) / wall:.0f} requests/s"
+    )
+    return statistics.quantiles(samples, n=100)[98]
+
+
 def latency(client: Client, state_dir: Path, count: int, requests: int) -> None:
     for i in range(count):
         client.create_instance({"name": f"i{i:03d}", "type": "container", "start": False})
@@ -68,6 +93,9 @@ def latency(client: Client, state_dir: Path, count: int, requests: int) -> None:
     print(f"over TLS (bearer token, keep-alive): {_percentiles(tls)}")
     ratio = statistics.median(tls) / statistics.median(unix)
     print(f"TLS / unix socket p50: {ratio:.2f}x")
+    concurrent(client.socket_path, 10, max(requests // 20, 10))
+    p99 = concurrent(client.socket_path, 20, max(requests // 20, 10))
+    print(f"concurrent p99 target < 50 ms at 20 clients: {'met' if p99 < 0.05 else 'MISSED'}")
     client.set_listen(None)
     client.remove_trust("bench")
     for i in range(count):
