@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vzkit.client import Client
 from vzkit.host import cgroups
+from vzkit.sdk.client import Client
 
 VZ = [sys.executable, "-m", "vzkit.cli.main"]
 
@@ -45,7 +45,7 @@ def private_daemon(
     log = open(root / "vzd.log", "ab")  # noqa: SIM115 - the daemon keeps it
     enter = [] if netns is None else ["nsenter", f"--net=/var/run/netns/{netns}"]
     proc = subprocess.Popen(
-        [*enter, sys.executable, "-m", "vzkit.daemon.main"],
+        [*enter, sys.executable, "-m", "vzkit.server.main"],
         env=env,
         stdout=log,
         stderr=log,

@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks._common import private_daemon
-from vzkit.client import Client
-from vzkit.remote.config import Remote
+from vzkit.sdk.client import Client
+from vzkit.sdk.remotes import Remote
 
 
 def _percentiles(xs: list[float]) -> str:

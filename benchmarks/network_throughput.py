@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from benchmarks._common import median, private_daemon
-from vzkit.client import Client
+from vzkit.sdk.client import Client
 
 PORT = 5201
 VM_PORT = 5001

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from benchmarks._common import median, private_daemon, timed
-from vzkit.client import Client
-from vzkit.db import Database
+from vzkit.sdk.client import Client
+from vzkit.server.db import Database
 
 
 def _first_exec(client: Client, body: dict[str, object]) -> float:

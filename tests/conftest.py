@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vzkit.client import Client
 from vzkit.host import cgroups
+from vzkit.sdk.client import Client
 from vzkit.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ class Daemon:
         # nsenter, not `ip netns exec`: that also remounts /sys, hiding the cgroup mounts.
         prefix = ["nsenter", f"--net=/var/run/netns/{self.netns}"] if self.netns else []
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "vzkit.daemon.main"],
+            [*prefix, sys.executable, "-m", "vzkit.server.main"],
             env=self.env,
             stdout=log,
             stderr=log,

@@ -13,8 +13,8 @@ from vzkit.errors import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from vzkit.aclient import AsyncClient
-    from vzkit.client import Client
+    from vzkit.sdk.aclient import AsyncClient
+    from vzkit.sdk.client import Client
 
 __version__ = "0.1.0"
 
@@ -36,11 +36,11 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # The SDK on demand: `import vzkit` stays light (vz-runtime starts through it).
     if name == "Client":
-        from vzkit.client import Client
+        from vzkit.sdk.client import Client
 
         return Client
     if name == "AsyncClient":
-        from vzkit.aclient import AsyncClient
+        from vzkit.sdk.aclient import AsyncClient
 
         return AsyncClient
     raise AttributeError(f"module 'vzkit' has no attribute {name!r}")

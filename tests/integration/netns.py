@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon, _cleanup
-from vzkit.client import Client
+from vzkit.sdk.client import Client
 
 UPLINK = "10.255.0.1"  # the daemon namespace's end of the uplink
 OUTSIDE = "10.255.0.2"  # an address "on the internet"

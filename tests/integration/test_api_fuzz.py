@@ -63,9 +63,9 @@ from urllib3.connectionpool import HTTPConnectionPool
 
 from tests.conftest import Daemon
 from tests.integration.netns import dnsmasq_pids, in_ns, vz_links
-from vzkit.client import Client
+from vzkit.api.instances import InstanceCreate
 from vzkit.errors import VzError
-from vzkit.models import InstanceCreate
+from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import Daemon
 from tests.integration.helpers import wait_for
-from vzkit.client import Client
+from vzkit.api.instances import InstanceCreate
 from vzkit.errors import (
     Conflict,
     EngineError,
@@ -27,7 +27,7 @@ from vzkit.errors import (
     VzError,
 )
 from vzkit.host import cgroups
-from vzkit.models import InstanceCreate
+from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
 

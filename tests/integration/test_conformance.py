@@ -10,9 +10,9 @@ import pytest
 
 from tests.integration.helpers import wait_for
 from vzkit._proc import alive
-from vzkit.client import Client
+from vzkit.api.instances import InstanceCreate, InstanceState
 from vzkit.errors import StateError
-from vzkit.models import InstanceCreate, InstanceState
+from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
 

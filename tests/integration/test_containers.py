@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon
-from vzkit.client import Client
+from vzkit.api.instances import InstanceCreate, InstanceState
 from vzkit.errors import Conflict
-from vzkit.models import InstanceCreate, InstanceState
+from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
 

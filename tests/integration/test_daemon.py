@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import Daemon
 from vzkit._proc import alive
-from vzkit.models import InstanceCreate, InstanceState
+from vzkit.api.instances import InstanceCreate, InstanceState
 
 pytestmark = pytest.mark.integration
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from vzkit.api.instances import Accel
 from vzkit.host.cgroups import DEFAULT_ROOT, Cgroup, CgroupLimits, detect, detect_version
 from vzkit.host.kvm import MIN_RING0_MIPS, measure_ring0
 from vzkit.host.probe import probe_host
-from vzkit.models import Accel
 from vzkit.settings import Settings
 
 pytestmark = pytest.mark.integration

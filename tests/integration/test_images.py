@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from vzkit.api.instances import ImageInfo
 from vzkit.images import ImageStore
 from vzkit.images.initramfs import build_poweroff_initramfs
-from vzkit.models import ImageInfo
 from vzkit.settings import Settings
 
 pytestmark = pytest.mark.integration

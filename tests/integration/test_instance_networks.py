@@ -18,9 +18,9 @@ import pytest
 from tests.conftest import Daemon
 from tests.integration.helpers import wait_for
 from tests.integration.netns import OUTSIDE, UPLINK, dnsmasq_pids, in_ns, sh, vz_links
-from vzkit.client import Client
 from vzkit.errors import Conflict, InvalidConfig, NotFound, StateError
 from vzkit.network._netns import entered
+from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon
-from vzkit.client import Client
+from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
 

@@ -22,10 +22,10 @@ import pytest
 from pyroute2 import netns as pr_netns  # type: ignore[import-untyped]
 
 from vzkit._proc import alive
+from vzkit.api.networks import FirewallRule, NetworkConfig, PortForward
 from vzkit.network import ipam, links, nft
 from vzkit.network._netns import entered
 from vzkit.network.dnsmasq import Dnsmasq, HostEntry
-from vzkit.network.models import FirewallRule, NetworkConfig, PortForward
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,9 @@ import pytest
 
 from tests.conftest import Daemon
 from tests.integration.helpers import wait_for
-from vzkit.client import Client
+from vzkit.api.events import Event
 from vzkit.errors import NotFound
-from vzkit.events import Event
+from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
 

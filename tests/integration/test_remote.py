@@ -21,10 +21,10 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import Daemon
-from vzkit.client import Client
 from vzkit.errors import DaemonUnavailable, Forbidden, InvalidConfig, Unauthorized
-from vzkit.remote.config import Remote, RemoteConfig
-from vzkit.remote.pki import cert_pem, key_pem, load_or_create_ca, new_key
+from vzkit.pki import cert_pem, key_pem, load_or_create_ca, new_key
+from vzkit.sdk.client import Client
+from vzkit.sdk.remotes import Remote, RemoteConfig
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon
-from vzkit.client import Client
+from vzkit.api.instances import InstanceCreate
 from vzkit.host.cgroups import detect_version, weight_to_shares
 from vzkit.host.resources import TCG_TB_SIZE_MIB, qemu_memory_limit
-from vzkit.models import InstanceCreate
+from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
 

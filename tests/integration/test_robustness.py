@@ -14,10 +14,10 @@ import pytest
 from tests.conftest import Daemon
 from tests.integration.helpers import wait_for
 from vzkit._proc import alive
-from vzkit.db import Database
+from vzkit.api.instances import InstanceState
 from vzkit.errors import VzError
 from vzkit.host import cgroups
-from vzkit.models import InstanceState
+from vzkit.server.db import Database
 
 pytestmark = pytest.mark.integration
 

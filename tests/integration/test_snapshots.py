@@ -19,10 +19,10 @@ import pytest
 
 from tests.conftest import Daemon, _cleanup
 from tests.integration.helpers import wait_for
-from vzkit.client import Client
-from vzkit.db import Database
+from vzkit.api.instances import InstanceState
 from vzkit.errors import InvalidConfig, NotFound, ResourceExhausted, StateError, VzError
-from vzkit.models import InstanceState
+from vzkit.sdk.client import Client
+from vzkit.server.db import Database
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon
-from vzkit.client import Client
 from vzkit.errors import Conflict, InvalidConfig, NotFound, StateError, VzError
+from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """Local argument checks, done before the daemon is contacted.
 
-Name and size rules come from ``vzkit.units``, which does not import pydantic: importing
+Name and size rules come from ``vzkit.api.bounds``, which does not import pydantic: importing
 the models costs ~100 ms, a large share of the start-up budget of ``vz run``.
 """
 
@@ -10,8 +10,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from vzkit.api.bounds import NAME_RE, NAME_RULE, parse_size
 from vzkit.errors import InvalidConfig
-from vzkit.units import NAME_RE, NAME_RULE, parse_size
 
 
 class UsageError(InvalidConfig):

@@ -29,11 +29,11 @@ from vzkit.cli.render import (
     key_values,
     table,
 )
-from vzkit.client import Client, preload
 from vzkit.errors import DaemonUnavailable, VzError
+from vzkit.sdk.client import Client, preload
 
 if TYPE_CHECKING:
-    from vzkit.models import ExecResult, ImageInfo, Instance
+    from vzkit.api.instances import ExecResult, ImageInfo, Instance
 
 Handler = Callable[[argparse.Namespace, Client], int]
 

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 from vzkit.cli import checks
 from vzkit.cli.render import dump_json, dump_models, json_mode, show, show_fields, table
-from vzkit.client import Client
+from vzkit.sdk.client import Client
 
 if TYPE_CHECKING:
-    from vzkit.models import Instance
+    from vzkit.api.instances import Instance
 
 Handler = Callable[[argparse.Namespace, Client], int]
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from vzkit.cli.render import dump_models, format_size, json_mode, table
-from vzkit.client import Client
+from vzkit.sdk.client import Client
 
 Handler = Callable[[argparse.Namespace, Client], int]
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from vzkit.cli.checks import UsageError
 from vzkit.cli.render import age_since, dump_json, dump_models, json_mode, key_values, table
-from vzkit.client import Client
+from vzkit.sdk.client import Client
 
 Handler = Callable[[argparse.Namespace, Client], int]
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -30,7 +30,7 @@ def parse_duration(text: str) -> int:
 
 
 def cmd_remote_add(args: argparse.Namespace) -> int:
-    from vzkit.remote.config import RemoteConfig
+    from vzkit.sdk.remotes import RemoteConfig
 
     config = RemoteConfig.load()
     if args.token:
@@ -55,7 +55,7 @@ def cmd_remote_add(args: argparse.Namespace) -> int:
 
 
 def cmd_remote_list(args: argparse.Namespace) -> int:
-    from vzkit.remote.config import LOCAL, RemoteConfig
+    from vzkit.sdk.remotes import LOCAL, RemoteConfig
 
     config = RemoteConfig.load()
     rows = [(LOCAL, ["unix socket"], "-", "-")]
@@ -77,14 +77,14 @@ def cmd_remote_list(args: argparse.Namespace) -> int:
 
 
 def cmd_remote_remove(args: argparse.Namespace) -> int:
-    from vzkit.remote.config import RemoteConfig
+    from vzkit.sdk.remotes import RemoteConfig
 
     RemoteConfig.load().remove(args.name)
     return 0
 
 
 def cmd_remote_switch(args: argparse.Namespace) -> int:
-    from vzkit.remote.config import RemoteConfig
+    from vzkit.sdk.remotes import RemoteConfig
 
     RemoteConfig.load().switch(args.name)
     return 0

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from vzkit.units import format_size
+from vzkit.api.bounds import format_size
 
 __all__ = ["format_size"]
 

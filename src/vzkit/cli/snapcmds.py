@@ -19,7 +19,7 @@ from vzkit.cli.render import (
     show_fields,
     table,
 )
-from vzkit.client import Client
+from vzkit.sdk.client import Client
 
 Handler = Callable[[argparse.Namespace, Client], int]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from vzkit.cli import checks
 from vzkit.cli.render import dump_models, format_size, json_mode, show, show_fields, table
-from vzkit.client import Client
+from vzkit.sdk.client import Client
 
 Handler = Callable[[argparse.Namespace, Client], int]
 

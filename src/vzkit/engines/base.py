@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from vzkit.models import ExecRequest, ExecResult, Instance, Limits
+from vzkit.api.instances import ExecRequest, ExecResult, Instance, Limits
 from vzkit.network.nics import NetPlan, NicPlan
 from vzkit.storage.manager import VolumeMount
 

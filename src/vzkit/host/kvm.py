@@ -27,7 +27,7 @@ from types import FrameType
 
 from pydantic import Field
 
-from vzkit.models import Strict
+from vzkit.api.base import Strict
 
 __all__ = [
     "MIN_RING0_MIPS",

@@ -18,14 +18,14 @@ import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
+from vzkit.api.host import HostInfo, TscInfo
+from vzkit.api.instances import Accel
 from vzkit.errors import HostUnsupported, InvalidConfig
 from vzkit.host.cgroups import detect_version
 from vzkit.host.kvm import KvmStatus, probe_kvm
-from vzkit.models import Accel, Strict
 from vzkit.settings import Settings
 
 __all__ = [
@@ -50,37 +50,6 @@ _CGROUP_ROOT = Path("/sys/fs/cgroup")
 # 'cpu MHz' and bogomips/2 both derive from the kernel's TSC calibration when the former
 # is not a live frequency reading; beyond this relative difference they disagree.
 _TSC_AGREEMENT = 1e-3
-
-
-class TscInfo(Strict):
-    khz: int | None = Field(description="Host TSC frequency in kHz (for tsc_early_khz=)")
-    source: str = Field(description="Where khz came from: sysfs, kvm, cpuinfo-mhz, ...")
-    flags: list[str] = Field(default_factory=list, description="TSC-related CPU flags")
-
-
-class HostInfo(Strict):
-    cpus: int = Field(description="Online CPUs (os.cpu_count)")
-    cpu_affinity: list[int] = Field(description="CPUs this process may run on")
-    memory_total: int = Field(description="Bytes of RAM (MemTotal)")
-    memory_available: int = Field(description="Bytes available now (MemAvailable), read live")
-    qemu_binary: str
-    qemu_version: str
-    kvm: KvmStatus
-    accel: Accel
-    accel_reason: str
-    tsc_khz: int | None
-    tsc_source: str
-    tsc_flags: list[str]
-    cgroup_version: Literal[1, 2]
-    kernel_release: str
-    boot_id: str
-    probed_at: datetime
-    probe_ms: float = Field(description="Time this call took (a cache hit is a few ms)")
-    from_cache: bool = False
-
-    @property
-    def constant_tsc(self) -> bool:
-        return "constant_tsc" in self.tsc_flags
 
 
 # ---------------------------------------------------------------------------- parsers

@@ -11,10 +11,11 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
+from vzkit.api.base import Strict
+from vzkit.api.host import HostInfo
+from vzkit.api.instances import Limits
 from vzkit.errors import ResourceExhausted
 from vzkit.host.cgroups import format_cpus
-from vzkit.host.probe import HostInfo
-from vzkit.models import Limits, Strict
 
 __all__ = [
     "QEMU_BASE_OVERHEAD",

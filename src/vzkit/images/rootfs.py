@@ -14,8 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from vzkit.api.instances import ImageInfo
 from vzkit.errors import HostUnsupported, ImageError
-from vzkit.models import ImageInfo
 from vzkit.settings import Settings
 
 _ZSTD = b"\x28\xb5\x2f\xfd"

@@ -28,8 +28,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from vzkit.api.bounds import NAME_RE, NAME_RULE
+from vzkit.api.instances import ImageInfo
 from vzkit.errors import Conflict, ImageError, InvalidConfig, NotFound
-from vzkit.models import NAME_RE, NAME_RULE, ImageInfo
 from vzkit.settings import Settings
 
 Progress = Callable[[str, float | None], None]

@@ -5,9 +5,9 @@ name in /var/run/netns, a pid, or an nsfs path), so the daemon's tests can run t
 network stack inside a throw-away namespace that stands in for the host.
 """
 
+from vzkit.api.networks import FirewallRule, NetworkConfig, NicConfig, PortForward, Proto
 from vzkit.network._netns import NetnsRef
 from vzkit.network.dnsmasq import Dnsmasq, HostEntry
-from vzkit.network.models import FirewallRule, NetworkConfig, NicConfig, PortForward, Proto
 from vzkit.network.nft import InstanceFirewall, Ruleset
 
 __all__ = [

@@ -24,10 +24,10 @@ from types import TracebackType
 from typing import Self
 
 from vzkit._proc import alive
+from vzkit.api.networks import NetworkConfig
 from vzkit.errors import EngineError, InvalidConfig
 from vzkit.network import _bin
 from vzkit.network._netns import NetnsRef, entered
-from vzkit.network.models import NetworkConfig
 from vzkit.settings import Settings
 
 __all__ = ["Dnsmasq", "HostEntry", "host_upstreams"]

@@ -7,9 +7,9 @@ import re
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
+from vzkit.api.networks import NetworkConfig
 from vzkit.errors import Conflict, InvalidConfig, ResourceExhausted
 from vzkit.network._netns import NetnsRef, entered
-from vzkit.network.models import NetworkConfig
 
 __all__ = [
     "MAC_PREFIX",

@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from ipaddress import IPv4Interface
 from pathlib import Path
 
-from vzkit.db import Database
+from vzkit.api.instances import Instance
+from vzkit.api.networks import NetworkConfig, NetworkUpdate, NicConfig, PortForward
 from vzkit.errors import Conflict, InvalidConfig, NotFound
-from vzkit.models import Instance
 from vzkit.network import ipam, links, nft, nics
 from vzkit.network.dnsmasq import Dnsmasq, HostEntry
-from vzkit.network.models import NetworkConfig, NetworkUpdate, NicConfig, PortForward
+from vzkit.server.db import Database
 from vzkit.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from vzkit.api.networks import FirewallRule, NetworkConfig, PortForward
 from vzkit.errors import EngineError, InvalidConfig
 from vzkit.network import _bin
 from vzkit.network._netns import NetnsRef, entered, read_sysctl, write_sysctl
-from vzkit.network.models import FirewallRule, NetworkConfig, PortForward
 
 __all__ = ["TABLE", "InstanceFirewall", "Ruleset", "apply", "list_ruleset", "remove", "render"]
 

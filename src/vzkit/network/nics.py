@@ -20,9 +20,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 
+from vzkit.api.networks import NetworkConfig, NicConfig
 from vzkit.errors import Conflict, InvalidConfig, NotFound, ResourceExhausted
 from vzkit.network import ipam, links
-from vzkit.network.models import NetworkConfig, NicConfig
 
 __all__ = ["NetPlan", "NicPlan", "plan", "resolve"]
 

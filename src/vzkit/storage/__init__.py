@@ -7,7 +7,7 @@ qemu-img operations behind them (snapshots, overlays, copies).
 
 from __future__ import annotations
 
-from vzkit.storage.models import Content, PoolConfig, PoolInfo, VolumeConfig, VolumeInfo
+from vzkit.api.storage import Content, PoolConfig, PoolInfo, VolumeConfig, VolumeInfo
 from vzkit.storage.pool import DirPool, PoolDriver
 
 __all__ = [

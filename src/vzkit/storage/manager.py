@@ -11,11 +11,8 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from vzkit.db import Database
-from vzkit.errors import Conflict, InvalidConfig, NotFound
-from vzkit.models import Instance, InstanceType
-from vzkit.settings import Settings
-from vzkit.storage.models import (
+from vzkit.api.instances import Instance, InstanceType
+from vzkit.api.storage import (
     Content,
     PoolConfig,
     PoolInfo,
@@ -23,6 +20,9 @@ from vzkit.storage.models import (
     VolumeConfig,
     VolumeInfo,
 )
+from vzkit.errors import Conflict, InvalidConfig, NotFound
+from vzkit.server.db import Database
+from vzkit.settings import Settings
 from vzkit.storage.pool import DirPool, PoolDriver
 
 DEFAULT_POOL = "default"

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from vzkit.api.bounds import NAME_RE, NAME_RULE
+from vzkit.api.storage import Content
 from vzkit.errors import (
     Conflict,
     EngineError,
@@ -25,8 +27,6 @@ from vzkit.errors import (
     ResourceExhausted,
 )
 from vzkit.storage import qcow2
-from vzkit.storage.models import Content
-from vzkit.units import NAME_RE, NAME_RULE
 
 __all__ = ["DirPool", "PoolDriver"]
 

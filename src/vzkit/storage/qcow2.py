@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, overload
 
+from vzkit.api.bounds import NAME_RE, NAME_RULE, format_size
 from vzkit.errors import (
     Conflict,
     EngineError,
@@ -40,7 +41,6 @@ from vzkit.errors import (
     ResourceExhausted,
     VzError,
 )
-from vzkit.units import NAME_RE, NAME_RULE, format_size
 
 __all__ = [
     "Snapshot",

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from vzkit.api.instances import Accel
 from vzkit.errors import HostUnsupported, InvalidConfig
 from vzkit.host import probe
 from vzkit.host.kvm import KvmStatus
 from vzkit.host.probe import parse_meminfo, parse_tsc, probe_host
-from vzkit.models import Accel
 from vzkit.settings import Settings
 
 # This VM: no aperfmperf, no cpufreq; 'cpu MHz' is the calibrated rate.

@@ -6,11 +6,11 @@ from datetime import UTC, datetime
 
 import pytest
 
+from vzkit.api.host import HostInfo
+from vzkit.api.instances import Accel, Limits
 from vzkit.errors import ResourceExhausted
 from vzkit.host.kvm import KvmStatus
-from vzkit.host.probe import HostInfo
 from vzkit.host.resources import OvercommitPolicy, check_fit, human_size, qemu_memory_limit
-from vzkit.models import Accel, Limits
 
 MiB = 1024**2
 GiB = 1024**3

@@ -11,11 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from vzkit._proc import alive
-from vzkit.errors import Conflict, InvalidConfig
-from vzkit.network import ipam, nft
-from vzkit.network.dnsmasq import Dnsmasq, HostEntry, host_upstreams
-from vzkit.network.links import link_name
-from vzkit.network.models import (
+from vzkit.api.bounds import NAME_PATTERN
+from vzkit.api.networks import (
     IFNAME_PATTERN,
     MAC_PATTERN,
     FirewallRule,
@@ -23,7 +20,10 @@ from vzkit.network.models import (
     NicConfig,
     PortForward,
 )
-from vzkit.units import NAME_PATTERN
+from vzkit.errors import Conflict, InvalidConfig
+from vzkit.network import ipam, nft
+from vzkit.network.dnsmasq import Dnsmasq, HostEntry, host_upstreams
+from vzkit.network.links import link_name
 
 
 def net(name: str, subnet: str, bridge: str, **kw: object) -> NetworkConfig:

@@ -8,9 +8,9 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
+from vzkit.api.networks import NetworkConfig, NicConfig
 from vzkit.errors import Conflict, InvalidConfig, NotFound, ResourceExhausted
 from vzkit.network import ipam, nics
-from vzkit.network.models import NetworkConfig, NicConfig
 
 LAB = NetworkConfig.model_validate({"name": "lab", "subnet": "10.90.0.0/24", "bridge": "vzbr1"})
 ISO = NetworkConfig.model_validate(

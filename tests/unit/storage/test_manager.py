@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from vzkit.db import Database
+from vzkit.api.storage import PoolConfig
 from vzkit.errors import InvalidConfig
+from vzkit.server.db import Database
 from vzkit.settings import Settings
 from vzkit.storage.manager import StorageManager
-from vzkit.storage.models import PoolConfig
 
 
 @pytest.fixture

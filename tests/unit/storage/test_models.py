@@ -9,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from vzkit import storage
-from vzkit.storage.models import (
+from vzkit.api.bounds import NAME_PATTERN
+from vzkit.api.storage import (
     MAX_VOLUME_SIZE,
     MIN_VOLUME_SIZE,
     PATH_MAX,
@@ -19,7 +20,6 @@ from vzkit.storage.models import (
     VolumeConfig,
     VolumeInfo,
 )
-from vzkit.units import NAME_PATTERN
 
 
 def volume(**kw: Any) -> VolumeConfig:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vzkit._proc import alive
+from vzkit.api.instances import ExecRequest, ExecResult, Instance, Limits
 from vzkit.engines.base import ConsoleStream, ExecSession, ExitInfo, Started
 from vzkit.engines.common import ProcessEngine
 from vzkit.engines.container import syscalls
@@ -35,7 +36,6 @@ from vzkit.errors import AgentError, EngineError, InvalidConfig, NotFound, Resou
 from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
 from vzkit.images.store import ImageStore
-from vzkit.models import ExecRequest, ExecResult, Instance, Limits
 from vzkit.network import links
 from vzkit.network.nics import NetPlan, NicPlan
 from vzkit.settings import Settings

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vzkit.api.instances import ExecResult
 from vzkit.errors import AgentError, InvalidConfig
 from vzkit.guest.protocol import (
     CHUNK,
@@ -44,7 +45,6 @@ from vzkit.guest.protocol import (
     chunks,
     encode_frame,
 )
-from vzkit.models import ExecResult
 
 __all__ = ["AgentClient", "AgentHello", "CompletedExec", "ExecSession"]
 

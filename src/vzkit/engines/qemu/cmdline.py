@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vzkit.api.instances import Accel, InstanceType
 from vzkit.guest.protocol import AGENT_PORT_NAME
 from vzkit.host.resources import TCG_TB_SIZE_MIB
-from vzkit.models import Accel, InstanceType
 
 
 @dataclass(frozen=True)

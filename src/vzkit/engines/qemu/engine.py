@@ -23,6 +23,8 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
+from vzkit.api.host import HostInfo
+from vzkit.api.instances import Accel, ExecRequest, Instance, InstanceType, Limits
 from vzkit.engines.base import ConsoleStream, ExecSession, ExitInfo, Started
 from vzkit.engines.common import CONSOLE_LOG_MAX, ProcessEngine
 from vzkit.engines.qemu import disks as layers
@@ -39,10 +41,8 @@ from vzkit.engines.qemu.cmdline import (
 )
 from vzkit.errors import AgentError, EngineError, NotFound, ResourceExhausted, StateError
 from vzkit.host.cgroups import Cgroup, CgroupDriver, CgroupLimits
-from vzkit.host.probe import HostInfo
 from vzkit.host.resources import TCG_TB_SIZE_MIB, qemu_memory_limit
 from vzkit.images.store import ImageStore
-from vzkit.models import Accel, ExecRequest, Instance, InstanceType, Limits
 from vzkit.network import links
 from vzkit.network.nics import NetPlan, NicPlan
 from vzkit.settings import Settings

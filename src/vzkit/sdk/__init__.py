@@ -1,0 +1,1 @@
+"""The SDK: synchronous and asyncio clients of vzd, their transports and streams."""

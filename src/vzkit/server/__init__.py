@@ -1,0 +1,1 @@
+"""vzd: the daemon's composition root (main), its routes, services and state."""

@@ -1,0 +1,187 @@
+"""``vzd``: the daemon that owns every instance.
+
+It serves the REST API on a unix socket (mode 0660, group ``vz`` when that group exists),
+re-attaches to instances that kept running while it was away, and leaves them running
+when it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import grp
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from vzkit.api.instances import InstanceType
+from vzkit.engines.base import Engine
+from vzkit.engines.container.engine import ContainerEngine
+from vzkit.engines.qemu.engine import QemuEngine
+from vzkit.errors import VzError
+from vzkit.host import cgroups
+from vzkit.host.probe import probe_host
+from vzkit.images.store import ImageStore
+from vzkit.server.app import create_app
+from vzkit.server.db import Database
+from vzkit.server.remote import RemoteAccess, tag_unix
+from vzkit.server.services.instances import Actions
+from vzkit.settings import Settings
+
+log = logging.getLogger("vzd")
+
+HOUSEKEEPING_INTERVAL = 10.0
+DNS_CHECK_INTERVAL = 1.0
+
+
+def _bind(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bind under a restrictive umask so the socket is never world-accessible, not even
+    # between bind() and chmod().
+    old = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    with contextlib.suppress(KeyError, PermissionError):
+        os.chown(path, -1, grp.getgrnam("vz").gr_gid)
+    os.chmod(path, 0o660)
+    sock.listen(128)
+    return sock
+
+
+def _lock(settings: Settings) -> int:
+    settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(settings.runtime_dir / "vzd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise VzError(
+            f"vzd is already running (lock {settings.runtime_dir / 'vzd.lock'} is held)",
+            hint="check it with: vz daemon status",
+        ) from None
+    return fd
+
+
+async def serve(settings: Settings) -> None:
+    lock_fd = _lock(settings)
+    for d in (settings.state_dir, settings.instances_dir, settings.instance_runtime_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    host = await asyncio.to_thread(probe_host, settings)
+    log.info("host: %d cpus, accelerator %s (%s)", host.cpus, host.accel, host.accel_reason)
+    db = Database(settings.db_path)
+    images = ImageStore(settings)
+    try:
+        driver: cgroups.CgroupDriver | None = cgroups.detect()
+    except VzError as exc:
+        log.warning("cgroups unavailable, instances run without limits: %s", exc.message)
+        driver = None
+    qemu = QemuEngine(settings, host, images, driver)
+    containers = ContainerEngine(settings, images, driver)
+    engines: dict[InstanceType, Engine] = {
+        InstanceType.MICROVM: qemu,
+        InstanceType.VM: qemu,
+        InstanceType.CONTAINER: containers,
+    }
+    actions = Actions(settings, db, host, images, engines, cgroups=driver)
+    await actions.reconcile()
+    await actions.snapshots.reconcile()
+    await asyncio.to_thread(actions.networks.reconcile)
+
+    server: uvicorn.Server | None = None
+
+    def shutdown() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    remote = RemoteAccess(db, settings.state_dir / "pki", settings.listen)
+    app = create_app(actions, shutdown, remote)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        proxy_headers=False,  # the caller is who the kernel says (SO_PEERCRED), not a header
+        ws_max_size=16 * 1024 * 1024,
+        timeout_keep_alive=30,
+    )
+    tag_unix(config)
+    server = uvicorn.Server(config)
+    sock = _bind(settings.socket_path)
+    settings.pid_file.write_text(f"{os.getpid()}\n")
+
+    async def housekeeping() -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            qemu.trim_console_logs()
+
+    async def supervise_networks() -> None:
+        # dnsmasq is not our child (it must outlive vzd), so its death is polled for; a
+        # check is a pid file and a /proc read per network.
+        while True:
+            await asyncio.sleep(DNS_CHECK_INTERVAL)
+            try:
+                await actions.supervise_networks()
+            except Exception:
+                log.exception("network supervision failed")
+
+    await remote.start(app)
+    keeper = asyncio.create_task(housekeeping())
+    supervisor = asyncio.create_task(supervise_networks())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        keeper.cancel()
+        supervisor.cancel()
+        await remote.stop()
+        await actions.close()
+        db.close()
+        with contextlib.suppress(FileNotFoundError):
+            settings.socket_path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            settings.pid_file.unlink()
+        os.close(lock_fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vzd", description="the vzkit daemon")
+    parser.add_argument("--debug", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="serve the API over TLS there too (default: $VZ_LISTEN, or what "
+        "`vz daemon listen` stored)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings()
+        if args.listen:
+            settings = dataclasses.replace(settings, listen=args.listen)
+        asyncio.run(serve(settings))
+    except VzError as exc:
+        print(f"vzd: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"vzd: hint: {exc.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The daemon's services: one per resource, each a typed method per user-visible operation."""

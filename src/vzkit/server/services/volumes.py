@@ -1,0 +1,137 @@
+"""Pools and volumes as operations: records in vzkit.storage.manager, devices in engines.
+
+A volume is attached to one instance at a time (read-only attachments may share it).
+Attaching to a running instance is live where the engine can (q35 VMs: PCIe hot-plug;
+containers: a bind mount into the running container); micro-VMs take it at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from vzkit.api.instances import Instance, InstanceType
+from vzkit.api.storage import PoolConfig, PoolInfo, VolumeAttachment, VolumeConfig, VolumeInfo
+from vzkit.errors import Conflict, InvalidConfig, NotFound
+from vzkit.server import lifecycle
+from vzkit.storage.manager import StorageManager, VolumeMount
+
+if TYPE_CHECKING:
+    from vzkit.server.services.instances import Actions
+
+
+class Volumes:
+    def __init__(self, actions: Actions) -> None:
+        self.a = actions
+        self.storage = StorageManager(actions.settings, actions.db)
+        self._lock = asyncio.Lock()
+
+    # -- pools -----------------------------------------------------------------------------
+
+    def pools(self) -> list[PoolInfo]:
+        return [self.storage.pool_info(p.name) for p in self.storage.pools()]
+
+    def pool(self, name: str) -> PoolInfo:
+        return self.storage.pool_info(name)
+
+    async def create_pool(self, config: PoolConfig) -> PoolInfo:
+        async with self._lock:
+            pool = await asyncio.to_thread(self.storage.create_pool, config)
+        return self.storage.pool_info(pool.name)
+
+    async def delete_pool(self, name: str) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self.storage.delete_pool, name)
+
+    # -- volumes ---------------------------------------------------------------------------
+
+    def all(self, pool: str | None = None) -> list[VolumeInfo]:
+        if pool is not None:
+            self.storage.pool(pool)
+        return self.storage.volumes(pool)
+
+    def get(self, pool: str, name: str) -> VolumeInfo:
+        return self.storage.volume(name, pool)
+
+    async def create(self, config: VolumeConfig) -> VolumeInfo:
+        async with self._lock:
+            return await asyncio.to_thread(self.storage.create_volume, config)
+
+    async def delete(self, pool: str, name: str) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self.storage.delete_volume, name, pool)
+
+    async def resize(self, pool: str, name: str, size: int) -> VolumeInfo:
+        """Grow a volume; live for a running VM that has it (the guest sees the new size)."""
+        async with self._lock:
+            info = self.storage.volume(name, pool)
+            if size < info.size:
+                raise InvalidConfig(
+                    f"volume {name!r} is {info.size} bytes; volumes only grow",
+                    hint="give a size larger than the current one",
+                )
+            for user in info.attached_to:
+                inst = self.a.get(user)
+                if inst.state in lifecycle.ACTIVE and info.content == "block":
+                    att = next(v for v in inst.volumes if (v.pool, v.volume) == (pool, name))
+                    mount = self.storage.mount(inst, att)
+                    await self.a._engine(inst.type).resize_volume(user, mount, size)
+                    self.storage.record_size(name, pool, size)
+                    return self.storage.volume(name, pool)
+            return await asyncio.to_thread(self.storage.resize_volume, name, pool, size)
+
+    def mounts(self, inst: Instance) -> list[VolumeMount]:
+        return [self.storage.mount(inst, att) for att in inst.volumes]
+
+    def check(self, inst: Instance, new: list[VolumeAttachment]) -> None:
+        """Whether ``inst`` may have the volumes ``new`` (kind, and nobody else writing)."""
+        users = {
+            (a.pool, a.volume): (i.name, a.readonly)
+            for i in self.a.db.list()
+            if i.name != inst.name
+            for a in i.volumes
+        }
+        seen = {(a.pool, a.volume) for a in inst.volumes}
+        for att in new:
+            self.storage.mount(inst, att)
+            key = (att.pool, att.volume)
+            if key in seen:
+                raise Conflict(f"{inst.name!r} already has volume {att.volume!r}")
+            seen.add(key)
+            other = users.get(key)
+            if other is not None and not (other[1] and att.readonly):
+                raise Conflict(
+                    f"volume {att.volume!r} is attached to {other[0]!r}",
+                    hint="detach it there first (only read-only attachments can share)",
+                )
+            if inst.type is not InstanceType.CONTAINER and att.path is not None:
+                raise InvalidConfig(
+                    "a VM's volume has no mount path: it is a disk",
+                    hint="leave out --path; inside the guest it is "
+                    f"/dev/disk/by-id/virtio-{att.volume[:20]}",
+                )
+
+    async def attach(self, name: str, att: VolumeAttachment) -> Instance:
+        async with self.a._lock(name):
+            inst = self.a.get(name)
+            self.check(inst, [att])
+            if inst.state in lifecycle.ACTIVE:
+                mount = self.storage.mount(inst, att)
+                await self.a._engine(inst.type).attach_volume(name, mount)
+            self.a.events.publish("volume-attached", name, volume=att.volume, pool=att.pool)
+            return self.a._save(inst, volumes=[*inst.volumes, att])
+
+    async def detach(self, name: str, pool: str, volume: str) -> Instance:
+        async with self.a._lock(name):
+            inst = self.a.get(name)
+            att = next((v for v in inst.volumes if (v.pool, v.volume) == (pool, volume)), None)
+            if att is None:
+                raise NotFound(
+                    f"instance {name!r} has no volume {volume!r} (pool {pool!r})",
+                    hint=f"see its volumes: vz info {name}",
+                )
+            if inst.state in lifecycle.ACTIVE:
+                mount = self.storage.mount(inst, att)
+                await self.a._engine(inst.type).detach_volume(name, mount)
+            self.a.events.publish("volume-detached", name, volume=volume, pool=pool)
+            return self.a._save(inst, volumes=[v for v in inst.volumes if v is not att])
