@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vzkit import __version__
+from vzkit.api.bounds import OutOfBounds, parse_file_mode
 from vzkit.api.instances import (
     ErrorBody,
     ExecRequest,
@@ -259,13 +260,12 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
         path: str = Query(...),
         mode: str = "0644",
         parents: bool = False,
+        allow_setid: bool = False,
     ) -> Response:
         try:
-            mode_int = int(mode, 8)
-        except ValueError:
-            raise InvalidConfig(
-                f"invalid file mode {mode!r}", hint="give an octal mode such as 0644"
-            ) from None
+            mode_int = parse_file_mode(mode, allow_setid=allow_setid)
+        except OutOfBounds as exc:
+            raise InvalidConfig(str(exc), hint=exc.hint) from None
         await actions.push_file(name, path, request.stream(), mode_int, parents)
         return Response(status_code=204)
 
