@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from websockets.sync.server import ServerConnection
 
-from tests.unit.cli.vz_fake_daemon import IMAGE, INSTANCE, FakeVzd, Reply, error, exec_script
+from tests.unit.cli.vz_fake_daemon import (
+    HOST_INFO,
+    IMAGE,
+    INSTANCE,
+    SERVER_INFO,
+    FakeVzd,
+    Reply,
+    Seen,
+    error,
+    exec_script,
+)
 
 
 @pytest.fixture
@@ -229,15 +240,17 @@ def test_run_builds_a_missing_image_with_progress(fake: FakeVzd, tmp_path: Path)
 
 def test_run_ctrl_c_forwards_then_deletes(fake: FakeVzd, tmp_path: Path) -> None:
     _run_routes(fake, "job")
-    started = threading.Event()
+    signalled = threading.Event()
     got_signal: list[int] = []
 
     def long_running(ws: ServerConnection) -> None:
         ws.recv()
-        started.set()
+        # Output the client prints only from inside its exec loop, where Ctrl-C is forwarded.
+        ws.send(b"\x01ready\n")
         for msg in ws:
             if isinstance(msg, str) and "signal" in msg:
                 got_signal.append(json.loads(msg)["signal"])
+                signalled.set()
                 if len(got_signal) == 1:
                     continue  # ignore the first: the user must press Ctrl-C again
         ws.close()
@@ -264,12 +277,10 @@ def test_run_ctrl_c_forwards_then_deletes(fake: FakeVzd, tmp_path: Path) -> None
         env=env,
     )
     try:
-        assert started.wait(30)
-        time.sleep(0.3)  # let the client settle into waiting for output
+        assert proc.stdout is not None
+        assert _read_line(proc.stdout, 30) == b"ready\n"
         proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 10
-        while not got_signal and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert signalled.wait(30)
         assert got_signal == [2]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 130
@@ -277,6 +288,15 @@ def test_run_ctrl_c_forwards_then_deletes(fake: FakeVzd, tmp_path: Path) -> None
         proc.kill()
         proc.communicate()
     assert fake.requests("DELETE") == [("DELETE", "/1.0/instances/job")]
+
+
+def _read_line(stream: IO[bytes], timeout: float) -> bytes:
+    """A line from a child's pipe, or b"" if none comes within ``timeout`` seconds."""
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0] if lines else b""
 
 
 def test_exec_stdin_and_exit_code(fake: FakeVzd, tmp_path: Path) -> None:
@@ -324,17 +344,39 @@ def test_delete_many_continues_past_failures(fake: FakeVzd, tmp_path: Path) -> N
 
 def test_image_list_and_host_info(fake: FakeVzd, tmp_path: Path) -> None:
     fake.on("GET", "/1.0/images", Reply(200, [IMAGE]))
-    fake.on("GET", "/1.0/host", Reply(200, {"kvm": {"usable": False}, "cpus": 2}))
+    fake.on("GET", "/1.0/host", Reply(200, HOST_INFO))
     lines = vz(tmp_path, "image", "list").stdout.decode().splitlines()
     assert lines[1].split()[:4] == ["minimal", "initramfs", "6.1.0-cloud-amd64", "3MiB"]
     out = vz(tmp_path, "host", "info").stdout.decode()
-    assert "kvm.usable: False" in out and "cpus:" in out
+    assert re.search(r"^kvm\.usable: +False$", out, re.M) and re.search(r"^cpus: +2$", out, re.M)
     assert json.loads(vz(tmp_path, "host", "info", "--format", "json").stdout)["cpus"] == 2
 
 
 def test_daemon_status(fake: FakeVzd, tmp_path: Path) -> None:
-    fake.on("GET", "/1.0", Reply(200, {"api_version": "1.0", "server_version": "0.1", "pid": 9}))
+    fake.on("GET", "/1.0", Reply(200, {**SERVER_INFO, "pid": 9}))
     r = vz(tmp_path, "daemon", "status")
     assert r.returncode == 0 and b"running (pid 9, version 0.1" in r.stdout
     r = vz(tmp_path, "daemon", "status", sock=tmp_path / "none.sock")
     assert r.returncode == 3 and r.stdout.startswith(b"not running")
+
+
+def test_a_launch_lost_mid_request_is_not_sent_again(fake: FakeVzd, tmp_path: Path) -> None:
+    # vzd died after reading the create: the CLI once sent it again on a fresh connection
+    # and printed "instance already exists" for a launch that had failed.
+    fake.on("GET", "/1.0/images/minimal", Reply(200, IMAGE))
+    posts: list[Seen] = []
+
+    def create(seen: Seen) -> Reply:
+        posts.append(seen)
+        if len(posts) == 1:
+            return Reply(drop=True)
+        return error(409, "conflict", "instance 'web' already exists", "pick another name")
+
+    fake.on("POST", "/1.0/instances", create)
+    r = vz(tmp_path, "launch", "minimal", "web")
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert len(posts) == 1
+    assert "already exists" not in err
+    assert "error: cannot reach vzd at" in err and "connection lost during POST" in err
+    assert "hint: check whether it was done" in err
