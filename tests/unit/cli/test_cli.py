@@ -380,3 +380,57 @@ def test_a_launch_lost_mid_request_is_not_sent_again(fake: FakeVzd, tmp_path: Pa
     assert "already exists" not in err
     assert "error: cannot reach vzd at" in err and "connection lost during POST" in err
     assert "hint: check whether it was done" in err
+
+
+def test_sizes_up_to_one_pib_reach_the_daemon(fake: FakeVzd, tmp_path: Path) -> None:
+    # The API documents sizes up to 1 PiB; the CLI refused "1PiB" as no size at all.
+    fake.on("GET", "/1.0/images/minimal", Reply(200, IMAGE))
+    fake.on(
+        "POST",
+        "/1.0/instances",
+        error(507, "resource_exhausted", "cannot allocate 1PiB of memory", "use less"),
+    )
+    fake.on("POST", "/1.0/volumes", error(507, "resource_exhausted", "pool full", "free space"))
+    r = vz(tmp_path, "launch", "minimal", "big", "--memory", "1PiB")
+    assert r.returncode == 1 and b"cannot allocate 1PiB" in r.stderr, r.stderr
+    assert json.loads(fake.seen[-1].body)["limits"] == {"memory": 1024**5}
+    r = vz(tmp_path, "volume", "create", "huge", "--size", "1PiB")
+    assert r.returncode == 1 and json.loads(fake.seen[-1].body)["size"] == 1024**5
+    posts = len(fake.requests("POST"))
+    r = vz(tmp_path, "launch", "minimal", "big", "--memory", "2PiB")
+    assert r.returncode == 2 and b"invalid size '2PiB': at most 1PiB" in r.stderr, r.stderr
+    assert len(fake.requests("POST")) == posts
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["launch", "minimal", "--memory", "64MiB"], "too small for a microvm: at least 96MiB"),
+        (["launch", "minimal", "--type", "vm", "--memory", "96MiB"], "at least 128MiB"),
+        (["launch", "minimal", "--type", "container", "--memory", "4MiB"], "at least 8MiB"),
+        (["config", "set", "web", "limits.memory=1MiB"], "too small"),
+        (["volume", "create", "v", "--size", "512KiB"], "out of range"),
+        (["stop", "web", "--timeout", "7200"], "too long"),
+        (["file", "push", "-", "web:/x", "--mode", "4755"], "setuid or setgid"),
+    ],
+)
+def test_the_cli_refuses_what_the_api_refuses(
+    fake: FakeVzd, tmp_path: Path, args: list[str], needle: str
+) -> None:
+    r = vz(tmp_path, *args)
+    assert r.returncode == 2 and needle in r.stderr.decode(), r.stderr
+    assert b"\nhint: " in r.stderr
+    assert fake.seen == []
+
+
+def test_a_setuid_file_is_pushed_only_when_asked_for(fake: FakeVzd, tmp_path: Path) -> None:
+    fake.on("PUT", "/1.0/instances/web/files", Reply(204))
+    local = tmp_path / "tool"
+    local.write_bytes(b"#!/bin/sh\n")
+    local.chmod(0o4755)
+    r = vz(tmp_path, "file", "push", str(local), "web:/usr/bin/tool")
+    assert r.returncode == 2 and b"4755 sets the setuid or setgid bit" in r.stderr, r.stderr
+    assert fake.seen == []
+    r = vz(tmp_path, "file", "push", str(local), "web:/usr/bin/tool", "--allow-setid")
+    assert r.returncode == 0, r.stderr
+    assert fake.seen[-1].query["mode"] == "4755" and fake.seen[-1].query["allow_setid"] == "true"
