@@ -95,7 +95,9 @@ def parse_size(value: str | int, *, default_unit: str = "", maximum: int = MAX_S
         # Integer arithmetic: exact, and no float overflow for absurdly long numbers.
         whole, _, frac = m.group(1).partition(".")
         size = int(whole) * factor + (int(frac) * factor // 10 ** len(frac) if frac else 0)
-    if size < 0 or size > maximum:
+    if size < 0:
+        raise OutOfBounds(f"invalid size {value!r}", "negative", SIZE_HINT)
+    if size > maximum:
         raise OutOfBounds(f"invalid size {value!r}", f"at most {format_size(maximum)}", SIZE_HINT)
     return size
 

@@ -217,7 +217,8 @@ class _KeepAlive:
             try:
                 conn.request(method, url, body=body, headers=hdrs)
                 raw = conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+            except (http.client.HTTPException, BrokenPipeError, ConnectionResetError) as exc:
+                # RemoteDisconnected is both; a garbled answer (BadStatusLine) is lost too.
                 self._drop_connection()
                 if reused and not attempt and is_replayable(method, body):
                     continue  # the daemon closed the idle connection: nothing was done
@@ -229,7 +230,7 @@ class _KeepAlive:
                 # Interrupted mid-request (Ctrl-C): the connection's state is unknown now.
                 self._drop_connection()
                 raise
-            answer = _Answer(raw, self._drop_connection)
+            answer = _Answer(raw, conn.close)
             self._local.answer = answer
             return answer
         raise AssertionError("unreachable")
