@@ -62,6 +62,7 @@ from vzkit.api.storage import (
 from vzkit.engines.base import ExecSession
 from vzkit.errors import InvalidConfig, StateError, VzError
 from vzkit.host.probe import probe_host
+from vzkit.server.limits import RequestLimits
 from vzkit.server.metrics import AuditLog, RequestMetrics, collect, render
 from vzkit.server.remote import MUTATING, AuthMiddleware, RemoteAccess, caller_of
 from vzkit.server.services.instances import Actions
@@ -91,6 +92,8 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
     app = FastAPI(
         title="vzd", version=__version__, openapi_url="/openapi.json", docs_url=None, redoc_url=None
     )
+    # First added, so innermost of the middleware: inside _measure, which counts its answers.
+    app.add_middleware(RequestLimits, settings=actions.settings, caller=caller_of)
 
     requests = RequestMetrics()
     audit = AuditLog(actions.settings.state_dir / "audit.log")

@@ -51,6 +51,7 @@ from vzkit.network.nics import NetPlan
 from vzkit.server import lifecycle
 from vzkit.server.db import Database
 from vzkit.server.events import EventBus
+from vzkit.server.limits import spooled
 from vzkit.server.operations import Operations
 from vzkit.server.services.snapshots import Snapshots
 from vzkit.server.services.transfers import Transfers
@@ -446,7 +447,9 @@ class Actions:
     ) -> None:
         inst = self._running("file", name)
         _check_guest_path(path)
-        await self._engine(inst.type).push_file(name, path, data, mode, parents)
+        # Spooled first: an upload cut short (its cap, a full disk) writes nothing in there.
+        async with spooled(data, self.settings.state_dir) as body:
+            await self._engine(inst.type).push_file(name, path, body, mode, parents)
 
     async def pull_file(self, name: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
         inst = self._running("file", name)
