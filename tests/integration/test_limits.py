@@ -29,6 +29,7 @@ import pytest
 from tests.conftest import Daemon, _cleanup, _make_daemon
 from vzkit.errors import VzError
 from vzkit.sdk.client import Client
+from vzkit.sdk.remotes import Remote
 
 pytestmark = pytest.mark.integration
 
@@ -428,7 +429,15 @@ class _Slow(io.RawIOBase):
         return n
 
 
-def test_a_file_push_beyond_its_cap_leaves_no_partial_file(limited: Limited) -> None:
+def _remote(lim: Limited, workdir: Path) -> Client:
+    shutil.copy(lim.d.settings.state_dir / "pki" / "ca.crt", workdir / "ca.crt")
+    (workdir / "token").write_text(lim.token)
+    return Client(remote=Remote("lim", [lim.address], "token", "", workdir))
+
+
+def test_a_file_push_beyond_its_cap_leaves_no_partial_file(
+    limited: Limited, tmp_path: Path
+) -> None:
     d = limited.d
     with _container(d, "lim-push") as c:
         big = b"y" * (2 * MiB)
@@ -440,6 +449,12 @@ def test_a_file_push_beyond_its_cap_leaves_no_partial_file(limited: Limited) -> 
             c.close()
             r = d.vz("exec", "lim-push", "--", "ls", "-a", "/tmp")
             assert r.returncode == 0 and b"big" not in r.stdout, r.stdout
+        # Over TLS too (an authenticated remote client), where vzd's close is a reset.
+        remote = _remote(limited, tmp_path)
+        with pytest.raises(VzError) as exc:
+            remote.push_file("lim-push", "/tmp/big", _Slow())  # type: ignore[arg-type]
+        assert exc.value.code == "too_large", exc.value
+        remote.close()
         # Within the cap, a push still works.
         c.push_file("lim-push", "/tmp/ok", _Unsized(b"z" * (MiB // 2)))  # type: ignore[arg-type]
         r = d.vz("exec", "lim-push", "--", "wc", "-c", "/tmp/ok")

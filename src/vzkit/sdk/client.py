@@ -119,8 +119,8 @@ def _request(
 ) -> None:
     try:
         conn.request(method, url, body=body, headers=headers)
-    except (BrokenPipeError, ConnectionResetError):
-        if body is None:
+    except OSError as exc:  # a broken pipe, a reset, a TLS EOF
+        if body is None or conn.sock is None or isinstance(exc, TimeoutError):
             raise
         # vzd refuses a body as it comes (too large: 413) and then closes: its answer still
         # waits to be read, and says more than the broken pipe. If none came, reading the
