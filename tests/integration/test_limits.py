@@ -38,16 +38,18 @@ MiB = 1 << 20
 RSS_BOUND = 100 * MiB
 # How much an endless body may send before the test gives up waiting for an answer.
 FLOOD = 400 * MiB
-# Seconds to wait for something that should happen within the daemon's (2 s) limits.
+# Seconds to wait for what the daemon's limits (2-5 s) should bring about.
 DEADLINE = 30.0
 
 LIMITS = {
     "VZ_HEADER_TIMEOUT": "2",
     "VZ_BODY_TIMEOUT": "2",
-    "VZ_TLS_HANDSHAKE_TIMEOUT": "2",
+    # Longer: the test holding connections open must get its next one in before they go.
+    "VZ_TLS_HANDSHAKE_TIMEOUT": "5",
     "VZ_MAX_ANON_CONNECTIONS": "4",
-    "VZ_JOIN_RATE": "3",
-    "VZ_PROBE_RATE": "5",
+    # A call a minute refills in 20-30 s: far longer than the tests' few calls take.
+    "VZ_JOIN_RATE": "2",
+    "VZ_PROBE_RATE": "3",
     "VZ_MAX_PUSH_SIZE": "1MiB",
     "VZ_MAX_IMPORT_SIZE": "2MiB",
 }
@@ -353,8 +355,8 @@ def test_join_and_probe_are_rate_limited_for_unauthenticated_callers(limited: Li
             return _answer(sock)
 
     probe = b"GET /1.0 HTTP/1.1\r\nHost: vzd\r\n\r\n"
-    statuses = [call("127.0.0.3", probe)[0] for _ in range(5)]
-    assert statuses == [200] * 5
+    statuses = [call("127.0.0.3", probe)[0] for _ in range(3)]
+    assert statuses == [200] * 3
     status, headers, body = call("127.0.0.3", probe)
     assert status == 429 and _error(body)["code"] == "rate_limited", body
     assert 0 < int(headers["retry-after"]) <= 60
@@ -372,7 +374,7 @@ def test_join_and_probe_are_rate_limited_for_unauthenticated_callers(limited: Li
         + f"Content-Length: {len(junk)}\r\n\r\n".encode()
         + junk
     )
-    statuses = [call("127.0.0.5", join)[0] for _ in range(3)]
+    statuses = [call("127.0.0.5", join)[0] for _ in range(2)]
     assert all(400 <= s < 500 and s != 429 for s in statuses), statuses
     status, headers, body = call("127.0.0.5", join)
     assert status == 429 and "retry-after" in headers, body
