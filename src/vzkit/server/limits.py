@@ -63,7 +63,7 @@ _DISK_CHECK_BYTES = 8 << 20
 _SPOOL_CHUNK = 1 << 20
 
 
-def server_options(settings: Settings) -> dict[str, Any]:
+def server_options() -> dict[str, Any]:
     """uvicorn settings both of vzd's servers share."""
     return {
         # The guarded protocol below extends h11's (httptools, if installed, would be

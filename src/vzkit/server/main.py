@@ -114,7 +114,7 @@ async def serve(settings: Settings) -> None:
         access_log=False,
         lifespan="off",
         proxy_headers=False,  # the caller is who the kernel says (SO_PEERCRED), not a header
-        **server_options(settings),
+        **server_options(),
     )
     tag_unix(config)
     guard_http(config, settings)

@@ -341,7 +341,7 @@ class RemoteAccess:
                 proxy_headers=False,
                 access_log=False,
                 lifespan="off",
-                **server_options(self.settings),
+                **server_options(),
                 # Stopping the listener must not wait for a remote client's open stream.
                 timeout_graceful_shutdown=3,
                 ssl_certfile=str(crt),

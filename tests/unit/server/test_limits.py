@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from starlette.types import Message, Receive, Scope, Send
@@ -383,3 +383,114 @@ def test_after_the_body_receive_is_not_timed(settings: Settings) -> None:
         return bytes(out[-1]["body"])
 
     assert asyncio.run(run()) == b"http.disconnect"
+
+
+# -- the h11 protocol: header deadline and linger ------------------------------------------
+
+
+class _FakeTransport:
+    """What uvicorn's h11 protocol uses of an asyncio transport."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("192.0.2.5", 4000), "sockname": ("192.0.2.1", 80)}.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, *args: Any) -> None:
+        pass
+
+
+def _protocol(app: App, header_timeout: float) -> tuple[Any, _FakeTransport]:
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", **limits.server_options())
+    config.load()
+    settings = dataclasses.replace(Settings(), header_timeout=header_timeout)
+    limits.guard_http(config, settings)
+    proto = config.http_protocol_class(  # type: ignore[call-arg]
+        config=config, server_state=ServerState(), app_state={}
+    )
+    transport = _FakeTransport()
+    proto.connection_made(cast(asyncio.Transport, transport))
+    return proto, transport
+
+
+async def _answer_at_once(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_headers_too_slow_get_a_408_and_the_connection_closes() -> None:
+    async def run() -> _FakeTransport:
+        proto, transport = _protocol(_answer_at_once, header_timeout=0.2)
+        proto.data_received(b"GET /1.0 HTTP/1.1\r\nHost: vzd\r\nX-Slow: a")
+        await asyncio.sleep(0.6)
+        return transport
+
+    transport = asyncio.run(run())
+    assert transport.closed
+    head, _, body = bytes(transport.written).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head
+    assert json.loads(body)["code"] == "timeout"
+
+
+def test_a_connection_that_sends_nothing_is_closed_silently() -> None:
+    async def run() -> _FakeTransport:
+        _, transport = _protocol(_answer_at_once, header_timeout=0.2)
+        await asyncio.sleep(0.6)
+        return transport
+
+    transport = asyncio.run(run())
+    assert transport.closed and transport.written == b""
+
+
+def test_headers_in_time_are_served_and_keep_alive_is_not_cut() -> None:
+    async def run() -> _FakeTransport:
+        proto, transport = _protocol(_answer_at_once, header_timeout=0.2)
+        proto.data_received(b"GET /1.0 HTTP/1.1\r\nHost: vzd\r\n\r\n")
+        await asyncio.sleep(0.6)  # idle after the answer: uvicorn's keep-alive (30 s) rules
+        return transport
+
+    transport = asyncio.run(run())
+    assert transport.written.startswith(b"HTTP/1.1 200 ") and not transport.closed
+
+
+def test_the_rest_of_a_body_answered_early_is_dropped_for_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(limits, "LINGER", 1.0)
+
+    async def run() -> tuple[_FakeTransport, bool]:
+        proto, transport = _protocol(_answer_at_once, header_timeout=5)
+        proto.data_received(
+            b"POST /1.0/x HTTP/1.1\r\nHost: vzd\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        for _ in range(3):
+            await asyncio.sleep(0)  # the app answers without reading the body
+        for _ in range(3):
+            proto.data_received(b"10\r\n" + b"x" * 16 + b"\r\n")
+        open_while_lingering = not transport.closed
+        await asyncio.sleep(1.5)
+        return transport, open_while_lingering
+
+    transport, lingered = asyncio.run(run())
+    assert transport.written.startswith(b"HTTP/1.1 200 ")
+    assert lingered and transport.closed
