@@ -27,12 +27,21 @@ from pathlib import Path
 from typing import Any
 
 from vzkit._proc import alive
-from vzkit.api.instances import ExecRequest, ExecResult, Instance, Limits
-from vzkit.engines.base import ConsoleStream, ExecSession, ExitInfo, Started
+from vzkit.api.instances import ExecRequest, ExecResult, Instance, InstanceType, Limits
+from vzkit.engines.base import (
+    Capabilities,
+    ConsoleStream,
+    EngineState,
+    ExecSession,
+    ExitInfo,
+    Refusal,
+    Started,
+)
 from vzkit.engines.common import ProcessEngine
 from vzkit.engines.container import syscalls
+from vzkit.engines.container.files import WORK_DIRS, ContainerFiles, ContainerState
 from vzkit.engines.container.spec import default_spec
-from vzkit.errors import AgentError, EngineError, InvalidConfig, NotFound, ResourceExhausted
+from vzkit.errors import AgentError, EngineError, InvalidConfig, NotFound, StateError
 from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
 from vzkit.images.store import ImageStore
@@ -55,6 +64,25 @@ RUNTIME = _runtime_command()
 INIT = ["/sbin/vz-agent", "--reaper"]
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CPU_PERIOD_US = 100_000
+
+# What containers cannot do, and what a request for it is told.
+REFUSALS = {
+    "snapshot-stateful": Refusal(
+        InvalidConfig,
+        "containers have no stateful snapshots (their processes are not checkpointed)",
+        "take a snapshot without --stateful: it keeps the container's files",
+    ),
+    "export": Refusal(
+        StateError,
+        "cannot export {name!r} while it runs: a container's files change under it",
+        "stop it first: vz stop {name}",
+    ),
+    "publish": Refusal(
+        InvalidConfig,
+        "containers cannot be published as images yet",
+        "copy it instead (vz copy {name} NEW), or export it",
+    ),
+}
 
 
 @dataclass
@@ -294,6 +322,17 @@ class ContainerEngine(ProcessEngine):
         self.cgroups = cgroups
         self.root = settings.runtime_dir / "containers"
         self._live: dict[str, _Live] = {}
+        files = ContainerFiles(self)
+        # Live volumes are bind mounts (vz-runtime mount); NICs are veths plugged live.
+        self._caps = Capabilities(
+            snapshots=files, export=files, live_volumes=self, nic_hotplug=self, refusals=REFUSALS
+        )
+
+    def capabilities(self, kind: InstanceType) -> Capabilities:
+        return self._caps
+
+    def load_state(self, data: str) -> EngineState:
+        return ContainerState.model_validate_json(data)
 
     def _cgroup_path(self, name: str) -> str:
         return f"{self.settings.cgroup_parent}/{name}"
@@ -320,14 +359,14 @@ class ContainerEngine(ProcessEngine):
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def create(self, inst: Instance, uuid: str) -> dict[str, Any]:
+    async def create(self, inst: Instance, uuid: str) -> EngineState:
         image = self.images.get(inst.image)
         lower = await asyncio.to_thread(container_rootfs, self.settings, image)
         sdir = self.state_dir(uuid)
-        for d in ("upper", "work", "rootfs", "bundle"):
+        for d in ("upper", *WORK_DIRS):
             (sdir / d).mkdir(parents=True, exist_ok=True)
         self._write_bundle(inst, sdir)
-        return {"lower": str(lower)}
+        return ContainerState(lower=str(lower))
 
     def _write_bundle(
         self, inst: Instance, sdir: Path, volumes: Sequence[VolumeMount] = ()
@@ -380,20 +419,17 @@ class ContainerEngine(ProcessEngine):
         self,
         inst: Instance,
         uuid: str,
-        runtime: dict[str, Any],
+        state: EngineState,
         net: NetPlan,
-        restore: Path | None = None,
         volumes: Sequence[VolumeMount] = (),
     ) -> Started:
-        if restore is not None:
-            await self.save_state(inst.name, restore)  # raises: no checkpoints
         if inst.name in self._live:
             raise EngineError(f"container {inst.name!r} is already running")
         sdir = self.state_dir(uuid)
         self._write_bundle(inst, sdir, volumes)  # limits and volumes may have changed
         if net.nics:
             _write_resolv_conf(sdir / "upper", net.resolv_conf())
-        self._mount_rootfs(sdir, runtime["lower"])
+        self._mount_rootfs(sdir, ContainerState.of(state).lower)
         log_path = sdir / "console.log"
         error_log = sdir / "runtime.log"
         pid_file = sdir / "init.pid"
@@ -442,7 +478,7 @@ class ContainerEngine(ProcessEngine):
             raise
         return Started(pid=pid)
 
-    async def attach(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> str | None:
+    async def attach(self, inst: Instance, uuid: str, state: EngineState) -> str | None:
         rc, out = await self._runtime("state", uuid, check=False)
         status = json.loads(out).get("status") if rc == 0 else None
         if status not in ("running", "paused") or inst.pid is None or not alive(inst.pid):
@@ -496,9 +532,6 @@ class ContainerEngine(ProcessEngine):
         assert volume.target is not None
         await self._runtime("umount", self._get(name).uuid, volume.target)
 
-    async def resize_volume(self, name: str, volume: VolumeMount, size: int) -> None:
-        pass  # a directory has no size to change
-
     async def plug(self, name: str, nic: NicPlan) -> None:
         await asyncio.to_thread(_plug_veth, self._get(name).pid, nic)
 
@@ -512,58 +545,6 @@ class ContainerEngine(ProcessEngine):
 
     async def resume(self, name: str) -> None:
         await self._runtime("resume", self._get(name).uuid)
-
-    # -- snapshots and copies: the overlay's upper layer is the container's own data -------
-
-    async def snapshot_disk(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], dest: Path
-    ) -> tuple[dict[str, Any], str | None]:
-        """Copy the upper layer (a running container must be paused: a consistent copy)."""
-        await _copy_tree(self.state_dir(uuid) / "upper", dest / "upper")
-        return runtime, None
-
-    async def quiesce(self, name: str) -> None:
-        pass
-
-    async def save_state(self, name: str, dest: Path) -> int:
-        raise InvalidConfig(
-            "containers have no stateful snapshots (their processes are not checkpointed)",
-            hint="take a snapshot without --stateful: it keeps the container's files",
-        )
-
-    async def restore_disk(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], snapshot: Path, layer: str | None
-    ) -> dict[str, Any]:
-        sdir = self.state_dir(uuid)
-        fresh = sdir / "upper.restoring"
-        shutil.rmtree(fresh, ignore_errors=True)
-        await _copy_tree(snapshot / "upper", fresh)
-        old = sdir / "upper.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(sdir / "upper", old)
-        os.rename(fresh, sdir / "upper")
-        shutil.rmtree(old, ignore_errors=True)
-        # The work directory belongs to the old upper layer.
-        shutil.rmtree(sdir / "work", ignore_errors=True)
-        (sdir / "work").mkdir()
-        return runtime
-
-    async def clone_disk(self, src_uuid: str, layer: str | None, dst_uuid: str) -> dict[str, Any]:
-        dst = self.state_dir(dst_uuid)
-        for d in ("work", "rootfs", "bundle"):
-            (dst / d).mkdir(parents=True, exist_ok=True)
-        await _copy_tree(self.state_dir(src_uuid) / "upper", dst / "upper")
-        return {}
-
-    async def prune_disks(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], keep: list[str]
-    ) -> None:
-        pass  # a container's snapshots are self-contained copies
-
-    async def drop_layer(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], layer: str
-    ) -> None:
-        pass
 
     async def destroy(self, inst: Instance, uuid: str) -> None:
         live = self._live.get(inst.name)
@@ -774,20 +755,3 @@ def _write_resolv_conf(upper: Path, text: str) -> None:
     if target.is_symlink():
         target.unlink()
     target.write_text(text)
-
-
-async def _copy_tree(src: Path, dst: Path) -> None:
-    """``cp -a``: keeps owners, modes, xattrs and overlayfs whiteouts; reflinks where the
-    file system can (then a copy costs no data blocks)."""
-    proc = await asyncio.create_subprocess_exec(
-        "cp", "-a", "--reflink=auto", "--", str(src), str(dst),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        shutil.rmtree(dst, ignore_errors=True)
-        why = err.decode(errors="replace").strip()
-        if "No space left" in why:
-            raise ResourceExhausted(f"copying {src} failed: {why}", hint="free disk space")
-        raise EngineError(f"copying {src} failed: {why}")
