@@ -32,9 +32,7 @@ BUSYBOX = Path("/bin/busybox")
 CG = Path("/sys/fs/cgroup")
 MiB = 1024 * 1024
 _ENTRY = Path(sys.executable).parent / "vz-runtime"
-RUNTIME = (
-    [str(_ENTRY)] if _ENTRY.exists() else [sys.executable, "-m", "vzkit.engines.container.cli"]
-)
+RUNTIME = [str(_ENTRY)] if _ENTRY.exists() else [sys.executable, "-m", "vzkit_runtime"]
 BUSY = "while :; do :; done"
 
 if not BUSYBOX.exists():  # pragma: no cover - depends on the host
@@ -78,6 +76,11 @@ def oom_kills(path: str) -> int:
 def memory_limit(path: str) -> int:
     d = cg_dir(path, "memory")
     return int((d / ("memory.max" if V2 else "memory.limit_in_bytes")).read_text())
+
+
+def throttled(path: str) -> int:
+    """How many CFS periods the cgroup was throttled in: the quota at work."""
+    return keyed(cg_dir(path, "cpu") / "cpu.stat").get("nr_throttled", 0)
 
 
 def cpu_quota_us(path: str) -> int:
@@ -244,9 +247,13 @@ def test_cpu_quota_half_a_cpu(rt: Runtime) -> None:
     cid = rt.start(["sh", "-c", f"{BUSY} & {BUSY}"], {"cpu": {"quota": 50_000, "period": 100_000}})
     assert cpu_quota_us(rt.cgroup(cid)) == 50_000
     time.sleep(0.3)  # both loops are up
+    before = throttled(rt.cgroup(cid))
     (used,) = usage_over(rt, [cid], 3.0)
     print(f"cpu quota 0.5: measured {used:.3f} CPUs")
-    assert 0.4 <= used <= 0.6, f"quota 0.5 CPU, used {used:.3f}"
+    # Properties, not a band (a loaded host gives less, never more): the kernel throttled
+    # the loops, and they never got more than the quota (plus one period of slack).
+    assert throttled(rt.cgroup(cid)) > before
+    assert used <= 0.5 + 0.1 / 3.0 + 0.05, f"quota 0.5 CPU, used {used:.3f}"
 
 
 def test_cpu_weights_share_one_core_4_to_1(rt: Runtime) -> None:
@@ -261,7 +268,9 @@ def test_cpu_weights_share_one_core_4_to_1(rt: Runtime) -> None:
     ratio = used_heavy / used_light
     print(f"weights 4:1 on cpu {core}: {used_heavy:.3f} vs {used_light:.3f} CPUs = {ratio:.2f}")
     assert used_heavy + used_light <= 1.1  # they do share one core
-    assert 3.0 <= ratio <= 5.0, f"weights 4:1 gave {ratio:.2f}"
+    # The heavier weight wins clearly (4:1 when the core is otherwise idle; other load on
+    # it blurs the ratio, so only the property is asserted).
+    assert ratio >= 2.0, f"weights 4:1 gave {ratio:.2f}"
 
 
 # ---------------------------------------------------------------------------- update
@@ -276,7 +285,7 @@ def test_update_memory_and_cpu_live(rt: Runtime) -> None:
     assert out.stdout.strip() == "48000000"
     assert oom_kills(path) == 0
     (before,) = usage_over(rt, [cid], 1.0)
-    assert before > 0.7, f"unlimited busy loop used only {before:.3f} CPUs"
+    assert throttled(path) == 0  # no quota yet: never throttled
 
     rt("update", "--memory", str(32 * MiB), "--memory-swap", str(32 * MiB), cid)
     rt("update", "--cpu-quota", "25000", "--cpu-period", "100000", cid)
@@ -288,9 +297,11 @@ def test_update_memory_and_cpu_live(rt: Runtime) -> None:
     assert oom_kills(path) >= 1
     assert memory_limit(path) == 32 * MiB
     time.sleep(0.2)
+    periods = throttled(path)
     (after,) = usage_over(rt, [cid], 1.5)
     print(f"update: busy loop {before:.3f} CPUs before, {after:.3f} after quota 0.25")
-    assert 0.2 <= after <= 0.3, f"quota 0.25 CPU, used {after:.3f}"
+    assert throttled(path) > periods
+    assert after <= 0.25 + 0.1 / 1.5 + 0.05, f"quota 0.25 CPU, used {after:.3f}"
     assert rt.state(cid)["status"] == "running"
 
 

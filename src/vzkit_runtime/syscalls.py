@@ -14,11 +14,7 @@ import ctypes
 import errno as _errno
 import os
 
-from vzkit.errors import EngineError
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing costs ~2 ms to import: mypy only
-    from typing import ClassVar
+from vzkit_runtime.errors import EngineError
 
 # -- namespaces ----------------------------------------------------------------------------
 
@@ -185,7 +181,7 @@ def hint_for_errno(err: int, syscall: str = "") -> str:
 class SyscallError(EngineError):
     """A syscall failed; carries the syscall name, the errno and the path it acted on."""
 
-    code: ClassVar[str] = "syscall_error"
+    code = "syscall_error"
 
     def __init__(self, syscall: str, err: int, path: str | None = None) -> None:
         target = f"({path})" if path is not None else "()"
@@ -443,3 +439,66 @@ def seccomp_filter(program: bytes, flags: int = 0) -> None:
     else:
         raise SyscallError("seccomp", _errno.ENOSYS, "filter")
     _check(ret, "seccomp_load", f"filter of {len(program) // 8} instructions")
+
+
+# -- bpf (<linux/bpf.h>): cgroup device programs ------------------------------------------
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "i686": 357, "i386": 357}
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6
+BPF_F_ALLOW_MULTI = 2
+_BPF_LOG_SIZE = 65536
+
+
+def _bpf(cmd: int, attr: bytes, what: str) -> int:
+    nr = _nr(_SYS_BPF, "bpf", what)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    ret = libc().syscall(ctypes.c_long(nr), ctypes.c_int(cmd), buf, ctypes.c_uint(len(attr)))
+    return _check(ret, "bpf", what)
+
+
+def _u32(v: int) -> bytes:
+    return v.to_bytes(4, "little")
+
+
+def bpf_prog_load(prog_type: int, code: bytes, what: str) -> int:
+    """bpf(BPF_PROG_LOAD) of ``code`` (struct bpf_insn array); the program's fd. If the
+    verifier refuses it, the error carries the verifier's log."""
+    insns = ctypes.create_string_buffer(code, len(code))
+    license = ctypes.create_string_buffer(b"GPL")
+
+    def attr(log: ctypes.Array[ctypes.c_char] | None) -> bytes:
+        # union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level,
+        # log_size, log_buf, kern_version, prog_flags, prog_name[16].
+        return (
+            _u32(prog_type)
+            + _u32(len(code) // 8)
+            + ctypes.addressof(insns).to_bytes(8, "little")
+            + ctypes.addressof(license).to_bytes(8, "little")
+            + _u32(1 if log is not None else 0)
+            + _u32(len(log) if log is not None else 0)
+            + (ctypes.addressof(log) if log is not None else 0).to_bytes(8, "little")
+            + _u32(0)
+            + _u32(0)
+            + b"vz_devices".ljust(16, b"\0")
+        )
+
+    try:
+        return _bpf(BPF_PROG_LOAD, attr(None), what)
+    except SyscallError as exc:
+        if exc.errno != _errno.EINVAL and exc.errno != _errno.EACCES:
+            raise
+        log = ctypes.create_string_buffer(_BPF_LOG_SIZE)
+        try:
+            return _bpf(BPF_PROG_LOAD, attr(log), what)
+        except SyscallError as again:
+            again.message += ": " + log.value.decode(errors="replace").strip()[-500:]
+            raise again from None
+
+
+def bpf_prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int) -> None:
+    """bpf(BPF_PROG_ATTACH): attach program ``prog_fd`` to the cgroup open at ``target_fd``."""
+    attr = _u32(target_fd) + _u32(prog_fd) + _u32(attach_type) + _u32(flags) + _u32(0)
+    _bpf(BPF_PROG_ATTACH, attr, f"attach program to cgroup fd {target_fd}")

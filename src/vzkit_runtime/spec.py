@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from vzkit.engines.container import jsonfast as json
-from vzkit.errors import Conflict, InvalidConfig, NotFound
+from vzkit_runtime import jsonfast as json
+from vzkit_runtime.errors import Conflict, InvalidConfig, NotFound
 
 # typing costs milliseconds to import and vz-runtime's start-up is its main cost: the
 # names below exist for mypy only (mypy treats any TYPE_CHECKING as true).
@@ -252,7 +252,7 @@ def ensure_absent(state_dir: str, container_id: str) -> None:
 
 def default_spec(*, rootless: bool = False) -> Json:
     """The config.json `vz-runtime spec` writes: runc's default, with Docker's caps."""
-    from vzkit.engines.container import seccomp
+    from vzkit_runtime import seccomp
 
     caps = list(DEFAULT_CAPS)
     mounts: list[Json] = [
@@ -343,7 +343,7 @@ def default_spec(*, rootless: bool = False) -> Json:
 
 def features() -> Json:
     """What this runtime supports, per runtime-spec features.md."""
-    from vzkit.engines.container import caps
+    from vzkit_runtime import caps
 
     return {
         "ociVersionMin": OCI_VERSION_MIN,
