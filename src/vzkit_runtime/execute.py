@@ -124,6 +124,8 @@ def exec_process_from(
         "noNewPrivileges": bool(base.get("noNewPrivileges")) or no_new_privs,
         "rlimits": base.get("rlimits") or [],
     }
+    if base.get("oomScoreAdj") is not None:
+        process["oomScoreAdj"] = base["oomScoreAdj"]
     if tty and console_size:
         process["consoleSize"] = {"height": console_size[0], "width": console_size[1]}
     if env:

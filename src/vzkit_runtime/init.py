@@ -156,6 +156,8 @@ def middle(ctx: InitContext) -> NoReturn:
 
     step = _Step()
     try:
+        step.name = "set process.oomScoreAdj"
+        set_oom_score_adj(ctx.process)
         step.name = "load modules"
         preload(ctx)
         step.name = "join cgroup"
@@ -183,12 +185,33 @@ def container_child(ctx: InitContext) -> NoReturn:
 
     step = _Step()
     try:
+        step.name = "set process.oomScoreAdj"
+        set_oom_score_adj(ctx.process)
         step.name = "join cgroup"
         join_cgroup(ctx.procs_files)
         _enter_namespaces(ctx, step, sc, skip=("pid",))
     except BaseException as exc:
         _fail(ctx.pipe, exc, step.name)
     container_init(ctx)
+
+
+def set_oom_score_adj(process: Json) -> None:
+    """process.oomScoreAdj, set while the host's /proc is still in view (the container's
+    process and everything it forks inherit it)."""
+    value = process.get("oomScoreAdj")
+    if value is None:
+        return
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(int(value)).encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise EngineError(
+            f"set process.oomScoreAdj to {value}: {exc.strerror}",
+            hint="lowering an OOM score below the runtime's needs CAP_SYS_RESOURCE",
+        ) from None
 
 
 def join_cgroup(procs_files: list[str]) -> None:
@@ -334,15 +357,15 @@ def container_init(ctx: InitContext) -> NoReturn:
                 in_userns=in_userns,
                 before_pivot=create_container_hooks if hooks.get("createContainer") else None,
             )
-        else:
-            raise InvalidConfig(
-                "the container needs a mount namespace",
-                hint='add {"type": "mount"} to linux.namespaces',
-            )
+        elif hooks.get("createContainer"):
+            create_container_hooks()
+        # Without a mount namespace the container shares the runtime's (runtime-spec):
+        # no rootfs, no pivot_root, nothing of the host's mounted over or unmounted.
         if process.get("terminal"):
             step.name = "set up the terminal"
             slave = _terminal(ctx)
-            mounts.mount_console(slave)
+            if "mount" in ns:
+                mounts.mount_console(slave)
         hostname = spec.get("hostname")
         if hostname:
             step.name = f"set hostname {hostname!r}"

@@ -192,6 +192,11 @@ def create(
     namespaces = oci.namespaces(spec)
     process: Json = spec["process"]
     linux: Json = spec.get("linux") or {}
+    if "mount" not in namespaces:
+        ignored = oci.without_mount_ns_ignored(spec)
+        if ignored:
+            warn(f"no mount namespace: the container shares the runtime's mounts, so "
+                 f"{', '.join(ignored)} do nothing")  # fmt: skip
     if process.get("terminal") and not console_socket:
         raise InvalidConfig(
             "process.terminal is true but no --console-socket was given",

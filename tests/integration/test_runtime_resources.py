@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,10 @@ MiB = 1024 * 1024
 _ENTRY = Path(sys.executable).parent / "vz-runtime"
 RUNTIME = [str(_ENTRY)] if _ENTRY.exists() else [sys.executable, "-m", "vzkit_runtime"]
 BUSY = "while :; do :; done"
+APPLETS = (
+    "sh", "awk", "tail", "sleep", "cat", "echo", "yes", "true", "mknod", "head", "ls", "rm",
+    "wc", "ln", "mkdir", "stat", "readlink", "grep",
+)  # fmt: skip
 
 if not BUSYBOX.exists():  # pragma: no cover - depends on the host
     pytest.skip("needs /bin/busybox (busybox-static)", allow_module_level=True)
@@ -114,30 +118,44 @@ class Runtime(cli_tests.Runtime):
     def cgroup(self, cid: str) -> str:
         return f"{self.parent}/{cid}"
 
-    def bundle(self, cid: str, args: list[str], resources: dict[str, Any] | None = None) -> Path:
-        """A busybox bundle for container ``cid`` with a writable rootfs."""
+    def bundle(
+        self,
+        cid: str,
+        args: list[str],
+        resources: dict[str, Any] | None = None,
+        edit: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Path:
+        """A busybox bundle for container ``cid`` with a writable rootfs; ``edit`` changes
+        its config.json before it is written."""
         self.bundles += 1
         b = self.tmp / f"bundle{self.bundles}"
         rootfs = b / "rootfs"
         for d in ("bin", "proc", "dev", "sys", "tmp", "etc"):
             (rootfs / d).mkdir(parents=True)
         shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-        for applet in ("sh", "awk", "tail", "sleep", "cat", "echo", "yes", "true"):
+        for applet in APPLETS:
             (rootfs / "bin" / applet).symlink_to("busybox")
         self("spec", "--bundle", str(b))
         config = json.loads((b / "config.json").read_text())
         config["process"]["terminal"] = False
         config["process"]["args"] = args
-        config["root"]["readonly"] = False
+        config["root"] = {"path": str(rootfs), "readonly": False}
         config["linux"]["cgroupsPath"] = "/" + self.cgroup(cid)
         config["linux"]["resources"] = resources or {}
+        if edit is not None:
+            edit(config)
         (b / "config.json").write_text(json.dumps(config))
         return b
 
-    def start(self, args: list[str], resources: dict[str, Any] | None = None) -> str:
+    def start(
+        self,
+        args: list[str],
+        resources: dict[str, Any] | None = None,
+        edit: Callable[[dict[str, Any]], None] | None = None,
+    ) -> str:
         """Run a detached container; its id."""
         cid = self.new_id()
-        self("run", "--detach", "--bundle", str(self.bundle(cid, args, resources)), cid)
+        self("run", "--detach", "--bundle", str(self.bundle(cid, args, resources, edit)), cid)
         return cid
 
     def new_id(self) -> str:
@@ -237,6 +255,79 @@ def test_pids_limit_stops_a_fork_bomb(rt: Runtime) -> None:
     assert worst_true < 0.5, f"the host's `true` took {worst_true:.3f} s"
     rt("delete", "--force", cid)
     assert not pids_dir.exists()
+
+
+def _no_pid_namespace(config: dict[str, Any]) -> None:
+    # Without a pid namespace the bomb does not die with the init: only the cgroup holds it.
+    ns = config["linux"]["namespaces"]
+    config["linux"]["namespaces"] = [n for n in ns if n["type"] != "pid"]
+
+
+def cgroup_procs(path: str) -> list[int]:
+    """Every process in the cgroup (child cgroups included), in any hierarchy."""
+    found: set[int] = set()
+    for top in CG.glob(f"*/{path}") if not V2 else [CG / path]:
+        for procs in top.rglob("cgroup.procs"):
+            found.update(int(p) for p in procs.read_text().split())
+    return sorted(found)
+
+
+# A fork bomb that never gives up: a shell's bomb dies out by itself once forks fail (the
+# shell exits). In this one every process forks for ever and reaps its children, so each
+# slot a kill frees is taken again at once.
+BOMB_C = """#include <sys/wait.h>
+#include <unistd.h>
+int main(void) { for (;;) { fork(); while (waitpid(-1, 0, WNOHANG) > 0); } }
+"""
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("bomb")
+    (d / "bomb.c").write_text(BOMB_C)
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(d / "bomb"), str(d / "bomb.c")], check=True)
+    return d / "bomb"
+
+
+def _with_bomb(bomb: Path, pid_namespace: bool) -> Callable[[dict[str, Any]], None]:
+    def edit(config: dict[str, Any]) -> None:
+        shutil.copy2(bomb, Path(config["root"]["path"]) / "bin" / "bomb")
+        if not pid_namespace:
+            _no_pid_namespace(config)
+
+    return edit
+
+
+def _start_bomb(rt: Runtime, bomb: Path, pid_namespace: bool = False) -> str:
+    cid = rt.start(["/bin/bomb"], {"pids": {"limit": 64}}, _with_bomb(bomb, pid_namespace))
+    pids_dir = cg_dir(rt.cgroup(cid), "pids")
+    # At the limit: forks are being refused, the bomb is at full strength.
+    assert wait_for(lambda: keyed(pids_dir / "pids.events").get("max", 0) > 0, 30)
+    return cid
+
+
+@pytest.mark.parametrize("pid_namespace", [False, True], ids=["no-pid-ns", "pid-ns"])
+def test_kill_all_stops_a_fork_bomb(rt: Runtime, bomb: Path, pid_namespace: bool) -> None:
+    """kill --all KILL freezes the cgroup, kills everything, thaws, until it is empty: when
+    it returns nothing is left. Before, it signalled one list of pids, and every slot a
+    kill freed was taken by a new child at once."""
+    cid = _start_bomb(rt, bomb, pid_namespace)
+    path = rt.cgroup(cid)
+    pids_dir = cg_dir(path, "pids")
+    rt("kill", "--all", cid, "KILL", timeout=60)
+    assert cgroup_procs(path) == []
+    # Killed tasks stay counted until whoever adopted them has reaped them.
+    assert wait_for(lambda: int((pids_dir / "pids.current").read_text()) == 0, 30)
+    assert rt.state(cid)["status"] == "stopped"
+    rt("delete", cid)
+    assert not pids_dir.exists()
+
+
+def test_delete_force_stops_a_fork_bomb(rt: Runtime, bomb: Path) -> None:
+    cid = _start_bomb(rt, bomb)
+    rt("delete", "--force", cid, timeout=60)
+    assert not cg_dir(rt.cgroup(cid), "pids").exists()
+    assert cgroup_procs(rt.cgroup(cid)) == []
 
 
 # ---------------------------------------------------------------------------- cpu
