@@ -100,7 +100,7 @@ def write(
             dirfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(
-                f"directory {parent} does not exist in container {container_id!r}",
+                f"directory {parent} does not exist in the container",
                 hint="create it first, or pass --parents",
             ) from None
         try:
@@ -128,8 +128,9 @@ def _die_with(runtime_pid: int) -> None:
 
 
 def _makedirs(parent: str) -> None:
+    """``mkdir -p`` (0755) through symlinks: they resolve in the container's root."""
     current = ""
-    for part in parent.split("/"):
+    for part in os.path.realpath(parent).split("/"):
         if not part:
             continue
         current += "/" + part
@@ -181,7 +182,7 @@ def read(root: str, container_id: str, path: str, *, header: bool) -> None:
         try:
             found = os.open(path, os.O_PATH | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(f"{path} does not exist in container {container_id!r}") from None
+            raise NotFound(f"{path} does not exist in the container") from None
         info = os.fstat(found)
         if not stat.S_ISREG(info.st_mode):
             raise InvalidConfig(f"{path} is not a regular file", hint="give the path of a file")
