@@ -1,7 +1,9 @@
 """``python -m vzkit_runtime``: the same command line as ``vz-runtime``."""
 
-import sys
+import gc
 
-from vzkit_runtime.cli import main
+gc.disable()  # a short-lived process: collections during imports only cost time
 
-sys.exit(main())
+from vzkit_runtime.cli import launch  # noqa: E402
+
+launch()
