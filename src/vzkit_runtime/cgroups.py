@@ -162,10 +162,14 @@ class Cgroup:
         d = self.dirs.get("freezer")
         return d + "/freezer.state" if d else None
 
-    def pids(self) -> list[int]:
-        """Processes in the cgroup and its child cgroups, in any hierarchy."""
+    def pids(self, *, one_hierarchy: bool = False) -> list[int]:
+        """Processes in the cgroup and its child cgroups, in any hierarchy; or, to poll
+        cheaply, in one v1 hierarchy (the freezer's: each holds every process)."""
+        tops = self.leaves()
+        if one_hierarchy and self.version == 1:
+            tops = [self.dirs.get("freezer") or tops[0]]
         found: set[int] = set()
-        for top in self.leaves():
+        for top in tops:
             for d, _, _ in os.walk(top):
                 text = read(d + "/cgroup.procs") or ""
                 found.update(int(x) for x in text.split())
@@ -270,16 +274,19 @@ def freeze(group: Cgroup, frozen: bool, timeout: float = _FREEZE_TIMEOUT_S) -> b
     if not frozen:
         return True
     deadline = time.monotonic() + timeout
-    delay = 0.0005
+    again = time.monotonic() + 0.05
+    delay = 0.0002
     while not is_frozen(target):
         if time.monotonic() > deadline:
             write(control, "THAWED" if group.version == 1 else "0", "the freezer")
             raise EngineError("the container's cgroup did not freeze in time")
         time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-        if group.version == 1:
-            # v1 can stay FREEZING while tasks fork; asking again makes progress.
+        delay = min(delay * 2, 0.002)
+        if group.version == 1 and time.monotonic() > again:
+            # v1 can stay FREEZING when a task forked at the wrong moment; asking again
+            # freezes the newcomers (not at every poll: each request visits every task).
             write(control, value, "the freezer")
+            again = time.monotonic() + 0.05
     return True
 
 
@@ -291,16 +298,18 @@ def is_frozen(freezer_file: str) -> bool:
     return "frozen 1" in text
 
 
-def signal_all(group: Cgroup, sig: int) -> None:
+def signal_all(group: Cgroup, sig: int) -> set[int]:
     """Send ``sig`` to every process of the cgroup with the cgroup frozen, so none can
     fork a new one meanwhile (a fork bomb cannot outrun the kill), then thaw it: frozen
-    tasks act on the signal once thawed. Without a freezer, the signal goes out as is."""
+    tasks act on the signal once thawed. Without a freezer, the signal goes out as is.
+    Returns the pids signalled."""
     try:
         frozen = freeze(group, True)
     except EngineError:
-        frozen = False  # signal anyway; callers that need it empty loop until it is
+        frozen = False  # signal anyway; kill_all loops until the cgroup is empty
     try:
-        for pid in group.pids():
+        pids = group.pids()  # complete: nothing in a frozen cgroup can fork
+        for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -312,22 +321,35 @@ def signal_all(group: Cgroup, sig: int) -> None:
     finally:
         if frozen:
             freeze(group, False)
+    return set(pids)
 
 
 def kill_all(group: Cgroup, timeout: float = _EMPTY_TIMEOUT_S) -> None:
-    """SIGKILL everything in the cgroup until it is empty (EngineError after ``timeout``)."""
+    """SIGKILL everything in the cgroup and wait until it is empty (EngineError after
+    ``timeout``). One frozen round reaches every process: one with SIGKILL pending can no
+    longer fork. Later rounds are for what was not signalled (processes moved in, or a
+    recycled pid, which is why the record is forgotten every half second)."""
     deadline = time.monotonic() + timeout
+    forget = time.monotonic() + 0.5
+    signalled: set[int] = set()
     delay = 0.0005
-    while group.pids():
+    while True:
+        pids = group.pids(one_hierarchy=True) or group.pids()
+        if not pids:
+            return
         if time.monotonic() > deadline:
             raise EngineError(
-                f"processes of the container survived SIGKILL for {timeout:g} s: "
-                f"{group.pids()[:10]}",
+                f"processes of the container survived SIGKILL for {timeout:g} s: {pids[:10]}",
                 hint="a process stuck in the kernel (D state) cannot die; check dmesg",
             )
-        signal_all(group, 9)
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
+        if time.monotonic() > forget:
+            signalled.clear()
+            forget = time.monotonic() + 0.5
+        if not signalled.issuperset(pids):
+            signalled |= signal_all(group, 9)
+            continue
+        time.sleep(delay)  # the killed are exiting
+        delay = min(delay * 2, 0.005)
 
 
 # ---------------------------------------------------------------------------- removal

@@ -64,6 +64,8 @@ def kill(root: str, container_id: str, sig: int, *, all_: bool = False) -> None:
         # Even a stopped container (its init gone) may have processes left in its cgroup.
         group = group_of(st)
         if sig == 9:
+            # Not by killing a pid namespace's init: the kernel then takes seconds to
+            # reap a fork bomb (it waits for each process), the freezer milliseconds.
             cgroups.kill_all(group)
         else:
             cgroups.signal_all(group, sig)
