@@ -169,6 +169,23 @@ def _dropped(sock: socket.socket | None) -> bool:
     return bool(readable)
 
 
+def _send_request(
+    conn: http.client.HTTPConnection,
+    method: str,
+    url: str,
+    body: Body,
+    headers: Mapping[str, str],
+) -> None:
+    try:
+        conn.request(method, url, body=body, headers=headers)
+    except OSError as exc:  # a broken pipe, a reset, a TLS EOF
+        if body is None or conn.sock is None or isinstance(exc, TimeoutError):
+            raise
+        # vzd refuses a body as it comes (too large: 413) and then closes: its answer still
+        # waits to be read, and says more than the broken pipe. If none came, reading the
+        # response fails as the send did.
+
+
 class _KeepAlive:
     """One keep-alive connection per thread, and the rules for reusing it."""
 
@@ -215,7 +232,7 @@ class _KeepAlive:
         for attempt in (0, 1):
             conn, reused = self._connection()
             try:
-                conn.request(method, url, body=body, headers=hdrs)
+                _send_request(conn, method, url, body, hdrs)
                 raw = conn.getresponse()
             except (http.client.HTTPException, BrokenPipeError, ConnectionResetError) as exc:
                 # RemoteDisconnected is both; a garbled answer (BadStatusLine) is lost too.
