@@ -118,7 +118,7 @@ def check(op: str, name: str, state: S) -> None:
 def require(op: str, name: str, state: S, caps: Capabilities, capability: T | None) -> T:
     """Check ``op``, which always needs ``capability`` (of ``caps``); returns it."""
     field = RULES[op].needs
-    assert field is not None and getattr(caps, field) is capability, f"{op} needs {field}"
+    assert field is not None and id(getattr(caps, field)) == id(capability), field
     if capability is None:
         raise caps.refusals[op].error(name)
     check(op, name, state)
@@ -129,7 +129,7 @@ def live(op: str, name: str, state: S, caps: Capabilities, capability: T | None)
     """Check ``op``; the ``capability`` (of ``caps``) to do it while the instance runs, or
     None when it does not run (the change applies at its next start)."""
     field = RULES[op].live
-    assert field is not None and getattr(caps, field) is capability, f"{op} live needs {field}"
+    assert field is not None and id(getattr(caps, field)) == id(capability), field
     check(op, name, state)
     if state not in ACTIVE:
         return None
