@@ -9,6 +9,8 @@ from vzkit.api.instances import ImageInfo
 from vzkit.server.routers.common import API, ERRORS, Images, image_stream
 
 router = APIRouter()
+# Registered after the transfers' routes, as it always was.
+delete_router = APIRouter()
 
 
 @router.get(f"{API}/images", responses=ERRORS)
@@ -31,7 +33,7 @@ async def build_image(name: str, images: Images, force: bool = False) -> Streami
     )
 
 
-@router.delete(f"{API}/images/{{name}}", status_code=204, responses=ERRORS)
+@delete_router.delete(f"{API}/images/{{name}}", status_code=204, responses=ERRORS)
 async def delete_image(name: str, images: Images) -> Response:
     await images.delete(name)
     return Response(status_code=204)

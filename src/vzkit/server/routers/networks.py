@@ -18,6 +18,8 @@ from vzkit.api.networks import (
 from vzkit.server.routers.common import API, ERRORS, Networks
 
 router = APIRouter()
+# An instance's NICs, ports and allow-list, registered after the operations' routes.
+instance_router = APIRouter()
 
 
 @router.get(f"{API}/networks", responses=ERRORS)
@@ -46,38 +48,38 @@ async def delete_network(name: str, networks: Networks) -> Response:
     return Response(status_code=204)
 
 
-@router.post(f"{API}/instances/{{name}}/nics", responses=ERRORS)
+@instance_router.post(f"{API}/instances/{{name}}/nics", responses=ERRORS)
 async def attach_nic(name: str, nic: NicConfig, networks: Networks) -> Instance:
     return await networks.attach_nic(name, nic)
 
 
-@router.delete(f"{API}/instances/{{name}}/nics/{{network}}", responses=ERRORS)
+@instance_router.delete(f"{API}/instances/{{name}}/nics/{{network}}", responses=ERRORS)
 async def detach_nic(name: str, network: str, networks: Networks) -> Instance:
     return await networks.detach_nic(name, network)
 
 
-@router.post(f"{API}/instances/{{name}}/ports", responses=ERRORS)
+@instance_router.post(f"{API}/instances/{{name}}/ports", responses=ERRORS)
 async def add_port(name: str, forward: PortForward, networks: Networks) -> Instance:
     return await networks.add_port(name, forward)
 
 
-@router.delete(f"{API}/instances/{{name}}/ports/{{host_port}}", responses=ERRORS)
+@instance_router.delete(f"{API}/instances/{{name}}/ports/{{host_port}}", responses=ERRORS)
 async def remove_port(
     name: str, host_port: int, networks: Networks, proto: Proto = Proto.TCP
 ) -> Instance:
     return await networks.remove_port(name, host_port, proto)
 
 
-@router.put(f"{API}/instances/{{name}}/firewall", responses=ERRORS)
+@instance_router.put(f"{API}/instances/{{name}}/firewall", responses=ERRORS)
 async def set_firewall(name: str, body: FirewallUpdate, networks: Networks) -> Instance:
     return await networks.set_firewall(name, body.rules)
 
 
-@router.post(f"{API}/instances/{{name}}/firewall/rules", responses=ERRORS)
+@instance_router.post(f"{API}/instances/{{name}}/firewall/rules", responses=ERRORS)
 async def add_firewall_rule(name: str, rule: FirewallRule, networks: Networks) -> Instance:
     return await networks.add_firewall_rule(name, rule)
 
 
-@router.delete(f"{API}/instances/{{name}}/firewall/rules/{{index}}", responses=ERRORS)
+@instance_router.delete(f"{API}/instances/{{name}}/firewall/rules/{{index}}", responses=ERRORS)
 async def remove_firewall_rule(name: str, index: int, networks: Networks) -> Instance:
     return await networks.remove_firewall_rule(name, index)

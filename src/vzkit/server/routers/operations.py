@@ -11,6 +11,7 @@ from vzkit.api.operations import Operation
 from vzkit.server.routers.common import API, ERRORS, Events, Ops
 
 router = APIRouter()
+events_router = APIRouter()
 
 
 @router.get(f"{API}/operations", responses=ERRORS)
@@ -35,7 +36,7 @@ async def cancel_operation(op_id: str, operations: Ops) -> Operation:
     return await operations.cancel(op_id)
 
 
-@router.websocket(f"{API}/events")
+@events_router.websocket(f"{API}/events")
 async def events_ws(ws: WebSocket, events: Events, type: str | None = None) -> None:
     """Lifecycle events as JSON text messages, from now on; ``?type=a,b`` filters."""
     await ws.accept()

@@ -28,6 +28,8 @@ from vzkit.server.remote import caller_of
 from vzkit.server.routers.common import API, ERRORS, Remote, Stats, Svc
 
 router = APIRouter()
+# Registered last, as it always was (the schema lists operations in registration order).
+shutdown_router = APIRouter()
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -100,7 +102,7 @@ async def host_info(svc: Svc, refresh: bool = False) -> dict[str, Any]:
     return info.model_dump(mode="json")
 
 
-@router.post(f"{API}/daemon/shutdown", status_code=202)
+@shutdown_router.post(f"{API}/daemon/shutdown", status_code=202)
 async def shutdown_daemon(request: Request) -> dict[str, str]:
     asyncio.get_running_loop().call_later(0.05, request.app.state.shutdown)
     return {"status": "shutting down"}
