@@ -10,6 +10,9 @@
   those rows are bound by this process's GIL (about 4 ms of parsing per answer); the raw
   rows read the same answers over plain HTTP/1.1 keep-alive connections, which is the API's
   own latency under that load (target: p99 under 50 ms at 20 clients).
+* The daemon's own CPU time per list request (and per `GET /1.0`), read from
+  /proc/PID/stat around the sequential run: unlike the latencies, it does not depend on
+  what else the machine is doing.
 * 20 containers launched concurrently (20 threads, one client each) against the same 20
   launched one after the other: total times and their ratio.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import shutil
 import socket
 import statistics
@@ -86,6 +90,20 @@ def _sdk_lister(socket_path: Path) -> tuple[Callable[[], object], Callable[[], N
     return c.list_instances, c.close
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_cpu(client: Client, call: Callable[[], object], requests: int) -> float:
+    """vzd's CPU seconds per ``call`` (user + system, over ``requests`` calls)."""
+    pid = int(client.server_info()["pid"])
+    before = _cpu_seconds(pid)
+    for _ in range(requests):
+        call()
+    return (_cpu_seconds(pid) - before) / requests
+
+
 def concurrent(socket_path: Path, clients: int, requests: int, *, raw: bool = False) -> float:
     """``clients`` threads list instances at once; prints p50/p99 and throughput, returns p99."""
 
@@ -117,6 +135,12 @@ def latency(client: Client, state_dir: Path, count: int, requests: int) -> None:
     pings = _timed(client.server_info, requests)
     print(f"GET /1.0/instances ({count} instances), {requests} requests: {_percentiles(lists)}")
     print(f"GET /1.0 (floor), {requests} requests: {_percentiles(pings)}")
+    list_cpu = daemon_cpu(client, client.list_instances, requests)
+    ping_cpu = daemon_cpu(client, client.server_info, requests)
+    print(
+        f"vzd CPU per request: list {list_cpu * 1000:.2f} ms, GET /1.0 {ping_cpu * 1000:.2f} ms "
+        f"(list/floor {list_cpu / ping_cpu:.2f}x)"
+    )
     p99 = statistics.quantiles(lists, n=100)[98]
     print(f"p99 target < 50 ms: {'met' if p99 < 0.05 else 'MISSED'}")
     with tempfile.TemporaryDirectory() as tmp:
