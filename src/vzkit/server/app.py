@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vzkit import __version__
 from vzkit.errors import InvalidConfig, VzError
 from vzkit.server.core import Services
+from vzkit.server.limits import RequestLimits
 from vzkit.server.metrics import AuditLog, RequestMetrics
 from vzkit.server.remote import MUTATING, AuthMiddleware, RemoteAccess, caller_of
 from vzkit.server.routers import (
@@ -66,6 +67,8 @@ def create_app(services: Services, shutdown: Callable[[], None], remote: RemoteA
     _handle_errors(app)
     for router in ROUTERS:
         app.include_router(router)
+    # Innermost first: request limits inside the metrics, which count their answers.
+    app.add_middleware(RequestLimits, settings=services.settings, caller=caller_of)
     app.add_middleware(_Measure, requests=requests, audit=audit)
     app.add_middleware(AuthMiddleware, remote=remote, audit=audit)  # outermost: runs first
     return app

@@ -32,6 +32,7 @@ from vzkit.images.store import ImageStore
 from vzkit.server.app import create_app
 from vzkit.server.core import build_services
 from vzkit.server.db import Database
+from vzkit.server.limits import guard_http, server_options
 from vzkit.server.remote import RemoteAccess, tag_unix
 from vzkit.settings import Settings
 
@@ -103,7 +104,7 @@ async def serve(settings: Settings) -> None:
         if server is not None:
             server.should_exit = True
 
-    remote = RemoteAccess(db, settings.state_dir / "pki", settings.listen)
+    remote = RemoteAccess(db, settings.state_dir / "pki", settings.listen, settings)
     app = create_app(services, shutdown, remote)
     config = uvicorn.Config(
         app,
@@ -111,10 +112,10 @@ async def serve(settings: Settings) -> None:
         access_log=False,
         lifespan="off",
         proxy_headers=False,  # the caller is who the kernel says (SO_PEERCRED), not a header
-        ws_max_size=16 * 1024 * 1024,
-        timeout_keep_alive=30,
+        **server_options(),
     )
     tag_unix(config)
+    guard_http(config, settings)
     server = uvicorn.Server(config)
     sock = _bind(settings.socket_path)
     settings.pid_file.write_text(f"{os.getpid()}\n")

@@ -31,6 +31,7 @@ from vzkit.engines.base import ConsoleStream, EngineState, ExecSession, ExitInfo
 from vzkit.errors import Conflict, InvalidConfig, NotFound
 from vzkit.server import lifecycle
 from vzkit.server.events import EventBus
+from vzkit.server.limits import spooled
 from vzkit.server.services.guard import Engines, InstanceGuard
 from vzkit.server.services.images import ImageService, Progress
 from vzkit.server.services.networks import NetworkService
@@ -344,7 +345,9 @@ class InstanceService:
     ) -> None:
         inst = self._running("file", name)
         _check_guest_path(path)
-        await self.engines.of(inst.type).push_file(name, path, data, mode, parents)
+        # Spooled first: an upload cut short (its cap, a full disk) writes nothing in there.
+        async with spooled(data, self.settings.state_dir) as body:
+            await self.engines.of(inst.type).push_file(name, path, body, mode, parents)
 
     async def pull_file(self, name: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
         inst = self._running("file", name)

@@ -233,6 +233,13 @@ async def _tar_in(data: AsyncIterator[bytes], stage: Path) -> None:
             await proc.stdin.drain()
     except (BrokenPipeError, ConnectionResetError):
         pass  # tar gave up: its stderr says why
+    except BaseException:
+        # The upload was cut (a limit, a disconnect): tar must be gone before the caller
+        # removes the staging dir, or it could write into it again.
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
     finally:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             proc.stdin.close()
