@@ -129,10 +129,11 @@ class QemuEngine(ProcessEngine):
         self.cgroups = cgroups
         self._live: dict[str, _Live] = {}
         self.user = _qemu_user(settings.qemu_user, (settings.state_dir, settings.runtime_dir))
-        disks, volumes = QemuDisks(self), QemuVolumes(self)
+        disks, volumes, export = QemuDisks(self), QemuVolumes(self), QemuExport(self)
         common = Capabilities(
             snapshots=disks,
-            export=QemuExport(self),
+            export=export,
+            live_export=export,  # from a frozen disk layer
             disk_layers=disks,
             memory_snapshots=self,
             volume_resize=volumes,
