@@ -41,8 +41,8 @@ class ProcessEngine:
 
     def console_log(self, name: str, uuid: str) -> bytes:
         try:
-            return (self.state_dir(uuid) / "console.log").read_bytes()[-CONSOLE_LOG_MAX:]
-        except FileNotFoundError:
+            return safefs.read_tail(self.state_dir(uuid), "console.log", CONSOLE_LOG_MAX)
+        except OSError:  # missing, or not a file of the instance's own
             return b""
 
     def watch_exit(self, pid: int, handler: Callable[[], Awaitable[None]]) -> None:

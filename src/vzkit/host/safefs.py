@@ -38,6 +38,7 @@ __all__ = [
     "open_file",
     "parent",
     "read_bytes",
+    "read_tail",
     "read_text",
     "rename",
     "replace_bytes",
@@ -209,6 +210,16 @@ def read_bytes(root: Root, rel: str | Path, limit: int) -> bytes:
 
 def read_text(root: Root, rel: str | Path, limit: int = 1 << 20) -> str:
     return read_bytes(root, rel, limit).decode()
+
+
+def read_tail(root: Root, rel: str | Path, limit: int, start: int = 0) -> bytes:
+    """The file's last ``limit`` bytes (none before ``start``): for logs of any size."""
+    fd = open_file(root, rel)
+    try:
+        offset = max(start, os.fstat(fd).st_size - limit)
+        return os.pread(fd, limit, offset)
+    finally:
+        os.close(fd)
 
 
 def replace_bytes(
