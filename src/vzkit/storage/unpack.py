@@ -253,6 +253,8 @@ def _write_data(tf: tarfile.TarFile, m: tarfile.TarInfo, fd: int) -> None:
     src.seek(m.offset_data)  # forward only: the stream is where the header ended
     end = 0
     for offset, length in regions:
+        if length == 0:
+            continue  # the old GNU format pads its map with (0, 0) entries
         if offset < end or length < 0 or offset + length > m.size:
             raise Refused(f"archive member {m.name!r} has a bad sparse map")
         end = offset + length
