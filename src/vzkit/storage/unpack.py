@@ -56,9 +56,10 @@ _SPECIAL = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH
 
 
 class Refused(Exception):
-    def __init__(self, message: str, hint: str = "") -> None:
+    def __init__(self, message: str, hint: str = "", *, too_large: bool = False) -> None:
         super().__init__(message)
         self.hint = hint or "is it a complete file made by vz export?"
+        self.too_large = too_large
 
 
 @dataclass
@@ -107,10 +108,14 @@ class Unpacker:
         if rel == FILES and not m.isdir():
             raise Refused(f"{FILES} is not a directory")
         if m.size > self.max_member or m.size < 0:
-            raise Refused(f"archive member {rel!r} is larger than {self.max_member} bytes")
+            raise Refused(
+                f"archive member {rel!r} is larger than {self.max_member} bytes", too_large=True
+            )
         self.total += m.size if m.isreg() else 0
         if self.total > self.max_total:
-            raise Refused(f"the archive unpacks to more than {self.max_total} bytes")
+            raise Refused(
+                f"the archive unpacks to more than {self.max_total} bytes", too_large=True
+            )
         tree = self.tree(rel)
         if tree is None:
             self.plain(tf, m, rel)
@@ -293,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Unpacker(dest, tuple(args.owned), args.max_member, args.max_total).run(sys.stdin.buffer)
     except Refused as exc:
-        print(json.dumps({"error": str(exc), "hint": exc.hint}), file=sys.stderr)
+        refusal = {"error": str(exc), "hint": exc.hint, "too_large": exc.too_large}
+        print(json.dumps(refusal), file=sys.stderr)
         return 2
     finally:
         os.close(dest)

@@ -40,10 +40,11 @@ from vzkit.api.base import Strict
 from vzkit.api.bounds import NAME_RE, NAME_RULE
 from vzkit.api.instances import ImageInfo, Instance
 from vzkit.engines.base import EngineState, Export
-from vzkit.errors import Conflict, InvalidConfig
+from vzkit.errors import Conflict, InvalidConfig, TooLarge
 from vzkit.host import safefs
 from vzkit.server import lifecycle
 from vzkit.server.events import EventBus
+from vzkit.server.limits import IMPORT
 from vzkit.server.services.guard import Engines, InstanceGuard, InstanceRecord
 from vzkit.server.services.images import ImageService, Progress
 from vzkit.server.services.networks import NetworkService
@@ -322,6 +323,11 @@ async def _unpack(data: AsyncIterator[bytes], stage: Path, cap: int) -> None:
     last = err.splitlines()[-1] if err else ""
     with contextlib.suppress(ValueError):
         refusal = json.loads(last)
+        if refusal.get("too_large"):  # the same answer as a body over the cap
+            raise TooLarge(
+                f"import refused: {refusal['error']}",
+                hint=f"send less; the server's limit is {IMPORT.env}",
+            )
         raise InvalidConfig(f"import refused: {refusal['error']}", hint=refusal.get("hint"))
     raise InvalidConfig(
         f"the archive could not be unpacked: {last[-500:] or f'status {proc.returncode}'}",
