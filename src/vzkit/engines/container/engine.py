@@ -42,6 +42,7 @@ from vzkit.engines.base import (
 from vzkit.engines.common import ProcessEngine
 from vzkit.engines.container.files import WORK_DIRS, ContainerFiles, ContainerState
 from vzkit.errors import AgentError, EngineError, InvalidConfig, NotFound, StateError
+from vzkit.host import safefs
 from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
 from vzkit.images.store import ImageStore
@@ -416,7 +417,7 @@ class ContainerEngine(ProcessEngine):
                     "options": ["rbind", "ro" if v.readonly else "rw", "nosuid", "nodev"],
                 }
             )
-        (sdir / "bundle" / "config.json").write_text(json.dumps(spec, indent=1))
+        safefs.replace_bytes(sdir, "bundle/config.json", json.dumps(spec, indent=1).encode())
 
     def _mount_rootfs(self, sdir: Path, lower: str) -> None:
         target = sdir / "rootfs"
@@ -452,7 +453,8 @@ class ContainerEngine(ProcessEngine):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         try:
-            with open(log_path, "ab") as console:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            with os.fdopen(safefs.open_file(sdir, log_path.name, flags), "ab") as console:
                 # The init inherits these as its stdio, so no pipe may be among them (it
                 # would never reach EOF); the runtime's own errors go to its --log file.
                 proc = await asyncio.create_subprocess_exec(
@@ -475,12 +477,12 @@ class ContainerEngine(ProcessEngine):
             if proc.returncode != 0:
                 why = ""
                 with contextlib.suppress(OSError):
-                    why = error_log.read_text().strip()[-2000:]
+                    why = safefs.read_tail(sdir, error_log.name, 2000).decode(errors="replace")
                 raise EngineError(
                     f"creating container {inst.name!r} failed: {why or 'see ' + str(log_path)}"
                 )
             await self._runtime("start", uuid)
-            pid = int(pid_file.read_text())
+            pid = int(safefs.read_text(sdir, pid_file.name, 64))
             live = _Live(inst.name, uuid, pid)
             self._live[inst.name] = live
             self._watch(live)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from vzkit.api.instances import ImageInfo, Instance
 from vzkit.engines.base import Captured, EngineState
 from vzkit.engines.common import ProcessEngine, check_archive_disks, link_tree, stage_snapshots
 from vzkit.errors import EngineError, ImageError, ResourceExhausted
+from vzkit.host import safefs
 from vzkit.images.rootfs import container_rootfs
 
 # The directories of a container's instance directory besides its upper layer.
@@ -42,7 +44,7 @@ class ContainerFiles:
     async def capture(self, inst: Instance, uuid: str, state: EngineState, dest: Path) -> Captured:
         """Copy the upper layer (a running container must be paused: a consistent copy)."""
         await copy_tree(self._dir(uuid) / "upper", dest / "upper")
-        return Captured(state, size=_tree_size(dest / "upper"))
+        return Captured(state, size=safefs.tree_size(dest / "upper", allocated=True))
 
     async def restore(
         self, inst: Instance, uuid: str, state: EngineState, snapshot: Path, layer: str | None
@@ -76,13 +78,13 @@ class ContainerFiles:
         self, inst: Instance, uuid: str, state: EngineState, layers: list[str], dest: Path
     ) -> dict[str, str]:
         sdir = self._dir(uuid)
-        if (sdir / "upper").is_dir():
+        if safefs.exists(sdir, "upper", stat.S_IFDIR):
             link_tree(sdir / "upper", dest / "upper")
         stage_snapshots(sdir, dest)
         return {}  # the lower directory is this host's: the importer finds its own
 
     def check_archive(self, files: Path, header: Mapping[str, object]) -> None:
-        check_archive_disks(files, header)
+        check_archive_disks(files, header, _layout)
 
     async def adopt(
         self,
@@ -106,8 +108,9 @@ class ContainerFiles:
         return ContainerState(lower=str(lower))
 
 
-def _tree_size(path: Path) -> int:
-    return sum(p.lstat().st_blocks * 512 for p in path.rglob("*"))
+def _layout(name: str, kind: int) -> bool:
+    """A container's archived files: its upper layer and the snapshots' directory."""
+    return kind == stat.S_IFDIR and name in ("upper", "snapshots")
 
 
 async def copy_tree(src: Path, dst: Path) -> None:
