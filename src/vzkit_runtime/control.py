@@ -7,8 +7,7 @@ cannot outrun the kill: a frozen task cannot fork, and it dies once thawed.
 
 from __future__ import annotations
 
-import os
-
+from vzkit_runtime import _os as os
 from vzkit_runtime import cgroups
 from vzkit_runtime import jsonfast as json
 from vzkit_runtime.errors import EngineError, InvalidConfig, NotFound, StateError

@@ -23,8 +23,7 @@ returns to the caller: every path ends in execve or os._exit.
 
 from __future__ import annotations
 
-import os
-
+from vzkit_runtime import _os as os
 from vzkit_runtime import jsonfast as json
 from vzkit_runtime.errors import EngineError, InvalidConfig, VzRuntimeError
 from vzkit_runtime.spec import DEFAULT_PATH

@@ -29,10 +29,10 @@ Imports stdlib + ctypes only: this runs in ``vz-runtime``'s container init.
 
 from __future__ import annotations
 
+import _stat as stat
 import errno
-import os
-import stat
 
+from vzkit_runtime import _os as os
 from vzkit_runtime import syscalls as sc
 from vzkit_runtime.errors import InvalidConfig
 from vzkit_runtime.syscalls import SyscallError

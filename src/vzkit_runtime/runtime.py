@@ -5,9 +5,9 @@ raises the runtime's errors, never prints or exits.
 
 from __future__ import annotations
 
-import os
 import time
 
+from vzkit_runtime import _os as os
 from vzkit_runtime import jsonfast as json
 from vzkit_runtime import spec as oci
 from vzkit_runtime.errors import Conflict, EngineError, HostUnsupported, InvalidConfig, StateError

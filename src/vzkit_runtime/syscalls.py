@@ -11,8 +11,8 @@ reads like ``mount(proc on /proc): Operation not permitted``.
 from __future__ import annotations
 
 import errno as _errno
-import os
 
+from vzkit_runtime import _os as os
 from vzkit_runtime import ffi
 from vzkit_runtime.errors import EngineError
 
