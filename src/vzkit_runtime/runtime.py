@@ -514,22 +514,29 @@ def _start(st: State, hooks: Json, warn: Warn) -> None:
 
 
 def _await_init(fd: int, st: State) -> None:
-    """Read the init's byte from the fifo: it opened the write side and is about to exec."""
+    """Read the init's byte from the fifo: it opened the write side and is about to exec.
+
+    select() wakes us when the byte arrives (a fifo nobody has opened for writing yet
+    does not count as readable), so there is no polling; the timeout is only for
+    noticing an init that died before it opened its end."""
+    import select
+
     deadline = time.monotonic() + _START_TIMEOUT_S
     while True:
-        try:
-            if os.read(fd, 1):
+        data = None
+        if select.select([fd], [], [], 0.05)[0]:
+            try:
+                data = os.read(fd, 1)
+            except BlockingIOError:
+                pass
+            if data:
                 return
-            # No writer yet (it is just waking up), or the init died.
-            if not alive(st.pid, int(st.data.get("startTime", -1))):
-                raise EngineError(f"container {st.id!r} init exited before it could start")
-            time.sleep(0.0001)
-        except BlockingIOError:
-            import select
-
-            select.select([fd], [], [], 0.1)
+        if not alive(st.pid, int(st.data.get("startTime", -1))):
+            raise EngineError(f"container {st.id!r} init exited before it could start")
         if time.monotonic() > deadline:
             raise EngineError(f"container {st.id!r} init did not answer start in time")
+        if data == b"":
+            time.sleep(0.001)  # a writer came and went without a word: not the init
 
 
 def stored_hooks(st: State) -> Json:
