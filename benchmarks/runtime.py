@@ -90,6 +90,71 @@ def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, stdin=subprocess.DEVNULL)
 
 
+def _four(base: list[str], bundle: str) -> Callable[[str], None]:
+    def run(cid: str) -> None:
+        sh(*base, "create", "--bundle", bundle, cid)
+        sh(*base, "start", cid)
+        # The init is not our child: wait as an engine would, by polling the state.
+        while (
+            '"stopped"'
+            not in subprocess.run(
+                [*base, "state", cid], capture_output=True, text=True, check=True
+            ).stdout
+        ):
+            time.sleep(0.0005)
+        sh(*base, "delete", cid)
+
+    return run
+
+
+def _run(base: list[str], bundle: str) -> Callable[[str], None]:
+    return lambda cid: sh(*base, "run", "--bundle", bundle, cid)
+
+
+def _commands(work: Path, b: str, b_userns: str) -> dict[str, Callable[[str], None]]:
+    vz = [VZ_RUNTIME, "--root", str(work / "vz")]
+    fns: dict[str, Callable[[str], None]] = {
+        "vz-runtime run": _run(vz, b),
+        "vz-runtime run, user namespace": _run(vz, b_userns),
+        "vz-runtime create+start+state+delete": _four(vz, b),
+    }
+    runc = shutil.which("runc")
+    if runc:
+        runc_cmd = [runc, "--root", str(work / "runc")]
+        fns["runc run"] = _run(runc_cmd, b)
+        fns["runc run, user namespace"] = _run(runc_cmd, b_userns)
+        fns["runc create+start+state+delete"] = _four(runc_cmd, b)
+    crun = shutil.which("crun")
+    if crun:
+        script = f"umount /sys/fs/cgroup/unified; exec {crun} --root {work / 'crun'} run"
+        fns["crun run"] = lambda cid: sh(
+            "unshare", "-m", "sh", "-c", f"{script} --bundle {b} {cid}"
+        )
+    return fns
+
+
+def _report(results: dict[str, float], runs: int) -> None:
+    base_runc = results.get("runc run")
+    base_crun = results.get("crun run")
+    print(f"create+start+wait+delete of /bin/true, median of {runs}")
+    for name, t in results.items():
+        ratios = []
+        if base_runc:
+            ratios.append(f"{t / base_runc:.2f}x runc")
+        if base_crun:
+            ratios.append(f"{t / base_crun:.2f}x crun")
+        print(f"  {name:<40} {t * 1000:7.1f} ms   {'  '.join(ratios)}")
+    four_runc = results.get("runc create+start+state+delete")
+    if four_runc:
+        four_vz = results["vz-runtime create+start+state+delete"]
+        print(f"  four commands, like for like: {four_vz / four_runc:.2f}x runc")
+    userns_runc = results.get("runc run, user namespace")
+    if userns_runc:
+        vz_userns = results["vz-runtime run, user namespace"]
+        print(f"  user namespace, like for like: {vz_userns / userns_runc:.2f}x runc")
+    print("targets: vz-runtime run <= 1.0x runc and <= 2.0x crun")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", "--runs", type=int, default=20)
@@ -102,68 +167,9 @@ def main() -> None:
     # empty: rmdir refuses a cgroup something else still uses).
     parents_before = set(Path("/sys/fs/cgroup").glob("*/vz-runtime"))
     try:
-        bundle = make_bundle(work)
-        b = str(bundle)
+        b = str(make_bundle(work))
         b_userns = str(make_bundle(work, "bundle-userns", userns=True))
-        vz_root = str(work / "vz")
-
-        def four(base: list[str]) -> Callable[[str], None]:
-            def run(cid: str) -> None:
-                sh(*base, "create", "--bundle", b, cid)
-                sh(*base, "start", cid)
-                # The init is not our child: wait as an engine would, by polling the state.
-                while (
-                    '"stopped"'
-                    not in subprocess.run(
-                        [*base, "state", cid], capture_output=True, text=True, check=True
-                    ).stdout
-                ):
-                    time.sleep(0.0005)
-                sh(*base, "delete", cid)
-
-            return run
-
-        def run(base: list[str], bundle: str) -> Callable[[str], None]:
-            return lambda cid: sh(*base, "run", "--bundle", bundle, cid)
-
-        vz = [VZ_RUNTIME, "--root", vz_root]
-        fns: dict[str, Callable[[str], None]] = {
-            "vz-runtime run": run(vz, b),
-            "vz-runtime run, user namespace": run(vz, b_userns),
-            "vz-runtime create+start+state+delete": four(vz),
-        }
-        runc = shutil.which("runc")
-        if runc:
-            runc_cmd = [runc, "--root", str(work / "runc")]
-            fns["runc run"] = run(runc_cmd, b)
-            fns["runc run, user namespace"] = run(runc_cmd, b_userns)
-            fns["runc create+start+state+delete"] = four(runc_cmd)
-        crun = shutil.which("crun")
-        if crun:
-            script = f"umount /sys/fs/cgroup/unified; exec {crun} --root {work / 'crun'} run"
-            fns["crun run"] = lambda cid: sh(
-                "unshare", "-m", "sh", "-c", f"{script} --bundle {b} {cid}"
-            )
-        results = timed(fns, args.runs)
-        base_runc = results.get("runc run")
-        base_crun = results.get("crun run")
-        print(f"create+start+wait+delete of /bin/true, median of {args.runs}")
-        for name, t in results.items():
-            ratios = []
-            if base_runc:
-                ratios.append(f"{t / base_runc:.2f}x runc")
-            if base_crun:
-                ratios.append(f"{t / base_crun:.2f}x crun")
-            print(f"  {name:<40} {t * 1000:7.1f} ms   {'  '.join(ratios)}")
-        four_vz = results["vz-runtime create+start+state+delete"]
-        four_runc = results.get("runc create+start+state+delete")
-        if four_runc:
-            print(f"  four commands, like for like: {four_vz / four_runc:.2f}x runc")
-        userns_runc = results.get("runc run, user namespace")
-        if userns_runc:
-            vz_userns = results["vz-runtime run, user namespace"]
-            print(f"  user namespace, like for like: {vz_userns / userns_runc:.2f}x runc")
-        print("targets: vz-runtime run <= 1.0x runc and <= 2.0x crun")
+        _report(timed(_commands(work, b, b_userns), args.runs), args.runs)
     finally:
         for rt_root in (work / "vz", work / "runc", work / "crun"):
             if rt_root.is_dir():
