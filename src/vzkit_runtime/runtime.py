@@ -1,6 +1,6 @@
-"""The OCI lifecycle's core: create, start and run (create + start + wait + delete).
-kill, delete, pause, update and ps are in control.py, exec in execute.py. Library code:
-raises the runtime's errors, never prints or exits.
+"""The OCI lifecycle's core: create, start, run (create + start + wait + delete) and the
+removal of what create made. kill, delete, pause, update and ps are in control.py, exec in
+execute.py. Library code: raises the runtime's errors, never prints or exits.
 """
 
 from __future__ import annotations
@@ -598,7 +598,6 @@ def run(
     warn: Warn = noop,
 ) -> int:
     """create + start + wait + delete in one process; returns the process' exit code."""
-    from vzkit_runtime import control
     from vzkit_runtime import syscalls as sc
 
     if not detach:
@@ -619,7 +618,7 @@ def run(
     try:
         _start(st, hooks, warn)
     except BaseException:
-        control.delete(root, container_id, force=True, warn=warn)
+        remove(st, st.status(), hooks, warn)
         raise
     if detach:
         return 0
@@ -628,5 +627,36 @@ def run(
     finally:
         if not keep:
             # Stopped once wait_child has reaped the init; anything else if interrupted.
-            control.remove(st, st.status(), hooks, warn)
+            remove(st, st.status(), hooks, warn)
     return code
+
+
+def remove(st: State, status: str, hooks: Json, warn: Warn) -> None:
+    """Kill what still runs, remove the cgroup and the state, run the poststop hooks."""
+    from vzkit_runtime import cgroups
+
+    state_json = json.dumps(st.oci("stopped")).encode() if hooks.get("poststop") else b""
+    group = cgroups.Cgroup.from_record(st.data)
+    if status != "stopped" and st.pid:
+        if group is not None:
+            # Frozen while signalled (a paused container included), then thawed to die.
+            cgroups.kill_all(group)
+        kill_and_reap(st.pid)
+    elif st.pid:
+        # Under run, the init is our child: reap it so no zombie outlives us.
+        try:
+            os.waitpid(st.pid, os.WNOHANG)
+        except (ChildProcessError, OSError):
+            pass
+    # rmdir alone on the fast path; processes the init left (the kernel kills them with
+    # it, but they may still be exiting) or child cgroups need the full removal.
+    if group is not None and not cgroups.remove(group):
+        cgroups.destroy(group)
+    remove_tree(st.cdir)
+    for hook in hooks.get("poststop") or []:
+        from vzkit_runtime.hooks import run_hooks
+
+        try:
+            run_hooks("poststop", [hook], state_json)
+        except EngineError as exc:
+            warn(exc.message)
