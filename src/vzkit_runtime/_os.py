@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # typing is slow to import; see spec.py
 
 
 sep = "/"
-_MAX_LINKS = 40
+_MAX_LINKS = 255
+_ELOOP = 40
 
 
 def fsencode(name: str | bytes | PathLike[str]) -> bytes:
@@ -93,33 +94,52 @@ def relpath(p: str | PathLike[str], start: str | PathLike[str]) -> str:
     return "/".join([".."] * (len(base) - common) + target[common:]) or "."
 
 
-def realpath(p: str | PathLike[str]) -> str:
-    """Symlinks resolved component by component; what does not exist is kept as written
-    (as posixpath.realpath does without strict); a link loop ends the resolution."""
-    pending = abspath(p).split("/")[::-1]
-    resolved = ""
+def resolve(root: str, name: str, *, strict: bool = False) -> str:
+    """``name`` as a process whose root is ``root`` sees it, as a path under ``root``:
+    symlinks followed with ``root`` as ``/`` (absolute targets restart there, ``..``
+    never climbs above it); what does not exist is kept as written. ``strict``: a link
+    loop (over 255 links) or a file used as a directory raises OSError; else the rest of
+    the path is kept as written from there, as posixpath.realpath does."""
+    prefix = "" if root == "/" else root
+    pending = name.split("/")[::-1]
+    parts: list[str] = []
     links = 0
     while pending:
-        name = pending.pop()
-        if name in ("", "."):
+        part = pending.pop()
+        if part in ("", "."):
             continue
-        if name == "..":
-            resolved = resolved[: resolved.rfind("/")]
+        if part == "..":
+            if parts:
+                parts.pop()
             continue
-        candidate = resolved + "/" + name
+        full = prefix + "/" + "/".join([*parts, part])
         try:
-            is_link = _stat.S_ISLNK(lstat(candidate).st_mode)
-        except OSError:
+            is_link = _stat.S_ISLNK(lstat(full).st_mode)
+        except FileNotFoundError:
             is_link = False
-        if not is_link or links >= _MAX_LINKS:
-            resolved = candidate
+        except NotADirectoryError:
+            if strict:
+                raise
+            is_link = False
+        if is_link and links >= _MAX_LINKS:
+            if strict:
+                raise OSError(_ELOOP, "too many levels of symbolic links", name)
+            is_link = False
+        if not is_link:
+            parts.append(part)
             continue
         links += 1
-        target = readlink(candidate)
+        target = readlink(full)
         if target.startswith("/"):
-            resolved = ""
+            parts.clear()
         pending.extend(target.split("/")[::-1])
-    return resolved or "/"
+    return prefix + "/" + "/".join(parts) if parts else root
+
+
+def realpath(p: str | PathLike[str]) -> str:
+    name = fspath(p)
+    # Not abspath: ".." must apply to what a link resolved to, not be folded lexically.
+    return resolve("/", name if name.startswith("/") else getcwd() + "/" + name)
 
 
 def _mode(p: str | PathLike[str], follow: bool = True) -> int | None:

@@ -42,7 +42,10 @@ def test_realpath_and_predicates(tmp_path: Path) -> None:
     (tmp_path / "up").symlink_to("../" * 20 + str(tmp_path).lstrip("/"))
     (tmp_path / "loop").symlink_to("loop")
     (tmp_path / "dangling").symlink_to("nowhere/x")
-    for name in ("abs", "rel", "up", "abs/e/../e", "rel/e", "missing/x", "dangling", "loop", "f"):
+    (tmp_path / "deep").symlink_to("d/e")
+    names = ("abs", "rel", "up", "abs/e/../e", "rel/e", "missing/x", "dangling", "loop", "f",
+             "deep/..", "deep/../e", "f/x")  # fmt: skip
+    for name in names:
         p = str(tmp_path / name)
         assert _os.path.realpath(p) == os.path.realpath(p), name
         assert _os.path.exists(p) == os.path.exists(p), name
@@ -51,6 +54,20 @@ def test_realpath_and_predicates(tmp_path: Path) -> None:
         assert _os.path.isfile(p) == os.path.isfile(p), name
         assert _os.path.islink(p) == os.path.islink(p), name
     assert _os.path.getsize(str(tmp_path / "f")) == 1
+
+
+def test_resolve_stays_in_its_root(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "abs").symlink_to("/etc")
+    (tmp_path / "up").symlink_to("../../../../etc")
+    (tmp_path / "loop").symlink_to("loop")
+    root = str(tmp_path)
+    for name in ("/abs/passwd", "up/passwd", "/../../etc/passwd"):
+        assert _os.resolve(root, name) == f"{root}/etc/passwd"
+    with pytest.raises(OSError, match="too many levels"):
+        _os.resolve(root, "/loop", strict=True)
+    assert _os.resolve(root, "/loop") == f"{root}/loop"
+    assert _os.resolve("/", "/") == "/"
 
 
 def test_makedirs_and_walk(tmp_path: Path) -> None:
