@@ -3,7 +3,7 @@ Debian guest by test_runtime_cgroup2_vm.py, which pushes vz-runtime and a busybo
 there. Prints one JSON object of what it found; the test asserts on it.
 
 Only the guest's python3-minimal, vzkit_runtime and the few stdlib extension modules the
-test pushes with it (the guest lacks _json, _ctypes, resource and ctypes): no pytest here.
+test pushes with it (the guest lacks _json, _ctypes and ctypes): no pytest here.
 Usage: python3 -I -S cgroup2_guest.py DIR (DIR holds vzkit_runtime/, lib/, bundle/rootfs).
 """
 

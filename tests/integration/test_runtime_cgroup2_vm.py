@@ -5,8 +5,8 @@ pushes vzkit_runtime (standard library only: it needs nothing installed) and a b
 bundle into it with the SDK's file push, and runs cgroup2_guest.py there: limits written
 to the v2 files, the BPF device program, freeze/thaw and the freeze-kill of a fork bomb.
 
-The guest has python3-minimal, which lacks four standard modules the runtime uses: the
-extension modules _json, _ctypes and resource, and the ctypes package (for libseccomp).
+The guest has python3-minimal, which lacks three standard modules the runtime uses: the
+extension modules _json and _ctypes, and the ctypes package (for libseccomp).
 They are pushed too, from the host's own Debian python3 of the same version (both are
 bookworm's 3.11): the test checks the versions match and says so if they do not.
 """
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 HOST_PYTHON = Path("/usr/bin/python3")
 STDLIB = Path("/usr/lib/python3.11")
-EXTENSIONS = ("_json", "_ctypes", "resource")
+EXTENSIONS = ("_json", "_ctypes")
 GUEST = "/opt/vzrt"
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "cat", "head", "wc", "mknod", "grep", "sleep", "true", "echo", "rm")
