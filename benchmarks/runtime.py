@@ -1,10 +1,14 @@
 """vz-runtime against runc and crun: create+start+wait+delete of /bin/true, whole processes.
 
-Measured from one busybox bundle, each runtime with its own --root, median of N runs:
+Measured from busybox bundles made by ``vz-runtime spec`` (its default config: namespaces,
+seccomp, masked paths, and the default device rules, which vz-runtime applies: deny all
+but null, zero, full, random, urandom, tty, console, ptmx and pts), each runtime with its
+own --root, median of N runs:
 
 - vz-runtime run                     (one process: the fast path)
 - vz-runtime create/start/(wait)/delete   (four processes, as a container engine drives it)
-- runc run
+- vz-runtime run, user namespace     (uid/gid maps: the user-namespace path)
+- runc run, and runc run with the same user-namespace bundle
 - crun run, inside ``unshare -m`` with /sys/fs/cgroup/unified unmounted: crun refuses the
   hybrid cgroup layout of this host otherwise (the unshare+umount cost is included, so
   crun's number is a little pessimistic).
@@ -27,12 +31,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 VZ_RUNTIME = shutil.which("vz-runtime", path=str(Path(sys.executable).parent)) or "vz-runtime"
 
 
-def make_bundle(root: Path) -> Path:
-    bundle = root / "bundle"
+def make_bundle(root: Path, name: str = "bundle", userns: bool = False) -> Path:
+    bundle = root / name
     rootfs = bundle / "rootfs"
     for d in ("bin", "proc", "dev", "sys", "tmp", "etc"):
         (rootfs / d).mkdir(parents=True)
@@ -43,25 +48,111 @@ def make_bundle(root: Path) -> Path:
     config = json.loads((bundle / "config.json").read_text())
     config["process"]["terminal"] = False
     config["process"]["args"] = ["/bin/true"]
+    if userns:
+        _user_namespace(config)
     (bundle / "config.json").write_text(json.dumps(config, indent=2))
     return bundle
 
 
-def timed(fn: Callable[[str], None], runs: int, warmup: int = 3) -> float:
-    """Median seconds of ``fn(container_id)``."""
-    times: list[float] = []
+def _user_namespace(config: dict[str, Any]) -> None:
+    """Root of the container mapped to host uid/gid 100000 (65536 ids)."""
+    linux = config["linux"]
+    linux["namespaces"].append({"type": "user"})
+    for key in ("uidMappings", "gidMappings"):
+        linux[key] = [{"containerID": 0, "hostID": 100_000, "size": 65_536}]
+    # As runc's rootless spec: the host's /sys bound, no cgroupfs, no gid=5 devpts.
+    for m in config["mounts"]:
+        if m["destination"] == "/sys":
+            m.update(type="none", source="/sys", options=["rbind", "nosuid", "noexec", "ro"])
+        if m["destination"] == "/dev/pts":
+            m["options"] = [o for o in m["options"] if o != "gid=5"]
+    config["mounts"] = [m for m in config["mounts"] if m["destination"] != "/sys/fs/cgroup"]
+
+
+def timed(fns: dict[str, Callable[[str], None]], runs: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of each ``fn(container_id)``. The runtimes take turns, one run each
+    per round (in reverse order every other round), so that a load that comes and goes on
+    a shared machine falls on all of them alike instead of on whichever ran then."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + runs):
-        cid = f"bench-{os.getpid()}-{i}"
-        start = time.perf_counter()
-        fn(cid)
-        elapsed = time.perf_counter() - start
-        if i >= warmup:
-            times.append(elapsed)
-    return statistics.median(times)
+        order = list(fns.items())
+        for k, (name, fn) in enumerate(order if i % 2 else order[::-1]):
+            cid = f"bench-{os.getpid()}-{i}-{k if i % 2 else len(order) - 1 - k}"
+            start = time.perf_counter()
+            fn(cid)
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, stdin=subprocess.DEVNULL)
+
+
+def _four(base: list[str], bundle: str) -> Callable[[str], None]:
+    def run(cid: str) -> None:
+        sh(*base, "create", "--bundle", bundle, cid)
+        sh(*base, "start", cid)
+        # The init is not our child: wait as an engine would, by polling the state.
+        while (
+            '"stopped"'
+            not in subprocess.run(
+                [*base, "state", cid], capture_output=True, text=True, check=True
+            ).stdout
+        ):
+            time.sleep(0.0005)
+        sh(*base, "delete", cid)
+
+    return run
+
+
+def _run(base: list[str], bundle: str) -> Callable[[str], None]:
+    return lambda cid: sh(*base, "run", "--bundle", bundle, cid)
+
+
+def _commands(work: Path, b: str, b_userns: str) -> dict[str, Callable[[str], None]]:
+    vz = [VZ_RUNTIME, "--root", str(work / "vz")]
+    fns: dict[str, Callable[[str], None]] = {
+        "vz-runtime run": _run(vz, b),
+        "vz-runtime run, user namespace": _run(vz, b_userns),
+        "vz-runtime create+start+state+delete": _four(vz, b),
+    }
+    runc = shutil.which("runc")
+    if runc:
+        runc_cmd = [runc, "--root", str(work / "runc")]
+        fns["runc run"] = _run(runc_cmd, b)
+        fns["runc run, user namespace"] = _run(runc_cmd, b_userns)
+        fns["runc create+start+state+delete"] = _four(runc_cmd, b)
+    crun = shutil.which("crun")
+    if crun:
+        script = f"umount /sys/fs/cgroup/unified; exec {crun} --root {work / 'crun'} run"
+        fns["crun run"] = lambda cid: sh(
+            "unshare", "-m", "sh", "-c", f"{script} --bundle {b} {cid}"
+        )
+    return fns
+
+
+def _report(results: dict[str, float], runs: int) -> None:
+    base_runc = results.get("runc run")
+    base_crun = results.get("crun run")
+    print(f"create+start+wait+delete of /bin/true, median of {runs}")
+    for name, t in results.items():
+        ratios = []
+        if base_runc:
+            ratios.append(f"{t / base_runc:.2f}x runc")
+        if base_crun:
+            ratios.append(f"{t / base_crun:.2f}x crun")
+        print(f"  {name:<40} {t * 1000:7.1f} ms   {'  '.join(ratios)}")
+    four_runc = results.get("runc create+start+state+delete")
+    if four_runc:
+        four_vz = results["vz-runtime create+start+state+delete"]
+        print(f"  four commands, like for like: {four_vz / four_runc:.2f}x runc")
+    userns_runc = results.get("runc run, user namespace")
+    if userns_runc:
+        vz_userns = results["vz-runtime run, user namespace"]
+        print(f"  user namespace, like for like: {vz_userns / userns_runc:.2f}x runc")
+    print("targets: vz-runtime run <= 1.0x runc and <= 2.0x crun")
 
 
 def main() -> None:
@@ -71,70 +162,14 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("benchmarks/runtime.py needs root")
     work = Path(tempfile.mkdtemp(prefix="vz-runtime-bench-"))
+    work.chmod(0o755)  # the user namespace's root (host uid 100000) must reach its rootfs
     # vz-runtime's default cgroup parent: removed after if this run made it (and it is
     # empty: rmdir refuses a cgroup something else still uses).
     parents_before = set(Path("/sys/fs/cgroup").glob("*/vz-runtime"))
     try:
-        bundle = make_bundle(work)
-        b = str(bundle)
-        vz_root = str(work / "vz")
-        results: dict[str, float] = {}
-
-        def vz_run(cid: str) -> None:
-            sh(VZ_RUNTIME, "--root", vz_root, "run", "--bundle", b, cid)
-
-        def four(base: list[str]) -> Callable[[str], None]:
-            def run(cid: str) -> None:
-                sh(*base, "create", "--bundle", b, cid)
-                sh(*base, "start", cid)
-                # The init is not our child: wait as an engine would, by polling the state.
-                while (
-                    '"stopped"'
-                    not in subprocess.run(
-                        [*base, "state", cid], capture_output=True, text=True, check=True
-                    ).stdout
-                ):
-                    time.sleep(0.0005)
-                sh(*base, "delete", cid)
-
-            return run
-
-        results["vz-runtime run"] = timed(vz_run, args.runs)
-        results["vz-runtime create+start+state+delete"] = timed(
-            four([VZ_RUNTIME, "--root", vz_root]), args.runs
-        )
-        runc = shutil.which("runc")
-        if runc:
-            runc_root = str(work / "runc")
-            results["runc run"] = timed(
-                lambda cid: sh(runc, "--root", runc_root, "run", "--bundle", b, cid), args.runs
-            )
-            results["runc create+start+state+delete"] = timed(
-                four([runc, "--root", runc_root]), args.runs
-            )
-        crun = shutil.which("crun")
-        if crun:
-            crun_root = str(work / "crun")
-            script = f"umount /sys/fs/cgroup/unified; exec {crun} --root {crun_root} run"
-            results["crun run"] = timed(
-                lambda cid: sh("unshare", "-m", "sh", "-c", f"{script} --bundle {b} {cid}"),
-                args.runs,
-            )
-        base_runc = results.get("runc run")
-        base_crun = results.get("crun run")
-        print(f"create+start+wait+delete of /bin/true, median of {args.runs}")
-        for name, t in results.items():
-            ratios = []
-            if base_runc:
-                ratios.append(f"{t / base_runc:.2f}x runc")
-            if base_crun:
-                ratios.append(f"{t / base_crun:.2f}x crun")
-            print(f"  {name:<40} {t * 1000:7.1f} ms   {'  '.join(ratios)}")
-        four_vz = results["vz-runtime create+start+state+delete"]
-        four_runc = results.get("runc create+start+state+delete")
-        if four_runc:
-            print(f"  four commands, like for like: {four_vz / four_runc:.2f}x runc")
-        print("targets: vz-runtime run <= 1.0x runc and <= 2.0x crun")
+        b = str(make_bundle(work))
+        b_userns = str(make_bundle(work, "bundle-userns", userns=True))
+        _report(timed(_commands(work, b, b_userns), args.runs), args.runs)
     finally:
         for rt_root in (work / "vz", work / "runc", work / "crun"):
             if rt_root.is_dir():
