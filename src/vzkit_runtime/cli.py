@@ -589,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc.message}\n")
         if exc.hint:
             sys.stderr.write(f"hint: {exc.hint}\n")
+        # For an engine driving the runtime: which kind of failure (not found, refused...).
+        sys.stderr.write(f"code: {exc.code}\n")
         if a.debug:
             import traceback
 

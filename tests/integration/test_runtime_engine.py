@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vzkit.api.instances import InstanceCreate
-from vzkit.errors import InvalidConfig, VzError
+from vzkit.errors import InvalidConfig, NotFound, VzError
 from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def test_push_and_pull_without_a_shell(client: Client, box: str) -> None:
     assert mode & 0o7777 == 0o600 and b"".join(chunks) == b"again"
     _, out, _ = client.exec_capture(box, ["ls", "-a", "/root/new"])
     assert out.split() == [b".", b"..", b"blob"], "no temporary file is left"
-    with pytest.raises(VzError, match="does not exist"):
+    with pytest.raises(NotFound, match="does not exist"):
         client.pull_file(box, "/root/missing")
     with pytest.raises(VzError, match="does not exist"):
         client.push_file(box, "/nowhere/x", io.BytesIO(b"x"))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vzkit.api.instances import ExecResult
-from vzkit.errors import AgentError, InvalidConfig
+from vzkit.errors import AgentError, InvalidConfig, NotFound, VzError
 from vzkit.guest.protocol import (
     CHUNK,
     VERSION,
@@ -541,9 +541,16 @@ def _parse_hello(frame: Frame) -> AgentHello | None:
     return AgentHello(h.proto_version, h.agent_version, h.kernel_release)
 
 
-def _file_error(verb: str, path: str, err: Error) -> AgentError:
+def _file_error(verb: str, path: str, err: Error) -> VzError:
     reason = os.strerror(err.errno) if err.errno > 0 else err.message
-    return AgentError(
+    # A path that is not there, or a directory given for a file, is the caller's mistake
+    # (a 4xx), not the agent failing.
+    kind: type[VzError] = {
+        errno.ENOENT: NotFound,
+        errno.ENOTDIR: NotFound,
+        errno.EISDIR: InvalidConfig,
+    }.get(err.errno, AgentError)
+    return kind(
         f"cannot {verb} {path} in the guest: {reason}",
         hint="check the path and its permissions inside the guest",
         errno=err.errno,
