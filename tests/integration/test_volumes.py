@@ -4,7 +4,10 @@ q35 VMs, bind mounts into running containers, and the refusals that keep data sa
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import secrets
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,3 +198,52 @@ def test_vm_volume_hotplug_resize_and_move(client: Client, volumes: list[str]) -
     volumes.append("files")
     with pytest.raises(InvalidConfig, match="filesystem volume"):
         client.attach_volume("q35", "files")
+
+
+def _holding(files: dict[str, bytes], token: str) -> list[str]:
+    return [name for name, data in files.items() if token.encode() in data]
+
+
+def test_snapshots_copies_and_exports_leave_volumes_out(
+    client: Client, vzd: Daemon, volumes: list[str], tmp_path: Path
+) -> None:
+    """README: snapshots, copies and exports cover an instance's own files, not its
+    volumes."""
+    client.create_volume("keep", "16MiB", content="filesystem")
+    volumes.append("keep")
+    client.create_instance(
+        {"name": "holder", "type": "container", "volumes": [{"volume": "keep", "path": "/data"}]}
+    )
+    # Own files and volume, at the snapshot and after it.
+    own1, vol1, own2, vol2 = (secrets.token_hex(8) for _ in range(4))
+    sh(client, "holder", f"echo {own1} > /root/own; echo {vol1} > /data/shared")
+    client.create_snapshot("holder", "s1")
+    sh(client, "holder", f"echo {own2} > /root/own; echo {vol2} > /data/shared")
+    # The snapshot holds the instance's files, and nothing of the volume...
+    snap = next(vzd.settings.instances_dir.glob("*/snapshots/s1"))
+    files = {str(p): p.read_bytes() for p in snap.rglob("*") if p.is_file()}
+    assert _holding(files, own1) and _holding(files, vol1) == []
+    # ...so restoring it takes the instance's own files back, not the volume's.
+    client.restore_snapshot("holder", "s1")
+    assert sh(client, "holder", "cat /root/own /data/shared") == f"{own1}\n{vol2}\n"
+    assert [v.volume for v in client.get_instance("holder").volumes] == ["keep"]
+
+    # A copy and an export carry the instance's files and no volume (nor its data).
+    client.stop("holder", force=True)
+    client.copy_instance("holder", "twin")
+    archive = tmp_path / "holder.tar"
+    r = vzd.vz("export", "holder", str(archive))
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        files = {m.name: (tar.extractfile(m) or io.BytesIO()).read() for m in members}
+    assert _holding(files, own1) and _holding(files, vol1) == _holding(files, vol2) == []
+    r = vzd.vz("import", str(archive), "--name", "back")
+    assert r.returncode == 0, r.stderr
+    for name in ("twin", "back"):
+        assert client.get_instance(name).volumes == []
+        client.start(name)
+        assert sh(client, name, "cat /root/own; [ -e /data/shared ] || echo no-volume") == (
+            f"{own1}\nno-volume\n"
+        )
+    assert client.get_volume("keep").attached_to == ["holder"]
