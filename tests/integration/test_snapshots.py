@@ -34,10 +34,11 @@ from vzkit.server.db import Database
 
 pytestmark = pytest.mark.integration
 
-# A counter that also keeps its whole history: one line per tick, appended.
+# A counter that also keeps its whole history: one line per tick, appended. The count is
+# replaced by a rename, so a reader never finds it empty.
 COUNTER = (
-    "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; echo $i >> /tmp/log; sleep 0.1;"
-    " done) >/dev/null 2>&1 &"
+    "(i=0; while true; do i=$((i+1)); echo $i >> /tmp/log; echo $i > /tmp/count.new;"
+    " mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &"
 )
 
 
