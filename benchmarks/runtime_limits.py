@@ -41,6 +41,7 @@ from benchmarks.runtime import VZ_RUNTIME, make_bundle
 from vzkit.host import cgroups
 
 BUSY = "while :; do :; done"
+CG = Path("/sys/fs/cgroup")
 
 
 class Runner:
@@ -179,9 +180,27 @@ def runners(work: Path) -> Iterator[list[Runner]]:
     finally:
         for rt in made:
             rt.remove_all()
-        group = cgroups.detect().open(parent)
-        if group is not None:
-            group.destroy(timeout=10)
+        _remove_everywhere(parent)
+
+
+def _remove_everywhere(parent: str) -> None:
+    """Remove the run's cgroup parent from every hierarchy: runc makes it in all of them
+    (devices, systemd, unified, ...), not only in the controllers vzkit uses."""
+    for top in [CG / parent, *CG.glob(f"*/{parent}")]:
+        if not top.is_dir():
+            continue
+        for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    os.rmdir(dirpath)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # busy: its last process is still on its way out
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
 
 
 ROWS: list[tuple[str, str, Callable[[Runner], float]]] = [
