@@ -25,11 +25,16 @@ import os
 import shutil
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+# Run as a file (the README's `.venv/bin/python benchmarks/boot.py`), only benchmarks/ is on
+# sys.path: the imports below need the repository root there too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import private_daemon
 from vzkit.sdk.client import Client

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# Run as a file (the README's `.venv/bin/python benchmarks/boot.py`), only benchmarks/ is on
+# sys.path: the imports below need the repository root there too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import private_daemon, rss_kib
 
@@ -11,6 +18,7 @@ COUNT = 10
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()
     # Ten 1-vCPU guests on a 2-core machine is more than the default overcommit allows.
     with private_daemon(VZ_CPU_OVERCOMMIT="8") as (_env, client):
         pid = int(client.server_info().pid or 0)

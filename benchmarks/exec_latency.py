@@ -7,7 +7,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+# Run as a file (the README's `.venv/bin/python benchmarks/boot.py`), only benchmarks/ is on
+# sys.path: the imports below need the repository root there too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import median, private_daemon
 

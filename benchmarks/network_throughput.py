@@ -26,8 +26,14 @@ import contextlib
 import json
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+# Run as a file (the README's `.venv/bin/python benchmarks/boot.py`), only benchmarks/ is on
+# sys.path: the imports below need the repository root there too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import median, private_daemon
 from vzkit.sdk.client import Client

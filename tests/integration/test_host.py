@@ -22,12 +22,10 @@ MiB = 1024**2
 PVM = Path("/sys/module/kvm_pvm").is_dir()
 
 
-def test_probe_host_cold_and_cached(tmp_path: Path) -> None:
+def test_probe_host_cold_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # How long each takes, against the `qemu --version` it runs: benchmarks/latencies.py.
     settings = Settings(runtime_dir=tmp_path, accel=None)
-    start = time.perf_counter()
     cold = probe_host(settings)
-    cold_s = time.perf_counter() - start
-    assert cold_s < 2.0
     assert not cold.from_cache
     assert cold.qemu_version
     assert cold.cpus == os.cpu_count()
@@ -38,18 +36,34 @@ def test_probe_host_cold_and_cached(tmp_path: Path) -> None:
         assert cold.accel is Accel.TCG
         assert "MIPS" in cold.accel_reason and "TCG" in cold.accel_reason
 
-    start = time.perf_counter()
-    cached = probe_host(settings)
-    assert time.perf_counter() - start < 0.05
+    # Served from the cache: no process is started and /dev/kvm is not touched.
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the cached probe did real work: {args}")
+
+    real_open = os.open
+
+    def no_kvm(path: object, *args: int, **kwargs: object) -> int:
+        if "kvm" in str(path):
+            refuse(path)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "run", refuse)
+        m.setattr(subprocess, "Popen", refuse)
+        m.setattr(os, "open", no_kvm)
+        cached = probe_host(settings)
     assert cached.from_cache
     assert cached.kvm == cold.kvm
+    assert cached.model_dump(exclude={"from_cache", "probe_ms", "memory_available"}) == (
+        cold.model_dump(exclude={"from_cache", "probe_ms", "memory_available"})
+    )
 
 
 @pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no /dev/kvm access")
 def test_ring0_measurement() -> None:
-    start = time.perf_counter()
+    # Each guest run is bounded by the probe's own timer (how long it takes in all:
+    # benchmarks/latencies.py).
     result = measure_ring0()
-    assert time.perf_counter() - start < 1.0
     assert result.error is None, result.error
     assert result.mips is not None
     if PVM:

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import Daemon
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import recorded_state, wait_for
 from vzkit._proc import alive
 from vzkit.api.instances import InstanceCreate, InstanceState, InstanceType, Limits
 from vzkit.errors import StateError
@@ -31,7 +31,7 @@ def test_run_prints_guest_kernel_and_leaves_nothing(vzd: Daemon, client: Client)
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode().strip().endswith("-cloud-amd64")
     assert client.list_instances() == []
-    assert wait_for(lambda: not vzd.qemu_pids(), 5)
+    assert wait_for(lambda: not vzd.qemu_pids(), 30)
 
 
 def test_run_passes_exit_code_stdin_and_env(vzd: Daemon) -> None:
@@ -132,14 +132,13 @@ def test_vm_type_boots_q35(client: Client) -> None:
     assert res.exit_code == 0 and int(out) > 3  # a PCI bus: not a microvm
 
 
-def test_qemu_killed_from_outside_is_crashed(client: Client) -> None:
+def test_qemu_killed_from_outside_is_crashed(vzd: Daemon, client: Client) -> None:
     launch(client, "victim")
     pid = client.get_instance("victim").pid
     assert pid
-    killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: client.get_instance("victim").state is InstanceState.CRASHED, 2.0)
-    assert time.monotonic() - killed_at < 2.0
+    # Seen without any request touching the instance (how soon: benchmarks/latencies.py).
+    assert wait_for(lambda: recorded_state(vzd, "victim") is InstanceState.CRASHED, 60)
     inst = client.get_instance("victim")
     assert inst.reason and "without a guest shutdown" in inst.reason and inst.pid is None
     client.start("victim")  # a crashed instance can be started again
@@ -149,7 +148,7 @@ def test_qemu_killed_from_outside_is_crashed(client: Client) -> None:
 def test_guest_poweroff_is_a_clean_stop(client: Client) -> None:
     launch(client, "selfoff")
     client.exec_capture("selfoff", ["sh", "-c", "(sleep 0.2; poweroff -f) &"])
-    assert wait_for(lambda: client.get_instance("selfoff").state is InstanceState.STOPPED, 10)
+    assert wait_for(lambda: client.get_instance("selfoff").state is InstanceState.STOPPED, 60)
 
 
 def test_daemon_sigkill_keeps_instances_running(vzd: Daemon, client: Client) -> None:
@@ -174,7 +173,7 @@ def test_daemon_sigkill_keeps_instances_running(vzd: Daemon, client: Client) -> 
     pid = pids["keep1"]
     assert pid
     os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: client.get_instance("keep1").state is InstanceState.CRASHED, 2.0)
+    assert wait_for(lambda: recorded_state(vzd, "keep1") is InstanceState.CRASHED, 60)
     client.stop("keep2")
     assert client.get_instance("keep2").state is InstanceState.STOPPED
 

@@ -306,11 +306,11 @@ def test_detached_exec_stop_rm(podman: Podman) -> None:
     else:
         limit = CG / "memory" / group / "memory.limit_in_bytes"
     assert int(limit.read_text()) == 48 * 1024 * 1024
-    t0 = time.monotonic()
-    podman("stop", "--time", "10", name)
-    assert time.monotonic() - t0 < 5, "SIGTERM did not reach the container's process"
+    # Exit status 3 is the TERM trap's: SIGTERM reached the container's process before
+    # podman gave up and sent SIGKILL (137). How fast, against runc: benchmarks/latencies.py.
+    podman("stop", "--time", "60", name, timeout=120)
     state = podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", name)
-    assert state.stdout.split() == ["exited", "3"]
+    assert state.stdout.split() == ["exited", "3"], "SIGTERM did not reach the container"
     podman("rm", name)
     podman.names.remove(name)
     assert podman("ps", "--all", "--quiet").stdout.strip() == ""

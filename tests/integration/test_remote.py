@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import http.client
 import json
 import os
 import socket
+import sqlite3
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -21,6 +24,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import Daemon
+from vzkit.api.remote import JoinToken
 from vzkit.errors import DaemonUnavailable, Forbidden, InvalidConfig, Unauthorized
 from vzkit.pki import cert_pem, key_pem, load_or_create_ca, new_key
 from vzkit.sdk.client import Client
@@ -190,6 +194,54 @@ def test_bearer_token_and_pinned_fingerprint(tls: tuple[Daemon, str], tmp_path: 
     d.client().remove_trust("ci")
     with pytest.raises(Unauthorized):
         Client(remote=_load(tmp_path, "ci")).list_instances()
+
+
+def _stored_values(d: Daemon) -> list[tuple[str, str, str]]:
+    """Every value of every row of every table of the daemon's database, as text."""
+    db = sqlite3.connect(f"file:{d.settings.db_path}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        out = []
+        for table in tables:
+            cur = db.execute(f'SELECT * FROM "{table}"')
+            columns = [c[0] for c in cur.description]
+            for row in cur:
+                out += [(table, col, str(value)) for col, value in zip(columns, row, strict=True)]
+        return out
+    finally:
+        db.close()
+
+
+def _trust_records(d: Daemon) -> dict[str, dict[str, Any]]:
+    values = _stored_values(d)
+    records = [json.loads(v) for table, col, v in values if (table, col) == ("trust", "data")]
+    return {rec["name"]: rec for rec in records}
+
+
+def test_secrets_are_stored_only_as_hashes(tls: tuple[Daemon, str]) -> None:
+    d, address = tls
+    join = d.client().add_trust("laptop")
+    bearer = d.client().add_trust("ci", "token")
+    secret = JoinToken.decode(join.token).secret
+    shown = {"the join secret": secret, "the join token": join.token, "the token": bearer.token}
+    values = _stored_values(d)
+    files = [p for p in d.root.rglob("*") if p.is_file() and not p.is_symlink()]
+    for what, text in shown.items():
+        leaks = [(table, col) for table, col, value in values if text in value]
+        assert leaks == [], f"{what} is stored in {leaks}"
+        # Nor anywhere else the daemon writes: the database's journal, logs, the audit log.
+        assert [p for p in files if text.encode() in p.read_bytes()] == [], what
+    records = _trust_records(d)
+    assert records["laptop"]["secret_hash"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert records["ci"]["secret_hash"] == hashlib.sha256(bearer.token.encode()).hexdigest()
+    # The hashes are what the checks use: the secrets still work.
+    r = d.vz("remote", "add", "lab", join.token)
+    assert r.returncode == 0, r.stderr
+    auth = {"Authorization": f"Bearer {bearer.token}"}
+    assert _https(d, address, "GET", "/1.0/instances", headers=auth)[0] == 200
+    # A used join secret is not kept at all, not even hashed.
+    laptop = _trust_records(d)["laptop"]
+    assert laptop["secret_hash"] is None and laptop["fingerprint"]
 
 
 def _foreign_cert(tmp_path: Path) -> tuple[Path, Path]:

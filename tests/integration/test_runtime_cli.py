@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import remove_cgroups
 from tests.integration.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -30,18 +31,42 @@ if not BUSYBOX.exists():  # pragma: no cover - depends on the host
     pytest.skip("needs /bin/busybox (busybox-static)", allow_module_level=True)
 
 
+# The cgroup parents this test process's containers went under: each Runtime makes its own,
+# so a test never creates or removes the host-wide default parent (`vz-runtime`), which
+# other runtimes (and other test runs) share.
+_PARENTS: set[str] = set()
+
+
 class Runtime:
-    """vz-runtime with a private --root; remembers ids to clean up."""
+    """vz-runtime with a private --root and a private cgroup parent; remembers ids to
+    clean up."""
 
     command: list[str] = RUNTIME
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.ids: set[str] = set()
+        self.parent = f"vz-rtcli-{uuid.uuid4().hex[:8]}"
+        _PARENTS.add(self.parent)
+
+    def own_cgroup(self, bundle: Path, cid: str) -> None:
+        """Put container ``cid`` of ``bundle`` under this runtime's own cgroup parent,
+        unless its config names a cgroup already."""
+        config_path = bundle / "config.json"
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError):
+            return  # a bundle the runtime must refuse as it is
+        linux = config.setdefault("linux", {})
+        if not linux.get("cgroupsPath"):
+            linux["cgroupsPath"] = f"/{self.parent}/{cid}"
+            config_path.write_text(json.dumps(config))
 
     def __call__(
         self, *args: str, check: bool = True, timeout: float = 30, **kw: Any
     ) -> subprocess.CompletedProcess[str]:
+        if args and args[0] in ("create", "run") and "--bundle" in args:
+            self.own_cgroup(Path(args[args.index("--bundle") + 1]), args[-1])
         # Files, not pipes: a detached container inherits the runtime's stdio and would
         # hold a pipe open until it exits.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -68,52 +93,46 @@ class Runtime:
     def new_id(self) -> str:
         cid = f"t-{uuid.uuid4().hex[:10]}"
         self.ids.add(cid)
-        CREATED.add(cid)
         return cid
 
     def cleanup(self) -> None:
         for cid in self.ids:
             self("delete", "--force", cid, check=False)
-            for d in CGROUP_ROOT.glob(f"*/vz-runtime/{cid}"):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        remove_cgroups(self.parent)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-#: Every container id this test session made: the leftover check looks for these only (other
-#: sessions on the same host make containers of their own meanwhile).
-CREATED: set[str] = set()
-
-
-def _runtime_parents() -> set[Path]:
-    return set(CGROUP_ROOT.glob("*/vz-runtime"))
+def _our_cgroups() -> list[Path]:
+    return [
+        p for parent in sorted(_PARENTS) for glob in (parent, f"*/{parent}")
+        for p in CGROUP_ROOT.glob(glob)
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _leave_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """After the module: remove the `vz-runtime` cgroup parents its containers created
-    (only those absent before, and only when empty: rmdir refuses a cgroup with children,
-    so a parent something else uses meanwhile stays), and check that no container
-    process or mount of a test bundle is left on the host."""
-    before = _runtime_parents()
+    """After the module: check that no cgroup parent, container process or mount of a
+    test bundle of this session's is left on the host (and remove such a parent; only
+    ours: other sessions on the host make theirs meanwhile)."""
     yield
-    for parent in sorted(_runtime_parents() - before):
-        with contextlib.suppress(OSError):
-            parent.rmdir()
+    left = _our_cgroups()
+    for parent in _PARENTS:
+        remove_cgroups(parent)
+    assert left == [], f"cgroups left behind: {left}"
     # This session's own files only: other pytest sessions on the host use the same
     # /tmp/pytest-of-USER tree meanwhile.
     base = str(tmp_path_factory.getbasetemp())
     with open("/proc/self/mountinfo") as f:
         leaked = [line for line in f if f" {base}/" in line]
     assert leaked == [], f"mounts left behind: {leaked}"
-    left = []
+    procs = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         text = ""
         with contextlib.suppress(OSError), open(f"/proc/{pid}/cgroup") as f:
             text = f.read()
-        if any(f"/vz-runtime/{cid}" in text for cid in CREATED):
-            left.append(pid)
-    assert left == [], f"container processes left behind: {left}"
+        if any(f"/{parent}/" in text for parent in _PARENTS):
+            procs.append(pid)
+    assert procs == [], f"container processes left behind: {procs}"
 
 
 @pytest.fixture
@@ -159,7 +178,8 @@ def bundle(tmp_path: Path, rt: Runtime) -> BundleFactory:
 
 
 def _cgroup_dirs(cid: str) -> list[Path]:
-    return list(CGROUP_ROOT.glob(f"*/vz-runtime/{cid}"))
+    """The cgroups of container ``cid``, under whichever parent (ids are unique)."""
+    return [*CGROUP_ROOT.glob(f"*/{cid}"), *CGROUP_ROOT.glob(f"*/*/{cid}")]
 
 
 def _assert_nothing_left(rt: Runtime, cid: str) -> None:
@@ -181,7 +201,8 @@ def test_lifecycle(rt: Runtime, bundle: BundleFactory, tmp_path: Path) -> None:
     assert st["status"] == "created"
     assert st["pid"] > 0 and int(pid_file.read_text()) == st["pid"]
     assert st["bundle"] == str(b) and st["ociVersion"].startswith("1.")
-    assert _cgroup_dirs(cid)
+    # Under the test's own cgroup parent, nothing under the host-wide default one.
+    assert _cgroup_dirs(cid) and all(d.parent.name == rt.parent for d in _cgroup_dirs(cid))
     rt("start", cid)
     assert rt.state(cid)["status"] == "running"
     listed = json.loads(rt("list", "--format", "json").stdout)
@@ -341,8 +362,8 @@ def test_pause_resume(rt: Runtime, running: str) -> None:
 def test_update_memory(rt: Runtime, running: str) -> None:
     limit = 96 * 1024 * 1024
     rt("update", "--memory", str(limit), running)
-    v1 = CGROUP_ROOT / "memory" / "vz-runtime" / running / "memory.limit_in_bytes"
-    v2 = CGROUP_ROOT / "vz-runtime" / running / "memory.max"
+    v1 = CGROUP_ROOT / "memory" / rt.parent / running / "memory.limit_in_bytes"
+    v2 = CGROUP_ROOT / rt.parent / running / "memory.max"
     assert (v1 if v1.exists() else v2).read_text().strip() == str(limit)
 
 
@@ -356,6 +377,7 @@ def test_console_socket(rt: Runtime, bundle: BundleFactory, tmp_path: Path) -> N
     server.bind(str(sock_path))
     server.listen(1)
     cid = rt.new_id()
+    rt.own_cgroup(b, cid)
     argv = [*RUNTIME, "--root", str(rt.root), "create", "--bundle", str(b)]
     proc = subprocess.Popen(
         [*argv, "--console-socket", str(sock_path), cid],
