@@ -126,6 +126,10 @@ class InstanceService:
                 f"an instance named {name!r} already exists",
                 hint=f"choose another name, or delete it first: vz delete {name}",
             )
+        if req.start:
+            # Refused before an image build that would be wasted (checked again below,
+            # atomically with the insert).
+            self.power.check_fit(req.limits)
         await self.images.ensure(req.image, progress)
         requested = req.nics
         if requested is None:

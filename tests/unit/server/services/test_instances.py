@@ -105,6 +105,8 @@ async def test_a_failed_warm_start_leaves_nothing(daemon: Daemon) -> None:
 async def test_checks_before_the_insert_leave_nothing(daemon: Daemon) -> None:
     with pytest.raises(ResourceExhausted):
         await daemon.services.instances.create(req("big", limits={"cpus": 64}))
+    # Refused before the image is built: a launch the host cannot hold costs no build.
+    assert daemon.services.images.list() == []
     with pytest.raises(NotFound, match="unknown image"):
         await daemon.services.instances.create(InstanceCreate(name="x", image="nope", nics=[]))
     with pytest.raises(NotFound, match="network 'missing'"):
