@@ -83,10 +83,18 @@ class Daemon:
     def client(self) -> Client:
         return Client(self.socket, autostart=False)
 
-    def vz(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        """Run the `vz` CLI against this daemon."""
+    def vz(
+        self, *args: str, input: bytes | None = None, autostart: bool = False
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run the `vz` CLI against this daemon.
+
+        Without ``autostart`` the CLI fails when the daemon is down instead of starting a
+        vzd itself: that one would run in the test's own network namespace (the host's),
+        not the daemon's, with the test's networks.
+        """
+        flags = [] if autostart else ["--no-autostart"]
         return subprocess.run(
-            [sys.executable, "-m", "vzkit.cli.main", *args],
+            [sys.executable, "-m", "vzkit.cli.main", *flags, *args],
             env=self.env,
             input=input,
             capture_output=True,
@@ -136,7 +144,7 @@ def _make_daemon(root: Path, cache: Path) -> Daemon:
     return Daemon(root=root, env=env, settings=settings)
 
 
-def _cleanup(d: Daemon) -> None:
+def _cleanup(d: Daemon, cgroups: bool = True) -> None:
     with contextlib.suppress(Exception):
         c = d.client()
         for inst in c.list_instances():
@@ -150,7 +158,8 @@ def _cleanup(d: Daemon) -> None:
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    remove_cgroups(d.env["VZ_CGROUP_PARENT"])
+    if cgroups:
+        remove_cgroups(d.env["VZ_CGROUP_PARENT"])
 
 
 def remove_cgroups(parent: str) -> None:
@@ -183,19 +192,31 @@ def vzd(image_cache: Path) -> Iterator[Daemon]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def private_daemon(image_cache: Path) -> Iterator[Daemon]:
-    """A daemon of the test's own, not started: the test may change its env first."""
+@contextlib.contextmanager
+def new_daemon(image_cache: Path, cgroup_parent: str | None = None) -> Iterator[Daemon]:
+    """A daemon of the test's own, not started, removed with all it made at the end.
+
+    ``cgroup_parent``: share one (two daemons on one kernel); the caller removes it.
+    """
     root = Path(tempfile.mkdtemp(prefix="vzt-"))
     d = _make_daemon(root, image_cache)
+    if cgroup_parent is not None:
+        d.env["VZ_CGROUP_PARENT"] = cgroup_parent
     try:
         yield d
     finally:
-        _cleanup(d)
+        _cleanup(d, cgroups=cgroup_parent is None)
         # A daemon the CLI started on demand is not d.proc: stop it through the API.
         with contextlib.suppress(Exception):
             Client(d.socket, autostart=False).shutdown_daemon()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def private_daemon(image_cache: Path) -> Iterator[Daemon]:
+    """A daemon of the test's own, not started: the test may change its env first."""
+    with new_daemon(image_cache) as d:
+        yield d
 
 
 @pytest.fixture

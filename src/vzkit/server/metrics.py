@@ -89,7 +89,7 @@ async def collect(actions: Actions) -> list[InstanceStats]:
         stats = InstanceStats(name=inst.name, type=inst.type.value, state=inst.state.value)
         if inst.state in lifecycle.ACTIVE:
             cg = (
-                actions.cgroups.open(f"{actions.settings.cgroup_parent}/{inst.name}")
+                actions.cgroups.open(actions.settings.instance_cgroup(inst.name))
                 if (actions.cgroups is not None)
                 else None
             )
