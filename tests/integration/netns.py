@@ -87,13 +87,28 @@ def connect(ns: str, host: str, port: int) -> bytes:
     raise AssertionError(f"{host}:{port} refused every connection")
 
 
-def serve(c: Client, name: str, port: int = 7000) -> None:
+def serve(c: Client, name: str, port: int = 7000, reply: str = "hi-from-$(hostname)") -> None:
+    """A TCP server in the instance that answers every connection with ``reply``."""
     code, out = sh(
         c,
         name,
-        f"(while true; do echo hi-from-$(hostname) | nc -l -p {port}; done) >/dev/null 2>&1 &",
+        f"(while true; do echo {reply} | nc -l -p {port}; done) >/dev/null 2>&1 &",
     )
     assert code == 0, out
+
+
+def own_links(ns: str, daemon: str) -> dict[str, str]:
+    """The links in ``ns`` labelled with daemon identity ``daemon``: name -> alias."""
+    found = json.loads(in_ns(ns, "ip", "-j", "link", "show"))
+    prefix = f"vzkit@{daemon}:"
+    return {x["ifname"]: x["ifalias"] for x in found if x.get("ifalias", "").startswith(prefix)}
+
+
+def cgroup_of(pid: int) -> str:
+    """The pid's cgroup path in the memory hierarchy (v1) or the unified one (v2)."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    by_ctl = {f.split(":")[1]: f.split(":", 2)[2] for f in lines}
+    return by_ctl.get("memory") or by_ctl.get("", "")
 
 
 def _kill_all(ns: str) -> None:

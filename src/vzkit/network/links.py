@@ -304,8 +304,9 @@ def attach(
 def claim(
     name: str, *, daemon: str, network: str, instance: str | None = None, netns: NetnsRef = None
 ) -> None:
-    """Label a link from before daemon identities as this daemon's (the caller has proved
-    it is: see NetworkManager's migration)."""
+    """Label a link as this daemon's: one from before daemon identities (the caller has
+    proved it is ours: see NetworkManager's migration), or a TAP just made again around a
+    running QEMU's file (:func:`reattach_taps`)."""
     with _ipr(netns) as ipr:
         idx = _index(ipr, name)
         if idx is not None:

@@ -132,7 +132,7 @@ class Supervisor:
                     suspects[inst.name] = key
         self._suspects = suspects
 
-    def _reattach(self, nic: nics.NicPlan, repairs: list[str]) -> None:
+    def _reattach(self, nic: nics.NicPlan, repairs: list[str]) -> bool:
         try:
             links.attach(
                 nic.host_name,
@@ -143,8 +143,10 @@ class Supervisor:
             )
         except VzError as exc:
             self._report(f"port:{nic.host_name}", f"cannot put {nic.host_name} back: {exc}")
-            return
+            return False
+        self._reported.discard(f"port:{nic.host_name}")
         repairs.append(f"{nic.host_name} of {nic.instance} was off bridge {nic.bridge}: put back")
+        return True
 
     def _replug(self, inst: Instance, missing: list[nics.NicPlan], repairs: list[str]) -> None:
         assert inst.pid is not None
@@ -155,7 +157,15 @@ class Supervisor:
                     nics.plug_veth(inst.pid, nic)
             elif links.reattach_taps(inst.pid, [n.host_name for n in missing]):
                 for nic in missing:
-                    self._reattach(nic, [])
+                    # Made through QEMU's file: label it ours before it joins the bridge.
+                    links.claim(
+                        nic.host_name,
+                        daemon=self.m.daemon,
+                        network=nic.network,
+                        instance=nic.instance,
+                    )
+                    if not self._reattach(nic, []):
+                        return
             else:
                 self._report(
                     f"vm:{inst.name}:{names}",
@@ -180,14 +190,17 @@ class Supervisor:
             return
         self._reported.discard("rules")
         if changed:
-            repairs.append("the nft tables had been changed from outside: re-applied")
+            repairs.append(f"{changed}: re-applied the nft tables and their sysctls")
 
-    def _rules_changed(self) -> bool:
+    def _rules_changed(self) -> str | None:
+        """What changed under our rules since the last apply, or None."""
         if self.m.listing is None:
-            return True
+            return "the nft tables were never applied"
         if self.m.needs_forwarding and read_sysctl("net.ipv4.ip_forward") != "1":
-            return True
-        return nft.listing(self.m.daemon) != self.m.listing
+            return "net.ipv4.ip_forward had been turned off"
+        if nft.listing(self.m.daemon) != self.m.listing:
+            return "the nft tables had been changed from outside"
+        return None
 
     def _dnsmasq(self, nets: list[NetworkConfig], rebuilt: set[str], repairs: list[str]) -> None:
         for net in nets:
