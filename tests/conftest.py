@@ -50,6 +50,11 @@ class Daemon:
         return self.settings.socket_path
 
     def start(self) -> None:
+        if self.netns is None and self.env.get("VZ_DEFAULT_NETWORK", "").lower() != "none":
+            raise RuntimeError(
+                "a test daemon with a default network runs in a network namespace of its own "
+                "(netns.py: the netd fixture), never in the host's"
+            )
         log = open(self.root / "vzd.log", "ab")  # noqa: SIM115 - the daemon keeps it
         # nsenter, not `ip netns exec`: that also remounts /sys, hiding the cgroup mounts.
         prefix = ["nsenter", f"--net=/var/run/netns/{self.netns}"] if self.netns else []
@@ -145,11 +150,19 @@ def _make_daemon(root: Path, cache: Path) -> Daemon:
 
 
 def _cleanup(d: Daemon, cgroups: bool = True) -> None:
+    networks: list[str] = []
     with contextlib.suppress(Exception):
         c = d.client()
         for inst in c.list_instances():
             with contextlib.suppress(Exception):
                 c.delete_instance(inst.name, force=True)
+        if d.netns is None:
+            # Networks belong in a namespace of the test's own: remove any made on the
+            # host, then fail the test that made them.
+            networks = [n.name for n in c.list_networks()]
+            for name in networks:
+                with contextlib.suppress(Exception):
+                    c.delete_network(name)
     d.stop()
     pids = d.qemu_pids()
     for pid in pids:
@@ -160,6 +173,7 @@ def _cleanup(d: Daemon, cgroups: bool = True) -> None:
         time.sleep(0.05)
     if cgroups:
         remove_cgroups(d.env["VZ_CGROUP_PARENT"])
+    assert not networks, f"a test daemon in the host's network namespace made networks {networks}"
 
 
 def remove_cgroups(parent: str) -> None:

@@ -20,7 +20,8 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
-from pyroute2 import netns as pr_netns  # type: ignore[import-untyped]
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
+from pyroute2 import netns as pr_netns
 
 from tests.integration.helpers import wait_for
 from vzkit._proc import alive
@@ -412,6 +413,22 @@ def test_a_second_daemon_takes_nothing_of_the_first(world: World) -> None:
         links.delete_link("vzbr9", world.host, daemon=other)
     assert nft.listing(DAEMON, world.host) == ours
     nft.apply(world.ruleset(), world.state, netns=world.host)
+
+
+def test_raw_netlink_agrees_with_pyroute2(world: World) -> None:
+    """Supervision's own netlink reads (network/_nl.py) against pyroute2's, in a namespace
+    with bridges, enslaved veths and a TAP."""
+    with entered(world.host), IPRoute() as ipr:
+        want = {
+            str(x.get_attr("IFLA_IFNAME")): (int(x["index"]), x.get_attr("IFLA_MASTER"))
+            for x in ipr.get_links()
+        }
+    got = links.list_links(world.host)
+    assert {n: (i.index, i.master) for n, i in got.items()} == want
+    assert got[links.link_name("v", "a1" + TAG, 0)].master == got["vzbr0"].index
+    before = nft.generation(world.host)
+    nft.apply(world.ruleset(), world.state, netns=world.host)
+    assert nft.generation(world.host) > before
 
 
 def test_teardown_leaves_nothing(world: World) -> None:

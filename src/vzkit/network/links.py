@@ -39,6 +39,7 @@ from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from vzkit.errors import Conflict, EngineError, HostUnsupported
+from vzkit.network import _nl
 from vzkit.network._netns import NetnsRef, entered, netns_path
 
 __all__ = [
@@ -581,15 +582,12 @@ def list_owned(daemon: str, netns: NetnsRef = None) -> list[OwnedLink]:
 
 
 def list_links(netns: NetnsRef = None) -> dict[str, LinkInfo]:
-    """Every link of the namespace by name, with its master and whether it is up."""
-    out = {}
-    with _ipr(netns) as ipr:
-        for link in ipr.get_links():
-            name = str(link.get_attr("IFLA_IFNAME"))
-            master = link.get_attr("IFLA_MASTER")
-            up = bool(link["flags"] & 1)  # IFF_UP
-            out[name] = LinkInfo(name, int(link["index"]), int(master) if master else None, up)
-    return out
+    """Every link of the namespace by name, with its master and whether it is up (cheap:
+    supervision asks every second)."""
+    return {
+        name: LinkInfo(name, index, master, up)
+        for name, (index, master, up) in _nl.links(netns).items()
+    }
 
 
 def byte_counters(names: list[str], netns: NetnsRef = None) -> tuple[int, int]:

@@ -43,8 +43,10 @@ class NetworkManager:
         # The ruleset last applied ("" for no tables): most instance changes (an ephemeral
         # sandbox coming and going) do not change it, and an `nft` run costs milliseconds.
         self._applied: str | None = None
-        # The kernel's listing of our tables right after that apply: supervision compares.
+        # The kernel's listing of our tables right after that apply, and the ruleset
+        # generation it was taken at: supervision compares (network/supervisor.py).
         self.listing: str | None = None
+        self.generation: int | None = None
         self.needs_forwarding = False
         # Set by the migration of a pre-identity state dir: drop `inet vzkit` at next apply.
         self._drop_legacy = False
@@ -255,8 +257,14 @@ class NetworkManager:
         nft.apply(rules, state, drop_legacy=self._drop_legacy)
         self._legacy_done()
         self._applied = text
-        self.listing = nft.listing(self.daemon)
+        self.note_listing()
         self.needs_forwarding = rules.needs_forwarding
+
+    def note_listing(self) -> None:
+        """Remember our tables as the kernel has them now (the generation first: a change
+        after it shows as a new generation on the next check)."""
+        self.generation = nft.generation()
+        self.listing = nft.listing(self.daemon)
 
     def _ruleset(self, nets: list[NetworkConfig]) -> nft.Ruleset:
         instances = self.db.list()

@@ -71,7 +71,7 @@ from pathlib import Path
 
 from vzkit.api.networks import FirewallRule, NetworkConfig, PortForward
 from vzkit.errors import EngineError, InvalidConfig
-from vzkit.network import _bin
+from vzkit.network import _bin, _nl
 from vzkit.network._netns import NetnsRef, entered, read_sysctl, write_sysctl
 
 __all__ = [
@@ -82,6 +82,7 @@ __all__ = [
     "apply",
     "describe_daemon",
     "forwarded_elsewhere",
+    "generation",
     "legacy_bridges",
     "list_ruleset",
     "listing",
@@ -384,6 +385,13 @@ def _blocks(ruleset: str) -> dict[tuple[str, str], str]:
                 out[key] = "\n".join(current) + "\n"
                 key = None
     return out
+
+
+def generation(netns: NetnsRef = None) -> int:
+    """The namespace's ruleset generation: the kernel counts every nft transaction (anyone's),
+    so an unchanged number means no table changed, for the price of one netlink message
+    instead of an ``nft`` process."""
+    return _nl.nft_generation(netns)
 
 
 def listing(daemon: str, netns: NetnsRef = None) -> str:

@@ -2,7 +2,8 @@
 
 The daemon calls :meth:`Supervisor.tick` every second (under its network lock, so never
 while it changes its own networks). A healthy tick costs one netlink link dump, one
-``nft list ruleset``, a database read and a /proc read per dnsmasq. What it repairs:
+netlink message for the ruleset generation (an ``nft list ruleset`` only when some
+transaction happened since), a database read and a /proc read per dnsmasq. What it repairs:
 
 * **a vanished bridge**: made again (same name, address and pinned MAC, so the instances'
   ARP caches stay right), the instances' links that still exist put back on it, dnsmasq
@@ -198,8 +199,12 @@ class Supervisor:
             return "the nft tables were never applied"
         if self.m.needs_forwarding and read_sysctl("net.ipv4.ip_forward") != "1":
             return "net.ipv4.ip_forward had been turned off"
+        gen = nft.generation()
+        if gen == self.m.generation:
+            return None  # no nft transaction at all since we looked
         if nft.listing(self.m.daemon) != self.m.listing:
             return "the nft tables had been changed from outside"
+        self.m.generation = gen  # another daemon's transaction: ours are as they were
         return None
 
     def _dnsmasq(self, nets: list[NetworkConfig], rebuilt: set[str], repairs: list[str]) -> None:

@@ -132,7 +132,7 @@ async def serve(settings: Settings) -> None:
     async def supervise_networks() -> None:
         # What vanishes from outside (a bridge, a TAP or veth, our nft tables, dnsmasq,
         # which is not our child: it outlives vzd) gives no event we could wait on, so it is
-        # polled for: a healthy check is a link dump, one nft listing and a /proc read per
+        # polled for: a healthy check is a link dump, a netlink message and a /proc read per
         # network (network/supervisor.py).
         while True:
             await asyncio.sleep(NETWORK_CHECK_INTERVAL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from ipaddress import IPv4Address, IPv4Network
@@ -428,3 +429,11 @@ def test_link_aliases_name_their_daemon() -> None:
     assert links._parse_alias("vzkit:lab:web") == (None, "lab", "web")  # before identities
     assert links._parse_alias("uplink") is None
     assert links.group_for("0a1b2c3d") == 0x0A1B2C3D and links.group_for("00000000") == 1
+
+
+def test_raw_link_dump_reads_loopback() -> None:
+    # The host's other links come and go (other tests run); test_network_stack compares
+    # whole dumps in a namespace of its own.
+    lo = links.list_links()["lo"]
+    assert lo.index == socket.if_nametoindex("lo") and lo.master is None and lo.up
+    assert nft.generation() >= 0
