@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from vzkit._proc import alive
 from vzkit.api.instances import Instance, InstanceState, InstanceType
 from vzkit.api.networks import NetworkConfig
 from vzkit.errors import VzError
@@ -151,6 +152,8 @@ class Supervisor:
 
     def _replug(self, inst: Instance, missing: list[nics.NicPlan], repairs: list[str]) -> None:
         assert inst.pid is not None
+        if not alive(inst.pid):
+            return  # it is ending (its links went with it): the exit handler records it
         names = ", ".join(n.host_name for n in missing)
         try:
             if inst.type is InstanceType.CONTAINER:
