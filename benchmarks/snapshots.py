@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks._common import median, private_daemon, timed
+from vzkit.engines.qemu.disks import QemuState
 from vzkit.sdk.client import Client
 from vzkit.server.db import Database
 
@@ -60,7 +61,9 @@ def copy_time(client: Client, env: dict[str, str], runs: int) -> None:
         _, uuid, runtime = db.get("src")
     finally:
         db.close()
-    disk = Path(env["VZ_STATE_DIR"]) / "instances" / uuid / str(runtime.get("top", "root.qcow2"))
+    disk = (
+        Path(env["VZ_STATE_DIR"]) / "instances" / uuid / QemuState.model_validate_json(runtime).disk
+    )
     copies = []
     for i in range(runs):
         start = time.perf_counter()

@@ -34,7 +34,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # The SDK on demand: `import vzkit` stays light (vz-runtime starts through it).
+    # The SDK on demand: `import vzkit` stays light (the CLI starts through it).
     if name == "Client":
         from vzkit.sdk.client import Client
 

@@ -6,10 +6,7 @@ the class to an HTTP status at its edge (``http_status``); the CLI prints messag
 
 from __future__ import annotations
 
-# Importing typing costs ~7 ms, a third of vz-runtime's start-up budget: only mypy reads it.
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any, ClassVar
+from typing import Any, ClassVar
 
 
 class VzError(Exception):
@@ -114,6 +111,31 @@ class Forbidden(VzError):
     code = "forbidden"
 
 
+class TooLarge(VzError):
+    """A request body is larger than its route accepts."""
+
+    http_status = 413
+    code = "too_large"
+
+
+class RequestTimeout(VzError):
+    """A client sent its request (headers or body) too slowly."""
+
+    http_status = 408
+    code = "timeout"
+
+
+class RateLimited(VzError):
+    """An unauthenticated caller called too often; ``retry_after`` says when to try again."""
+
+    http_status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, hint: str | None = None, *, retry_after: int = 1) -> None:
+        super().__init__(message, hint)
+        self.retry_after = retry_after
+
+
 class DaemonUnavailable(VzError):
     """The CLI or SDK could not reach vzd."""
 
@@ -136,6 +158,9 @@ _BY_CODE: dict[str, type[VzError]] = {
         AgentError,
         Unauthorized,
         Forbidden,
+        TooLarge,
+        RequestTimeout,
+        RateLimited,
         DaemonUnavailable,
     )
 }

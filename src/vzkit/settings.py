@@ -13,8 +13,10 @@ import functools
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 _ID_RE = re.compile(r"[0-9a-f]{8}\Z")
 # Written next to the identity when the state dir already held a database: the daemon ran
@@ -24,6 +26,38 @@ _LEGACY_MARK = "legacy"
 
 def _env_path(name: str, default: str) -> Path:
     return Path(os.environ.get(name, default))
+
+
+def _env_number(name: str, default: str, parse: Callable[[str], float], least: float) -> Any:
+    raw = os.environ.get(name, default)
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = least - 1
+    if not least <= value < float("inf"):  # nan and inf too
+        from vzkit.errors import InvalidConfig
+
+        raise InvalidConfig(
+            f"invalid {name}={raw!r}",
+            hint=f"give a number of the same kind as the default, {default!r}, "
+            f"and {'above' if least else 'at least'} 0",
+        )
+    return value
+
+
+def _env_size(name: str, default: str) -> int:
+    # Imported here: the CLI builds Settings too and must not pay for `re` at start-up.
+    from vzkit.api.bounds import parse_size
+
+    return int(_env_number(name, default, parse_size, 0))
+
+
+def _env_seconds(name: str, default: str) -> float:
+    return float(_env_number(name, default, float, 1e-3))
+
+
+def _env_count(name: str, default: str) -> int:
+    return int(_env_number(name, default, int, 0))
 
 
 def client_config_dir() -> Path:
@@ -87,6 +121,30 @@ class Settings:
 
     # HOST:PORT for the TLS API; overrides the address stored with `vz daemon listen`.
     listen: str | None = field(default_factory=lambda: os.environ.get("VZ_LISTEN") or None)
+
+    # -- request limits (server/limits.py; docs/api.md, "Limits") ---------------------------
+    # Request bodies: most calls take small JSON, the join call less still; an import and a
+    # file push are streamed to disk, each up to its own size, and never past the point
+    # where less than min_free_disk would stay free in the state directory.
+    max_body: int = field(default_factory=lambda: _env_size("VZ_MAX_BODY", "1MiB"))
+    max_join_body: int = field(default_factory=lambda: _env_size("VZ_MAX_JOIN_BODY", "8KiB"))
+    max_import_size: int = field(default_factory=lambda: _env_size("VZ_MAX_IMPORT_SIZE", "64GiB"))
+    max_push_size: int = field(default_factory=lambda: _env_size("VZ_MAX_PUSH_SIZE", "4GiB"))
+    min_free_disk: int = field(default_factory=lambda: _env_size("VZ_MIN_FREE_DISK", "1GiB"))
+    # Seconds a client may take to send its request headers, and its body (a small body in
+    # all; a streamed one between two chunks); WebSockets are exempt once upgraded.
+    header_timeout: float = field(default_factory=lambda: _env_seconds("VZ_HEADER_TIMEOUT", "10"))
+    body_timeout: float = field(default_factory=lambda: _env_seconds("VZ_BODY_TIMEOUT", "30"))
+    tls_handshake_timeout: float = field(
+        default_factory=lambda: _env_seconds("VZ_TLS_HANDSHAKE_TIMEOUT", "10")
+    )
+    # Open TLS connections per client address that have not authenticated (yet).
+    max_anonymous_connections: int = field(
+        default_factory=lambda: _env_count("VZ_MAX_ANON_CONNECTIONS", "16")
+    )
+    # Unauthenticated calls a minute per client address (0: no limit).
+    join_rate: int = field(default_factory=lambda: _env_count("VZ_JOIN_RATE", "10"))
+    probe_rate: int = field(default_factory=lambda: _env_count("VZ_PROBE_RATE", "60"))
 
     @functools.cached_property
     def daemon_id(self) -> str:

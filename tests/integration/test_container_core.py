@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from vzkit.engines.container import caps, mounts, seccomp
-from vzkit.engines.container import syscalls as sc
+from vzkit_runtime import caps, mounts, seccomp
+from vzkit_runtime import syscalls as sc
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from tests.integration.helpers import wait_for
 pytestmark = pytest.mark.integration
 
 BUSYBOX = Path("/bin/busybox")
-RUNTIME = [sys.executable, "-m", "vzkit.engines.container.cli"]
+RUNTIME = [sys.executable, "-m", "vzkit_runtime"]
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 if not BUSYBOX.exists():  # pragma: no cover - depends on the host

@@ -250,9 +250,9 @@ def test_failed_move_mount_removes_what_it_created(
 ) -> None:
     """move_mount failing after the mount point was made: it is removed again. Run in
     this process, with the container's namespaces left out (TARGET is then a host path)."""
-    from vzkit.engines.container import livemount
-    from vzkit.engines.container import syscalls as sc
-    from vzkit.errors import EngineError
+    from vzkit_runtime import livemount
+    from vzkit_runtime import syscalls as sc
+    from vzkit_runtime.errors import EngineError
 
     def fail(*_args: object) -> None:
         raise sc.SyscallError("move_mount", errno.EINVAL, "x")
@@ -260,7 +260,7 @@ def test_failed_move_mount_removes_what_it_created(
     def here(_st: object, work: Callable[[], None]) -> None:
         work()
 
-    monkeypatch.setattr(livemount, "_in_container", here)
+    monkeypatch.setattr(livemount, "in_container", here)
     monkeypatch.setattr(sc, "move_mount", fail)
     cid = start()
     keep = tmp_path / "keep"

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,12 @@ BUSYBOX = Path("/bin/busybox")
 CG = Path("/sys/fs/cgroup")
 MiB = 1024 * 1024
 _ENTRY = Path(sys.executable).parent / "vz-runtime"
-RUNTIME = (
-    [str(_ENTRY)] if _ENTRY.exists() else [sys.executable, "-m", "vzkit.engines.container.cli"]
-)
+RUNTIME = [str(_ENTRY)] if _ENTRY.exists() else [sys.executable, "-m", "vzkit_runtime"]
 BUSY = "while :; do :; done"
+APPLETS = (
+    "sh", "awk", "tail", "sleep", "cat", "echo", "yes", "true", "mknod", "head", "ls", "rm",
+    "wc", "ln", "mkdir", "stat", "readlink", "grep",
+)  # fmt: skip
 
 if not BUSYBOX.exists():  # pragma: no cover - depends on the host
     pytest.skip("needs /bin/busybox (busybox-static)", allow_module_level=True)
@@ -80,6 +82,11 @@ def memory_limit(path: str) -> int:
     return int((d / ("memory.max" if V2 else "memory.limit_in_bytes")).read_text())
 
 
+def throttled(path: str) -> int:
+    """How many CFS periods the cgroup was throttled in: the quota at work."""
+    return keyed(cg_dir(path, "cpu") / "cpu.stat").get("nr_throttled", 0)
+
+
 def cpu_quota_us(path: str) -> int:
     d = cg_dir(path, "cpu")
     if V2:
@@ -111,30 +118,44 @@ class Runtime(cli_tests.Runtime):
     def cgroup(self, cid: str) -> str:
         return f"{self.parent}/{cid}"
 
-    def bundle(self, cid: str, args: list[str], resources: dict[str, Any] | None = None) -> Path:
-        """A busybox bundle for container ``cid`` with a writable rootfs."""
+    def bundle(
+        self,
+        cid: str,
+        args: list[str],
+        resources: dict[str, Any] | None = None,
+        edit: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Path:
+        """A busybox bundle for container ``cid`` with a writable rootfs; ``edit`` changes
+        its config.json before it is written."""
         self.bundles += 1
         b = self.tmp / f"bundle{self.bundles}"
         rootfs = b / "rootfs"
         for d in ("bin", "proc", "dev", "sys", "tmp", "etc"):
             (rootfs / d).mkdir(parents=True)
         shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-        for applet in ("sh", "awk", "tail", "sleep", "cat", "echo", "yes", "true"):
+        for applet in APPLETS:
             (rootfs / "bin" / applet).symlink_to("busybox")
         self("spec", "--bundle", str(b))
         config = json.loads((b / "config.json").read_text())
         config["process"]["terminal"] = False
         config["process"]["args"] = args
-        config["root"]["readonly"] = False
+        config["root"] = {"path": str(rootfs), "readonly": False}
         config["linux"]["cgroupsPath"] = "/" + self.cgroup(cid)
         config["linux"]["resources"] = resources or {}
+        if edit is not None:
+            edit(config)
         (b / "config.json").write_text(json.dumps(config))
         return b
 
-    def start(self, args: list[str], resources: dict[str, Any] | None = None) -> str:
+    def start(
+        self,
+        args: list[str],
+        resources: dict[str, Any] | None = None,
+        edit: Callable[[dict[str, Any]], None] | None = None,
+    ) -> str:
         """Run a detached container; its id."""
         cid = self.new_id()
-        self("run", "--detach", "--bundle", str(self.bundle(cid, args, resources)), cid)
+        self("run", "--detach", "--bundle", str(self.bundle(cid, args, resources, edit)), cid)
         return cid
 
     def new_id(self) -> str:
@@ -236,6 +257,79 @@ def test_pids_limit_stops_a_fork_bomb(rt: Runtime) -> None:
     assert not pids_dir.exists()
 
 
+def _no_pid_namespace(config: dict[str, Any]) -> None:
+    # Without a pid namespace the bomb does not die with the init: only the cgroup holds it.
+    ns = config["linux"]["namespaces"]
+    config["linux"]["namespaces"] = [n for n in ns if n["type"] != "pid"]
+
+
+def cgroup_procs(path: str) -> list[int]:
+    """Every process in the cgroup (child cgroups included), in any hierarchy."""
+    found: set[int] = set()
+    for top in CG.glob(f"*/{path}") if not V2 else [CG / path]:
+        for procs in top.rglob("cgroup.procs"):
+            found.update(int(p) for p in procs.read_text().split())
+    return sorted(found)
+
+
+# A fork bomb that never gives up: a shell's bomb dies out by itself once forks fail (the
+# shell exits). In this one every process forks for ever and reaps its children, so each
+# slot a kill frees is taken again at once.
+BOMB_C = """#include <sys/wait.h>
+#include <unistd.h>
+int main(void) { for (;;) { fork(); while (waitpid(-1, 0, WNOHANG) > 0); } }
+"""
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("bomb")
+    (d / "bomb.c").write_text(BOMB_C)
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(d / "bomb"), str(d / "bomb.c")], check=True)
+    return d / "bomb"
+
+
+def _with_bomb(bomb: Path, pid_namespace: bool) -> Callable[[dict[str, Any]], None]:
+    def edit(config: dict[str, Any]) -> None:
+        shutil.copy2(bomb, Path(config["root"]["path"]) / "bin" / "bomb")
+        if not pid_namespace:
+            _no_pid_namespace(config)
+
+    return edit
+
+
+def _start_bomb(rt: Runtime, bomb: Path, pid_namespace: bool = False) -> str:
+    cid = rt.start(["/bin/bomb"], {"pids": {"limit": 64}}, _with_bomb(bomb, pid_namespace))
+    pids_dir = cg_dir(rt.cgroup(cid), "pids")
+    # At the limit: forks are being refused, the bomb is at full strength.
+    assert wait_for(lambda: keyed(pids_dir / "pids.events").get("max", 0) > 0, 30)
+    return cid
+
+
+@pytest.mark.parametrize("pid_namespace", [False, True], ids=["no-pid-ns", "pid-ns"])
+def test_kill_all_stops_a_fork_bomb(rt: Runtime, bomb: Path, pid_namespace: bool) -> None:
+    """kill --all KILL freezes the cgroup, kills everything, thaws, until it is empty: when
+    it returns nothing is left. Before, it signalled one list of pids, and every slot a
+    kill freed was taken by a new child at once."""
+    cid = _start_bomb(rt, bomb, pid_namespace)
+    path = rt.cgroup(cid)
+    pids_dir = cg_dir(path, "pids")
+    rt("kill", "--all", cid, "KILL", timeout=60)
+    assert cgroup_procs(path) == []
+    # Killed tasks stay counted until whoever adopted them has reaped them.
+    assert wait_for(lambda: int((pids_dir / "pids.current").read_text()) == 0, 30)
+    assert rt.state(cid)["status"] == "stopped"
+    rt("delete", cid)
+    assert not pids_dir.exists()
+
+
+def test_delete_force_stops_a_fork_bomb(rt: Runtime, bomb: Path) -> None:
+    cid = _start_bomb(rt, bomb)
+    rt("delete", "--force", cid, timeout=60)
+    assert not cg_dir(rt.cgroup(cid), "pids").exists()
+    assert cgroup_procs(rt.cgroup(cid)) == []
+
+
 # ---------------------------------------------------------------------------- cpu
 
 
@@ -244,9 +338,13 @@ def test_cpu_quota_half_a_cpu(rt: Runtime) -> None:
     cid = rt.start(["sh", "-c", f"{BUSY} & {BUSY}"], {"cpu": {"quota": 50_000, "period": 100_000}})
     assert cpu_quota_us(rt.cgroup(cid)) == 50_000
     time.sleep(0.3)  # both loops are up
+    before = throttled(rt.cgroup(cid))
     (used,) = usage_over(rt, [cid], 3.0)
     print(f"cpu quota 0.5: measured {used:.3f} CPUs")
-    assert 0.4 <= used <= 0.6, f"quota 0.5 CPU, used {used:.3f}"
+    # Properties, not a band (a loaded host gives less, never more): the kernel throttled
+    # the loops, and they never got more than the quota (plus one period of slack).
+    assert throttled(rt.cgroup(cid)) > before
+    assert used <= 0.5 + 0.1 / 3.0 + 0.05, f"quota 0.5 CPU, used {used:.3f}"
 
 
 def test_cpu_weights_share_one_core_4_to_1(rt: Runtime) -> None:
@@ -261,7 +359,9 @@ def test_cpu_weights_share_one_core_4_to_1(rt: Runtime) -> None:
     ratio = used_heavy / used_light
     print(f"weights 4:1 on cpu {core}: {used_heavy:.3f} vs {used_light:.3f} CPUs = {ratio:.2f}")
     assert used_heavy + used_light <= 1.1  # they do share one core
-    assert 3.0 <= ratio <= 5.0, f"weights 4:1 gave {ratio:.2f}"
+    # The heavier weight wins clearly (4:1 when the core is otherwise idle; other load on
+    # it blurs the ratio, so only the property is asserted).
+    assert ratio >= 2.0, f"weights 4:1 gave {ratio:.2f}"
 
 
 # ---------------------------------------------------------------------------- update
@@ -276,7 +376,7 @@ def test_update_memory_and_cpu_live(rt: Runtime) -> None:
     assert out.stdout.strip() == "48000000"
     assert oom_kills(path) == 0
     (before,) = usage_over(rt, [cid], 1.0)
-    assert before > 0.7, f"unlimited busy loop used only {before:.3f} CPUs"
+    assert throttled(path) == 0  # no quota yet: never throttled
 
     rt("update", "--memory", str(32 * MiB), "--memory-swap", str(32 * MiB), cid)
     rt("update", "--cpu-quota", "25000", "--cpu-period", "100000", cid)
@@ -288,9 +388,11 @@ def test_update_memory_and_cpu_live(rt: Runtime) -> None:
     assert oom_kills(path) >= 1
     assert memory_limit(path) == 32 * MiB
     time.sleep(0.2)
+    periods = throttled(path)
     (after,) = usage_over(rt, [cid], 1.5)
     print(f"update: busy loop {before:.3f} CPUs before, {after:.3f} after quota 0.25")
-    assert 0.2 <= after <= 0.3, f"quota 0.25 CPU, used {after:.3f}"
+    assert throttled(path) > periods
+    assert after <= 0.25 + 0.1 / 1.5 + 0.05, f"quota 0.25 CPU, used {after:.3f}"
     assert rt.state(cid)["status"] == "running"
 
 

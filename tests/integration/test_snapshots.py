@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import Daemon, _cleanup
 from tests.integration.helpers import wait_for
 from vzkit.api.instances import InstanceState
+from vzkit.engines.qemu.disks import QemuState
 from vzkit.errors import InvalidConfig, NotFound, ResourceExhausted, StateError, VzError
 from vzkit.sdk.client import Client
 from vzkit.server.db import Database
@@ -206,7 +207,7 @@ def _top(d: Daemon, name: str) -> Path:
         _, uuid, runtime = db.get(name)
     finally:
         db.close()
-    return d.settings.instances_dir / uuid / str(runtime.get("top", "root.qcow2"))
+    return d.settings.instances_dir / uuid / QemuState.model_validate_json(runtime).disk
 
 
 def _qemu_io(path: Path, command: str) -> subprocess.CompletedProcess[str]:

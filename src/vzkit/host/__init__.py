@@ -1,6 +1,6 @@
 """Host facts and bookkeeping: capability probe, cgroups, CPU/memory accounting.
 
 Import from the submodules (``vzkit.host.cgroups``, ``vzkit.host.kvm``, ``vzkit.host.probe``,
-``vzkit.host.resources``). This package imports nothing itself, so that light users such as
-the OCI runtime (``vz-runtime``) do not pay for pydantic through the probe.
+``vzkit.host.resources``). This package imports nothing itself, so that light users do not
+pay for pydantic through the probe.
 """

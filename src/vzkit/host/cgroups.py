@@ -11,22 +11,19 @@ cgroupfs expects and also lets unit tests use a plain directory laid out like cg
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import logging
 import os
 import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from vzkit.errors import EngineError, HostUnsupported, InvalidConfig
-
-# vz-runtime imports this module on every container operation and must start in a few
-# milliseconds: typing, logging and dataclasses (through inspect) cost several between
-# them, so they are kept off the import path (mypy treats any TYPE_CHECKING as true).
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Literal
 
 __all__ = [
     "CPU_PERIOD_US",
@@ -47,21 +44,14 @@ __all__ = [
 ]
 
 
-class _LazyLog:
-    """logging.getLogger(__name__), imported on the first (rare) warning."""
-
-    def warning(self, msg: str, *args: object) -> None:
-        import logging
-
-        logging.getLogger(__name__).warning(msg, *args)
-
-
-log = _LazyLog()
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000
 _V2_CONTROLLERS = ("cpu", "cpuset", "memory", "pids", "io")
-_V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "freezer")
+# devices too: vz-runtime makes its containers' cgroups in that hierarchy as well, and
+# destroy() must remove a parent there.
+_V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "freezer", "devices")
 _BUSY_RETRY_S = 1.0
 _KILL_WAIT_S = 2.0
 _POLL_S = 0.02
@@ -75,127 +65,55 @@ def _check(name: str, value: float | None, low: float, high: float | None = None
         raise InvalidConfig(f"invalid {name} {value!r}: must be {bound}")
 
 
-_LIMIT_FIELDS = (
-    "memory_max",
-    "memory_swap_max",
-    "cpu_weight",
-    "cpu_quota",
-    "cpuset_cpus",
-    "pids_max",
-    "io_weight",
-)
-
-
+@dataclass(frozen=True, kw_only=True)
 class CgroupLimits:
     """Limits in cgroup v2 terms; None means unlimited (or the kernel default).
 
-    Immutable and hashable, compared by value. A hand-written class rather than a pydantic
-    model or a dataclass: vz-runtime imports this module, and pydantic (~100 ms) or
-    dataclasses (inspect, several ms) would dominate its start-up.
+    Immutable and hashable, compared by value.
     """
 
-    __slots__ = _LIMIT_FIELDS
+    memory_max: int | None = None  # bytes of memory
+    memory_swap_max: int | None = None  # bytes of swap on top of memory
+    cpu_weight: int | None = None  # v2 cpu.weight, 1..10000
+    cpu_quota: float | None = None  # CPUs worth of time, e.g. 0.5
+    cpuset_cpus: Sequence[int] | None = None  # host CPUs allowed (kept as a tuple)
+    pids_max: int | None = None  # maximum number of tasks
+    io_weight: int | None = None  # v2 io.weight, 1..10000
 
-    memory_max: int | None  # bytes of memory
-    memory_swap_max: int | None  # bytes of swap on top of memory
-    cpu_weight: int | None  # v2 cpu.weight, 1..10000
-    cpu_quota: float | None  # CPUs worth of time, e.g. 0.5
-    cpuset_cpus: tuple[int, ...] | None  # host CPUs allowed
-    pids_max: int | None  # maximum number of tasks
-    io_weight: int | None  # v2 io.weight, 1..10000
-
-    def __init__(
-        self,
-        *,
-        memory_max: int | None = None,
-        memory_swap_max: int | None = None,
-        cpu_weight: int | None = None,
-        cpu_quota: float | None = None,
-        cpuset_cpus: Sequence[int] | None = None,
-        pids_max: int | None = None,
-        io_weight: int | None = None,
-    ) -> None:
-        _check("memory_max", memory_max, 1)
-        _check("memory_swap_max", memory_swap_max, 0)
-        _check("cpu_weight", cpu_weight, 1, 10000)
-        _check("pids_max", pids_max, 1)
-        _check("io_weight", io_weight, 1, 10000)
-        if cpu_quota is not None and cpu_quota <= 0:
-            raise InvalidConfig(f"invalid cpu_quota {cpu_quota!r}: must be > 0")
-        if cpuset_cpus is not None and not cpuset_cpus:
-            raise InvalidConfig("invalid cpuset_cpus []: name at least one CPU")
-        values = (
-            memory_max,
-            memory_swap_max,
-            cpu_weight,
-            cpu_quota,
-            None if cpuset_cpus is None else tuple(cpuset_cpus),
-            pids_max,
-            io_weight,
-        )
-        for name, value in zip(_LIMIT_FIELDS, values, strict=True):
-            object.__setattr__(self, name, value)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"CgroupLimits is immutable; use replace({name}=...)")
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, f) for f in _LIMIT_FIELDS)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, CgroupLimits):
-            return NotImplemented
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
+    def __post_init__(self) -> None:
+        _check("memory_max", self.memory_max, 1)
+        _check("memory_swap_max", self.memory_swap_max, 0)
+        _check("cpu_weight", self.cpu_weight, 1, 10000)
+        _check("pids_max", self.pids_max, 1)
+        _check("io_weight", self.io_weight, 1, 10000)
+        if self.cpu_quota is not None and self.cpu_quota <= 0:
+            raise InvalidConfig(f"invalid cpu_quota {self.cpu_quota!r}: must be > 0")
+        if self.cpuset_cpus is not None:
+            if not self.cpuset_cpus:
+                raise InvalidConfig("invalid cpuset_cpus []: name at least one CPU")
+            object.__setattr__(self, "cpuset_cpus", tuple(self.cpuset_cpus))
 
     def __repr__(self) -> str:
-        parts = (f"{f}={getattr(self, f)!r}" for f in _LIMIT_FIELDS if getattr(self, f) is not None)
+        parts = (f"{k}={v!r}" for k, v in self.as_dict().items() if v is not None)
         return f"CgroupLimits({', '.join(parts)})"
 
     def as_dict(self) -> dict[str, object]:
-        return {f: getattr(self, f) for f in _LIMIT_FIELDS}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def replace(self, **changes: object) -> CgroupLimits:
         """A copy with ``changes`` applied (and validated)."""
-        unknown = set(changes) - set(_LIMIT_FIELDS)
-        if unknown:
-            raise TypeError(f"unknown CgroupLimits field(s): {', '.join(sorted(unknown))}")
-        fields = self.as_dict()
-        fields.update(changes)
-        return CgroupLimits(**fields)  # type: ignore[arg-type]
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
+@dataclass(kw_only=True)
 class CgroupStats:
     """Usage counters read from one cgroup."""
 
-    __slots__ = ("cpu_usage_ns", "memory_current", "memory_peak", "oom_kills", "pids_current")
-
-    def __init__(
-        self,
-        *,
-        memory_current: int,
-        memory_peak: int | None,
-        cpu_usage_ns: int,
-        pids_current: int,
-        oom_kills: int,
-    ) -> None:
-        self.memory_current = memory_current
-        self.memory_peak = memory_peak
-        self.cpu_usage_ns = cpu_usage_ns
-        self.pids_current = pids_current
-        self.oom_kills = oom_kills
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, CgroupStats):
-            return NotImplemented
-        return all(getattr(self, f) == getattr(other, f) for f in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return "CgroupStats(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__) + ")"
+    memory_current: int
+    memory_peak: int | None
+    cpu_usage_ns: int
+    pids_current: int
+    oom_kills: int
 
 
 # ---------------------------------------------------------------------------- conversions
@@ -677,8 +595,7 @@ def _max(value: int | None) -> str:
 
 
 class CgroupDriver(ABC):
-    """One cgroup hierarchy layout (v1 or v2). An ABC, not a typing.Protocol: typing is
-    kept off this module's import path (see the top)."""
+    """One cgroup hierarchy layout (v1 or v2)."""
 
     version: Literal[1, 2]
     root: Path

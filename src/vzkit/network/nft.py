@@ -70,7 +70,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from vzkit.api.networks import FirewallRule, NetworkConfig, PortForward
-from vzkit.errors import EngineError, InvalidConfig
+from vzkit.errors import EngineError, HostUnsupported, InvalidConfig
 from vzkit.network import _bin, _nl
 from vzkit.network._netns import NetnsRef, entered, read_sysctl, write_sysctl
 
@@ -419,9 +419,14 @@ def legacy_bridges(netns: NetnsRef = None) -> set[str] | None:
 
 
 def forwarded_elsewhere(daemon: str, netns: NetnsRef = None) -> set[tuple[str, int]]:
-    """(proto, host port) forwarded by other vzkit daemons' tables in the namespace."""
-    found = set()
-    for (family, name), text in _blocks(list_ruleset(netns)).items():
+    """(proto, host port) forwarded by other vzkit daemons' tables in the namespace; none
+    known where the ruleset cannot be read (no privilege: the daemon always has it)."""
+    found: set[tuple[str, int]] = set()
+    try:
+        ruleset = list_ruleset(netns)
+    except (EngineError, HostUnsupported):
+        return found
+    for (family, name), text in _blocks(ruleset).items():
         if family != "inet" or name == table_name(daemon):
             continue
         if name != LEGACY_TABLE and not name.startswith(TABLE_PREFIX):

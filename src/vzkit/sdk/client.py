@@ -110,6 +110,23 @@ class _TLSHTTPConnection(http.client.HTTPConnection):
         self.sock, _ = connect_tls(self.remote, self.timeout)
 
 
+def _request(
+    conn: http.client.HTTPConnection,
+    method: str,
+    url: str,
+    body: bytes | IO[bytes] | None,
+    headers: Mapping[str, str],
+) -> None:
+    try:
+        conn.request(method, url, body=body, headers=headers)
+    except OSError as exc:  # a broken pipe, a reset, a TLS EOF
+        if body is None or conn.sock is None or isinstance(exc, TimeoutError):
+            raise
+        # vzd refuses a body as it comes (too large: 413) and then closes: its answer still
+        # waits to be read, and says more than the broken pipe. If none came, reading the
+        # response fails as the send did.
+
+
 def _error_from_response(status: int, data: bytes) -> VzError:
     try:
         body = json.loads(data)
@@ -322,7 +339,7 @@ class Client(Resources):
                 self._conn = self._open()
             conn = self._conn
             try:
-                conn.request(method, url, body=body, headers=hdrs)
+                _request(conn, method, url, body, hdrs)
                 resp = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 self.close()

@@ -62,9 +62,10 @@ from vzkit.api.storage import (
 from vzkit.engines.base import ExecSession
 from vzkit.errors import InvalidConfig, StateError, VzError
 from vzkit.host.probe import probe_host
-from vzkit.server.metrics import AuditLog, RequestMetrics, collect, render
+from vzkit.server.core import Services
+from vzkit.server.limits import RequestLimits
+from vzkit.server.metrics import AuditLog, RequestMetrics, render
 from vzkit.server.remote import MUTATING, AuthMiddleware, RemoteAccess, caller_of
-from vzkit.server.services.instances import Actions
 
 API = "/1.0"
 log = logging.getLogger(__name__)
@@ -87,13 +88,15 @@ def _validation_message(exc: RequestValidationError | ValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAccess) -> FastAPI:
+def create_app(services: Services, shutdown: Callable[[], None], remote: RemoteAccess) -> FastAPI:
     app = FastAPI(
         title="vzd", version=__version__, openapi_url="/openapi.json", docs_url=None, redoc_url=None
     )
+    # First added, so innermost of the middleware: inside _measure, which counts its answers.
+    app.add_middleware(RequestLimits, settings=services.settings, caller=caller_of)
 
     requests = RequestMetrics()
-    audit = AuditLog(actions.settings.state_dir / "audit.log")
+    audit = AuditLog(services.settings.state_dir / "audit.log")
 
     async def _run(
         background: bool, kind: str, resource: str | None, work: Coroutine[Any, Any, Any]
@@ -103,11 +106,13 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
             return await work
         if resource is not None and kind != "instance-create":
             try:
-                actions.get(resource)  # an unknown instance is a 404 now, not a failed op
+                services.instances.get(
+                    resource
+                )  # an unknown instance is a 404 now, not a failed op
             except VzError:
                 work.close()
                 raise
-        op = actions.operations.submit(kind, resource, work)
+        op = services.operations.submit(kind, resource, work)
         return JSONResponse(
             op.model_dump(mode="json"),
             status_code=202,
@@ -130,12 +135,12 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
-        text = render(await collect(actions), requests, __version__)
+        text = render(await services.stats.collect(), requests, __version__)
         return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get(f"{API}/stats", responses=_ERRORS)
     async def stats() -> list[InstanceStats]:
-        return await collect(actions)
+        return await services.stats.collect()
 
     @app.exception_handler(VzError)
     async def _vz_error(request: Request, exc: VzError) -> JSONResponse:
@@ -217,40 +222,43 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
     @app.get(f"{API}/host")
     async def host_info(refresh: bool = False) -> dict[str, Any]:
         # Served from the per-boot cache (memory figures are read live); refresh re-probes.
-        info = await asyncio.to_thread(probe_host, actions.settings, refresh=refresh)
+        info = await asyncio.to_thread(probe_host, services.settings, refresh=refresh)
         return info.model_dump(mode="json")
 
-    @app.get(f"{API}/instances", responses=_ERRORS)
-    async def list_instances() -> list[Instance]:
-        return actions.list_instances()
+    @app.get(f"{API}/instances", response_model=list[Instance], responses=_ERRORS)
+    async def list_instances() -> Response:
+        # Serialised once per change of any record, not per request.
+        return Response(services.instances.list_json(), media_type="application/json")
 
     @app.post(f"{API}/instances", status_code=201, response_model=Instance, responses=_BG)
     async def create_instance(req: InstanceCreate, background: bool = False) -> Any:
-        return await _run(background, "instance-create", req.name, actions.create(req))
+        return await _run(background, "instance-create", req.name, services.instances.create(req))
 
     @app.get(f"{API}/instances/{{name}}", responses=_ERRORS)
     async def get_instance(name: str) -> Instance:
-        return actions.get(name)
+        return services.instances.get(name)
 
     @app.delete(f"{API}/instances/{{name}}", status_code=204, response_model=None, responses=_BG)
     async def delete_instance(name: str, force: bool = False, background: bool = False) -> Any:
         if background:
-            return await _run(True, "instance-delete", name, actions.delete(name, force=force))
-        await actions.delete(name, force=force)
+            return await _run(
+                True, "instance-delete", name, services.instances.delete(name, force=force)
+            )
+        await services.instances.delete(name, force=force)
         return Response(status_code=204)
 
     @app.patch(f"{API}/instances/{{name}}", responses=_ERRORS)
     async def update_instance(name: str, change: InstanceUpdate) -> Instance:
-        return await actions.update(name, change)
+        return await services.instances.update(name, change)
 
     @app.put(f"{API}/instances/{{name}}/state", response_model=Instance, responses=_BG)
     async def change_state(name: str, change: StateChange, background: bool = False) -> Any:
-        work = actions.change_state(name, change)
+        work = services.instances.change_state(name, change)
         return await _run(background, f"instance-{change.action.value}", name, work)
 
     @app.get(f"{API}/instances/{{name}}/console/log", responses=_ERRORS)
     async def console_log(name: str) -> Response:
-        return Response(actions.console_log(name), media_type="text/plain")
+        return Response(services.instances.console_log(name), media_type="text/plain")
 
     @app.put(f"{API}/instances/{{name}}/files", status_code=204, responses=_ERRORS)
     async def push_file(
@@ -266,12 +274,12 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
             raise InvalidConfig(
                 f"invalid file mode {mode!r}", hint="give an octal mode such as 0644"
             ) from None
-        await actions.push_file(name, path, request.stream(), mode_int, parents)
+        await services.instances.push_file(name, path, request.stream(), mode_int, parents)
         return Response(status_code=204)
 
     @app.get(f"{API}/instances/{{name}}/files", responses=_ERRORS)
     async def pull_file(name: str, path: str = Query(...)) -> StreamingResponse:
-        mode, chunks = await actions.pull_file(name, path)
+        mode, chunks = await services.instances.pull_file(name, path)
         return StreamingResponse(
             chunks,
             media_type="application/octet-stream",
@@ -283,7 +291,7 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
         await ws.accept()
         try:
             req = ExecRequest.model_validate_json(await ws.receive_text())
-            session = await actions.exec(name, req)
+            session = await services.instances.exec(name, req)
         except ValidationError as exc:
             await _ws_error(ws, InvalidConfig(_validation_message(exc)))
             return
@@ -298,12 +306,12 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
     async def console_ws(ws: WebSocket, name: str, history: bool = False) -> None:
         await ws.accept()
         try:
-            stream = await actions.open_console(name)
+            stream = await services.instances.open_console(name)
         except VzError as exc:
             await _ws_error(ws, exc)
             return
         if history:
-            await ws.send_bytes(actions.console_log(name))
+            await ws.send_bytes(services.instances.console_log(name))
 
         async def pump_out() -> None:
             while data := await stream.read(65536):
@@ -323,23 +331,23 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
 
     @app.get(f"{API}/networks", responses=_ERRORS)
     async def list_networks() -> list[NetworkConfig]:
-        return actions.networks.all()
+        return services.networks.all()
 
     @app.post(f"{API}/networks", status_code=201, responses=_ERRORS)
     async def create_network(config: NetworkConfig) -> NetworkConfig:
-        return await actions.create_network(config)
+        return await services.networks.create(config)
 
     @app.get(f"{API}/networks/{{name}}", responses=_ERRORS)
     async def get_network(name: str) -> NetworkConfig:
-        return actions.networks.get(name)
+        return services.networks.get(name)
 
     @app.patch(f"{API}/networks/{{name}}", responses=_ERRORS)
     async def update_network(name: str, change: NetworkUpdate) -> NetworkConfig:
-        return await actions.update_network(name, change)
+        return await services.networks.update(name, change)
 
     @app.delete(f"{API}/networks/{{name}}", status_code=204, responses=_ERRORS)
     async def delete_network(name: str) -> Response:
-        await actions.delete_network(name)
+        await services.networks.delete(name)
         return Response(status_code=204)
 
     @app.websocket(f"{API}/events")
@@ -347,7 +355,7 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
         """Lifecycle events as JSON text messages, from now on; ``?type=a,b`` filters."""
         await ws.accept()
         types = {t for t in (type or "").split(",") if t} or None
-        stream = actions.events.subscribe(types)
+        stream = services.events.subscribe(types)
 
         async def closed() -> None:
             with contextlib.suppress(WebSocketDisconnect):
@@ -373,55 +381,55 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
 
     @app.get(f"{API}/storage", responses=_ERRORS)
     async def list_pools() -> list[PoolInfo]:
-        return actions.volumes.pools()
+        return services.volumes.pools()
 
     @app.post(f"{API}/storage", status_code=201, responses=_ERRORS)
     async def create_pool(config: PoolConfig) -> PoolInfo:
-        return await actions.volumes.create_pool(config)
+        return await services.volumes.create_pool(config)
 
     @app.get(f"{API}/storage/{{pool}}", responses=_ERRORS)
     async def get_pool(pool: str) -> PoolInfo:
-        return actions.volumes.pool(pool)
+        return services.volumes.pool(pool)
 
     @app.delete(f"{API}/storage/{{pool}}", status_code=204, responses=_ERRORS)
     async def delete_pool(pool: str) -> Response:
-        await actions.volumes.delete_pool(pool)
+        await services.volumes.delete_pool(pool)
         return Response(status_code=204)
 
     @app.get(f"{API}/volumes", responses=_ERRORS)
     async def list_volumes(pool: str | None = None) -> list[VolumeInfo]:
-        return actions.volumes.all(pool)
+        return services.volumes.all(pool)
 
     @app.post(f"{API}/volumes", status_code=201, responses=_ERRORS)
     async def create_volume(config: VolumeConfig) -> VolumeInfo:
-        return await actions.volumes.create(config)
+        return await services.volumes.create(config)
 
     @app.get(f"{API}/storage/{{pool}}/volumes/{{name}}", responses=_ERRORS)
     async def get_volume(pool: str, name: str) -> VolumeInfo:
-        return actions.volumes.get(pool, name)
+        return services.volumes.get(pool, name)
 
     @app.patch(f"{API}/storage/{{pool}}/volumes/{{name}}", responses=_ERRORS)
     async def resize_volume(pool: str, name: str, change: VolumeUpdate) -> VolumeInfo:
-        return await actions.volumes.resize(pool, name, change.size)
+        return await services.volumes.resize(pool, name, change.size)
 
     @app.delete(f"{API}/storage/{{pool}}/volumes/{{name}}", status_code=204, responses=_ERRORS)
     async def delete_volume(pool: str, name: str) -> Response:
-        await actions.volumes.delete(pool, name)
+        await services.volumes.delete(pool, name)
         return Response(status_code=204)
 
     @app.post(f"{API}/instances/{{name}}/volumes", responses=_ERRORS)
     async def attach_volume(name: str, att: VolumeAttachment) -> Instance:
-        return await actions.volumes.attach(name, att)
+        return await services.volumes.attach(name, att)
 
     @app.delete(f"{API}/instances/{{name}}/volumes/{{pool}}/{{volume}}", responses=_ERRORS)
     async def detach_volume(name: str, pool: str, volume: str) -> Instance:
-        return await actions.volumes.detach(name, pool, volume)
+        return await services.volumes.detach(name, pool, volume)
 
     # -- snapshots and copies ------------------------------------------------------------
 
     @app.get(f"{API}/instances/{{name}}/snapshots", responses=_ERRORS)
     async def list_snapshots(name: str) -> list[SnapshotInfo]:
-        return actions.snapshots.list(name)
+        return services.snapshots.list(name)
 
     @app.post(
         f"{API}/instances/{{name}}/snapshots",
@@ -430,12 +438,12 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
         responses=_BG,
     )
     async def create_snapshot(name: str, req: SnapshotCreate, background: bool = False) -> Any:
-        work = actions.snapshots.create(name, req.name, stateful=req.stateful)
+        work = services.snapshots.create(name, req.name, stateful=req.stateful)
         return await _run(background, "snapshot-create", name, work)
 
     @app.get(f"{API}/instances/{{name}}/snapshots/{{snapshot}}", responses=_ERRORS)
     async def get_snapshot(name: str, snapshot: str) -> SnapshotInfo:
-        return actions.snapshots.get(name, snapshot)
+        return services.snapshots.get(name, snapshot)
 
     @app.post(
         f"{API}/instances/{{name}}/snapshots/{{snapshot}}/restore",
@@ -443,111 +451,113 @@ def create_app(actions: Actions, shutdown: Callable[[], None], remote: RemoteAcc
         responses=_BG,
     )
     async def restore_snapshot(name: str, snapshot: str, background: bool = False) -> Any:
-        work = actions.snapshots.restore(name, snapshot)
+        work = services.snapshots.restore(name, snapshot)
         return await _run(background, "snapshot-restore", name, work)
 
     @app.delete(
         f"{API}/instances/{{name}}/snapshots/{{snapshot}}", status_code=204, responses=_ERRORS
     )
     async def delete_snapshot(name: str, snapshot: str) -> Response:
-        await actions.snapshots.delete(name, snapshot)
+        await services.snapshots.delete(name, snapshot)
         return Response(status_code=204)
 
     @app.post(
         f"{API}/instances/{{name}}/copy", status_code=201, response_model=Instance, responses=_BG
     )
     async def copy_instance(name: str, req: CopyRequest, background: bool = False) -> Any:
-        return await _run(background, "instance-copy", name, actions.snapshots.copy(name, req.name))
+        return await _run(
+            background, "instance-copy", name, services.snapshots.copy(name, req.name)
+        )
 
     # -- background operations -----------------------------------------------------------
 
     @app.get(f"{API}/operations", responses=_ERRORS)
     async def list_operations() -> list[Operation]:
-        return actions.operations.all()
+        return services.operations.all()
 
     @app.get(f"{API}/operations/{{op_id}}", responses=_ERRORS)
     async def get_operation(op_id: str) -> Operation:
-        return actions.operations.get(op_id)
+        return services.operations.get(op_id)
 
     @app.get(f"{API}/operations/{{op_id}}/wait", responses=_ERRORS)
     async def wait_operation(
         op_id: str, timeout: float | None = Query(None, gt=0, le=3600)
     ) -> Operation:
-        return await actions.operations.wait(op_id, timeout)
+        return await services.operations.wait(op_id, timeout)
 
     @app.delete(f"{API}/operations/{{op_id}}", responses=_ERRORS)
     async def cancel_operation(op_id: str) -> Operation:
-        return await actions.operations.cancel(op_id)
+        return await services.operations.cancel(op_id)
 
     # -- an instance's NICs, port forwards and ingress allow-list -------------------------
 
     @app.post(f"{API}/instances/{{name}}/nics", responses=_ERRORS)
     async def attach_nic(name: str, nic: NicConfig) -> Instance:
-        return await actions.attach_nic(name, nic)
+        return await services.networks.attach_nic(name, nic)
 
     @app.delete(f"{API}/instances/{{name}}/nics/{{network}}", responses=_ERRORS)
     async def detach_nic(name: str, network: str) -> Instance:
-        return await actions.detach_nic(name, network)
+        return await services.networks.detach_nic(name, network)
 
     @app.post(f"{API}/instances/{{name}}/ports", responses=_ERRORS)
     async def add_port(name: str, forward: PortForward) -> Instance:
-        return await actions.add_port(name, forward)
+        return await services.networks.add_port(name, forward)
 
     @app.delete(f"{API}/instances/{{name}}/ports/{{host_port}}", responses=_ERRORS)
     async def remove_port(name: str, host_port: int, proto: Proto = Proto.TCP) -> Instance:
-        return await actions.remove_port(name, host_port, proto)
+        return await services.networks.remove_port(name, host_port, proto)
 
     @app.put(f"{API}/instances/{{name}}/firewall", responses=_ERRORS)
     async def set_firewall(name: str, body: FirewallUpdate) -> Instance:
-        return await actions.set_firewall(name, body.rules)
+        return await services.networks.set_firewall(name, body.rules)
 
     @app.post(f"{API}/instances/{{name}}/firewall/rules", responses=_ERRORS)
     async def add_firewall_rule(name: str, rule: FirewallRule) -> Instance:
-        return await actions.add_firewall_rule(name, rule)
+        return await services.networks.add_firewall_rule(name, rule)
 
     @app.delete(f"{API}/instances/{{name}}/firewall/rules/{{index}}", responses=_ERRORS)
     async def remove_firewall_rule(name: str, index: int) -> Instance:
-        return await actions.remove_firewall_rule(name, index)
+        return await services.networks.remove_firewall_rule(name, index)
 
     @app.get(f"{API}/images", responses=_ERRORS)
     async def list_images() -> list[ImageInfo]:
-        return actions.list_images()
+        return services.images.list()
 
     @app.get(f"{API}/images/{{name}}", responses=_ERRORS)
     async def get_image(name: str) -> ImageInfo:
-        return actions.get_image(name)
+        return services.images.get(name)
 
     @app.post(f"{API}/images/{{name}}/build", responses=_ERRORS)
     async def build_image(name: str, force: bool = False) -> StreamingResponse:
-        if name not in actions.images.known_names():
-            await actions.ensure_image(name)  # raises NotFound with the list of names
+        if not services.images.known(name):
+            await services.images.ensure(name)  # raises NotFound with the list of names
         return StreamingResponse(
-            _image_stream(lambda progress: actions.build_image(name, progress, force)),
+            _image_stream(lambda progress: services.images.build(name, progress, force)),
             media_type="application/x-ndjson",
         )
 
     @app.post(f"{API}/instances/{{name}}/publish", responses=_ERRORS)
     async def publish_instance(name: str, image: str = Query(...)) -> StreamingResponse:
-        actions.transfers.check_publish(name, image)  # a 4xx before the stream starts
+        services.transfers.check_publish(name, image)  # a 4xx before the stream starts
         return StreamingResponse(
-            _image_stream(lambda progress: actions.transfers.publish(name, image, progress)),
+            _image_stream(lambda progress: services.transfers.publish(name, image, progress)),
             media_type="application/x-ndjson",
         )
 
     @app.get(f"{API}/instances/{{name}}/export", responses=_ERRORS)
     async def export_instance(name: str) -> StreamingResponse:
-        size, chunks = await actions.transfers.export(name)
+        size, chunks = await services.transfers.export(name)
         return StreamingResponse(
             chunks, media_type="application/x-tar", headers={"X-Vz-Export-Size": str(size)}
         )
 
     @app.post(f"{API}/import", status_code=201, responses=_ERRORS)
     async def import_instance(request: Request, name: str | None = None) -> Instance:
-        return await actions.transfers.import_(request.stream(), name)
+        return await services.transfers.import_(request.stream(), name)
 
     @app.delete(f"{API}/images/{{name}}", status_code=204, responses=_ERRORS)
     async def delete_image(name: str) -> Response:
-        await actions.delete_image(name)
+        await services.images.delete(name)
         return Response(status_code=204)
 
     @app.post(f"{API}/daemon/shutdown", status_code=202)

@@ -1,20 +1,26 @@
 """The daemon's state: one SQLite database (WAL) holding every instance record.
 
 Records are the ``Instance`` model serialised as JSON, with the columns the daemon queries
-on (name, state) kept beside it. Only the daemon writes; a single connection is used from
-the event loop, and every write is its own short transaction.
+on (name, state) kept beside it, and the engine's own state (JSON its engine reads, in the
+``runtime`` column). Only the daemon writes; a single connection is used from the event
+loop, and every write is its own short transaction.
+
+Instance records are also kept in memory, validated, after their first read: every write
+goes to SQLite first and then replaces the cached record, so the cache never holds what
+the database does not (and a restarted daemon starts from the database). Records handed
+out are shared: callers never change them in place (``model_copy(update=...)``).
 """
 
 from __future__ import annotations
 
 import builtins
-import json
 import sqlite3
+import threading
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import NamedTuple
 
 from vzkit.api.instances import Instance, InstanceState
 from vzkit.errors import Conflict, NotFound
@@ -42,6 +48,12 @@ CREATE TABLE IF NOT EXISTS trust (name TEXT PRIMARY KEY, data TEXT NOT NULL);
 """
 
 
+class StoredInstance(NamedTuple):
+    instance: Instance
+    uuid: str
+    runtime: str  # the engine's state, as JSON
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +66,11 @@ class Database:
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
+        self._rows: dict[str, StoredInstance] | None = None
+        self._sorted: list[Instance] | None = None
+        self._generation = 0
+        # Threads read (network sync runs in one); the event loop writes.
+        self._cache_lock = threading.Lock()
 
     def close(self) -> None:
         self._conn.close()
@@ -68,60 +85,88 @@ class Database:
             raise
         self._conn.execute("COMMIT")
 
-    def insert(self, inst: Instance, uuid: str, runtime: dict[str, Any] | None = None) -> None:
+    # -- instances -------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """Grows with every change to an instance record (for caches of derived data)."""
+        return self._generation
+
+    def _cache(self) -> dict[str, StoredInstance]:
+        with self._cache_lock:
+            if self._rows is None:
+                rows = self._conn.execute("SELECT data, uuid, runtime FROM instances").fetchall()
+                self._rows = {
+                    (inst := Instance.model_validate_json(r[0])).name: StoredInstance(
+                        inst, r[1], r[2]
+                    )
+                    for r in rows
+                }
+            return self._rows
+
+    def _cached(self, name: str, row: StoredInstance | None) -> None:
+        rows = self._cache()
+        with self._cache_lock:
+            if row is None:
+                rows.pop(name, None)
+            else:
+                rows[name] = row
+            self._sorted = None
+            self._generation += 1
+
+    def insert(self, inst: Instance, uuid: str, runtime: str = "{}") -> None:
+        data = inst.model_dump_json()
         try:
             self._conn.execute(
                 "INSERT INTO instances(name, uuid, state, data, runtime) VALUES (?, ?, ?, ?, ?)",
-                (
-                    inst.name,
-                    uuid,
-                    inst.state.value,
-                    inst.model_dump_json(),
-                    json.dumps(runtime or {}),
-                ),
+                (inst.name, uuid, inst.state.value, data, runtime),
             )
         except sqlite3.IntegrityError as exc:
             raise Conflict(
                 f"an instance named {inst.name!r} already exists",
                 hint=f"choose another name, or delete it first: vz delete {inst.name}",
             ) from exc
+        # The cache holds its own copy, parsed from what was stored.
+        self._cached(inst.name, StoredInstance(Instance.model_validate_json(data), uuid, runtime))
 
     def update(self, inst: Instance) -> None:
+        data = inst.model_dump_json()
         cur = self._conn.execute(
             "UPDATE instances SET state = ?, data = ? WHERE name = ?",
-            (inst.state.value, inst.model_dump_json(), inst.name),
+            (inst.state.value, data, inst.name),
         )
         if cur.rowcount == 0:
             raise NotFound(f"instance {inst.name!r} not found", hint="list instances: vz list")
+        old = self.get(inst.name)
+        self._cached(inst.name, old._replace(instance=Instance.model_validate_json(data)))
 
-    def set_runtime(self, name: str, runtime: dict[str, Any]) -> None:
-        self._conn.execute(
-            "UPDATE instances SET runtime = ? WHERE name = ?", (json.dumps(runtime), name)
-        )
+    def set_runtime(self, name: str, runtime: str) -> None:
+        cur = self._conn.execute("UPDATE instances SET runtime = ? WHERE name = ?", (runtime, name))
+        if cur.rowcount:
+            self._cached(name, self.get(name)._replace(runtime=runtime))
 
-    def get(self, name: str) -> tuple[Instance, str, dict[str, Any]]:
-        row = self._conn.execute(
-            "SELECT data, uuid, runtime FROM instances WHERE name = ?", (name,)
-        ).fetchone()
+    def get(self, name: str) -> StoredInstance:
+        row = self._cache().get(name)
         if row is None:
             raise NotFound(f"instance {name!r} not found", hint="list instances: vz list")
-        return Instance.model_validate_json(row[0]), row[1], json.loads(row[2])
+        return row
 
     def exists(self, name: str) -> bool:
-        return (
-            self._conn.execute("SELECT 1 FROM instances WHERE name = ?", (name,)).fetchone()
-            is not None
-        )
+        return name in self._cache()
 
-    def list(self, states: AbstractSet[InstanceState] | None = None) -> list[Instance]:
-        rows = self._conn.execute("SELECT data FROM instances ORDER BY name").fetchall()
-        out = [Instance.model_validate_json(r[0]) for r in rows]
+    def list(self, states: AbstractSet[InstanceState] | None = None) -> builtins.list[Instance]:
+        rows = self._cache()
+        with self._cache_lock:
+            if self._sorted is None:
+                self._sorted = [rows[name].instance for name in sorted(rows)]
+            out = self._sorted
         if states is not None:
-            out = [i for i in out if i.state in states]
-        return out
+            return [i for i in out if i.state in states]
+        return list(out)
 
     def delete(self, name: str) -> None:
         self._conn.execute("DELETE FROM instances WHERE name = ?", (name,))
+        self._cached(name, None)
 
     def uuids(self) -> dict[str, str]:
         """Every instance's uuid by name (the network derives link names from them)."""

@@ -30,9 +30,10 @@ from vzkit.host import cgroups
 from vzkit.host.probe import probe_host
 from vzkit.images.store import ImageStore
 from vzkit.server.app import create_app
+from vzkit.server.core import build_services
 from vzkit.server.db import Database
+from vzkit.server.limits import guard_http, server_options
 from vzkit.server.remote import RemoteAccess, tag_unix
-from vzkit.server.services.instances import Actions
 from vzkit.settings import Settings
 
 log = logging.getLogger("vzd")
@@ -97,10 +98,8 @@ async def serve(settings: Settings) -> None:
         InstanceType.VM: qemu,
         InstanceType.CONTAINER: containers,
     }
-    actions = Actions(settings, db, host, images, engines, cgroups=driver)
-    await actions.reconcile()
-    await actions.snapshots.reconcile()
-    await asyncio.to_thread(actions.networks.reconcile)
+    services = build_services(settings, db, host, images, engines, cgroups=driver)
+    await services.reconcile()
 
     server: uvicorn.Server | None = None
 
@@ -108,18 +107,18 @@ async def serve(settings: Settings) -> None:
         if server is not None:
             server.should_exit = True
 
-    remote = RemoteAccess(db, settings.state_dir / "pki", settings.listen)
-    app = create_app(actions, shutdown, remote)
+    remote = RemoteAccess(db, settings.state_dir / "pki", settings.listen, settings)
+    app = create_app(services, shutdown, remote)
     config = uvicorn.Config(
         app,
         log_level="warning",
         access_log=False,
         lifespan="off",
         proxy_headers=False,  # the caller is who the kernel says (SO_PEERCRED), not a header
-        ws_max_size=16 * 1024 * 1024,
-        timeout_keep_alive=30,
+        **server_options(),
     )
     tag_unix(config)
+    guard_http(config, settings)
     server = uvicorn.Server(config)
     sock = _bind(settings.socket_path)
     settings.pid_file.write_text(f"{os.getpid()}\n")
@@ -137,7 +136,7 @@ async def serve(settings: Settings) -> None:
         while True:
             await asyncio.sleep(NETWORK_CHECK_INTERVAL)
             try:
-                await actions.supervise_networks()
+                await services.networks.supervise()
             except Exception:
                 log.exception("network supervision failed")
 
@@ -150,7 +149,7 @@ async def serve(settings: Settings) -> None:
         keeper.cancel()
         supervisor.cancel()
         await remote.stop()
-        await actions.close()
+        await services.close()
         db.close()
         with contextlib.suppress(FileNotFoundError):
             settings.socket_path.unlink()

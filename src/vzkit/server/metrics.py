@@ -16,16 +16,16 @@ import time
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from vzkit.api.instances import InstanceStats
+from vzkit.api.instances import Instance, InstanceStats
+from vzkit.host.cgroups import CgroupDriver
 from vzkit.network import links
 from vzkit.server import lifecycle
+from vzkit.server.services.guard import Engines, InstanceGuard
+from vzkit.server.services.networks import NetworkService
+from vzkit.settings import Settings
 
-if TYPE_CHECKING:
-    from vzkit.server.services.instances import Actions
-
-__all__ = ["AuditLog", "InstanceStats", "RequestMetrics", "collect", "render"]
+__all__ = ["AuditLog", "InstanceStats", "RequestMetrics", "StatsCollector", "render"]
 
 # Seconds: API calls are milliseconds; an instance launch is seconds.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -82,39 +82,56 @@ class AuditLog:
             pass  # the audit log must never fail a request
 
 
-async def collect(actions: Actions) -> list[InstanceStats]:
-    """A fresh reading for every instance (counters of stopped ones are left empty)."""
-    out = []
-    for inst in actions.db.list():
-        stats = InstanceStats(name=inst.name, type=inst.type.value, state=inst.state.value)
-        if inst.state in lifecycle.ACTIVE:
-            cg = (
-                actions.cgroups.open(actions.settings.instance_cgroup(inst.name))
-                if (actions.cgroups is not None)
-                else None
-            )
-            if cg is not None:
-                with contextlib.suppress(Exception):
-                    usage = cg.stats()
-                    stats.cpu_seconds = usage.cpu_usage_ns / 1e9
-                    stats.memory_bytes = usage.memory_current
-                    stats.pids = usage.pids_current
-            engine = actions.engines.get(inst.type)
-            if engine is not None:
-                with contextlib.suppress(Exception):
-                    io = await engine.io_stats(inst.name)
-                    if io is not None:
-                        stats.disk_read_bytes, stats.disk_write_bytes = io
-            if inst.nics:
-                _, uuid, _ = actions.db.get(inst.name)
-                names = [n.host_name for n in actions._plan(inst, uuid).nics]
-                with contextlib.suppress(Exception):
-                    # The host end's transmit is what the instance receives.
-                    # pyroute2 runs an event loop of its own: not on the daemon's.
-                    host_rx, host_tx = await asyncio.to_thread(links.byte_counters, names)
-                    stats.net_rx_bytes, stats.net_tx_bytes = host_tx, host_rx
-        out.append(stats)
-    return out
+class StatsCollector:
+    """Fresh readings of every instance's counters (those of stopped ones are left empty)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        guard: InstanceGuard,
+        engines: Engines,
+        networks: NetworkService,
+        cgroups: CgroupDriver | None,
+    ) -> None:
+        self.settings = settings
+        self.guard = guard
+        self.engines = engines
+        self.networks = networks
+        self.cgroups = cgroups
+
+    async def collect(self) -> list[InstanceStats]:
+        out = []
+        for inst in self.guard.instances():
+            stats = InstanceStats(name=inst.name, type=inst.type.value, state=inst.state.value)
+            if inst.state in lifecycle.ACTIVE:
+                await self._read(inst, stats)
+            out.append(stats)
+        return out
+
+    async def _read(self, inst: Instance, stats: InstanceStats) -> None:
+        cg = (
+            self.cgroups.open(self.settings.instance_cgroup(inst.name))
+            if self.cgroups is not None
+            else None
+        )
+        if cg is not None:
+            with contextlib.suppress(Exception):
+                usage = cg.stats()
+                stats.cpu_seconds = usage.cpu_usage_ns / 1e9
+                stats.memory_bytes = usage.memory_current
+                stats.pids = usage.pids_current
+        if self.engines.supports(inst.type):
+            with contextlib.suppress(Exception):
+                io = await self.engines.of(inst.type).io_stats(inst.name)
+                if io is not None:
+                    stats.disk_read_bytes, stats.disk_write_bytes = io
+        if inst.nics:
+            names = [n.host_name for n in self.networks.plan(inst, self.guard.uuid(inst.name)).nics]
+            with contextlib.suppress(Exception):
+                # The host end's transmit is what the instance receives.
+                # pyroute2 runs an event loop of its own: not on the daemon's.
+                host_rx, host_tx = await asyncio.to_thread(links.byte_counters, names)
+                stats.net_rx_bytes, stats.net_tx_bytes = host_tx, host_rx
 
 
 def _labels(**labels: str) -> str:

@@ -32,7 +32,9 @@ from vzkit.api.remote import ServerConfig
 from vzkit.errors import Conflict, Forbidden, InvalidConfig, Unauthorized, VzError
 from vzkit.network.links import host_addresses
 from vzkit.server.db import Database
+from vzkit.server.limits import ConnectionGuard, guard_http, serve_tls, server_options
 from vzkit.server.metrics import AuditLog
+from vzkit.settings import Settings
 
 if TYPE_CHECKING:
     from vzkit.pki import CertAuthority
@@ -225,7 +227,9 @@ class _Server(uvicorn.Server):
 class RemoteAccess:
     """The trust store, vzd's CA, and the TLS listener (off until given an address)."""
 
-    def __init__(self, db: Database, pki_dir: Path, env_listen: str | None) -> None:
+    def __init__(
+        self, db: Database, pki_dir: Path, env_listen: str | None, settings: Settings | None = None
+    ) -> None:
         from vzkit.server.trust import TrustStore
 
         self._db = db
@@ -239,6 +243,8 @@ class RemoteAccess:
         self._task: asyncio.Task[None] | None = None
         self._bound: tuple[str, int] | None = None
         self._app: ASGIApp | None = None
+        self.settings = settings or Settings()
+        self.guard = ConnectionGuard(self.settings.max_anonymous_connections)
 
     def ca(self) -> CertAuthority:
         if self._ca is None:
@@ -269,6 +275,7 @@ class RemoteAccess:
                     "this client certificate is no longer trusted by vzd",
                     hint="ask the server's admin for a new join token: vz trust add NAME",
                 )
+            self.guard.vouch(client)
             return Caller("certificate", rec.name)
         token = _bearer(scope)
         if token is not None:
@@ -278,6 +285,7 @@ class RemoteAccess:
                     "the bearer token is not valid (unknown, removed or expired)",
                     hint="make a new one on the server: vz trust add NAME --type token",
                 )
+            self.guard.vouch(client)
             return Caller("token", rec.name)
         if (scope.get("method", "GET"), scope["path"]) in _OPEN and scope["type"] == "http":
             return Caller("anonymous", "")
@@ -333,8 +341,7 @@ class RemoteAccess:
                 proxy_headers=False,
                 access_log=False,
                 lifespan="off",
-                ws_max_size=16 * 1024 * 1024,
-                timeout_keep_alive=30,
+                **server_options(),
                 # Stopping the listener must not wait for a remote client's open stream.
                 timeout_graceful_shutdown=3,
                 ssl_certfile=str(crt),
@@ -348,6 +355,8 @@ class RemoteAccess:
             config.http_protocol_class = _tagged(
                 config.http_protocol_class, lambda _p, tr: self.peers.note(tr)
             )
+            guard_http(config, self.settings)
+            serve_tls(config, self.settings, self.guard)
             server = _Server(config)
         except BaseException:
             sock.close()
@@ -375,6 +384,7 @@ class RemoteAccess:
         server, task = self._server, self._task
         self._server = self._task = None
         self._bound = None
+        self.guard.abort_pending()
         if server is None or task is None:
             return
         server.should_exit = True

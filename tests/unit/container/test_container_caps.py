@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vzkit.engines.container import caps
-from vzkit.errors import InvalidConfig
+from vzkit_runtime import caps
+from vzkit_runtime.errors import InvalidConfig
 
 
 def test_table_matches_kernel_numbers() -> None:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vzkit.engines.container import mounts
-from vzkit.engines.container import syscalls as sc
-from vzkit.engines.container.syscalls import SyscallError
-from vzkit.errors import InvalidConfig
+from vzkit_runtime import mounts
+from vzkit_runtime import syscalls as sc
+from vzkit_runtime.errors import InvalidConfig
+from vzkit_runtime.syscalls import SyscallError
 
 
 def test_flags_data_and_propagation_are_split() -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from vzkit.engines.container import seccomp
-from vzkit.errors import InvalidConfig
+from vzkit_runtime import seccomp
+from vzkit_runtime.errors import InvalidConfig
 
 
 def _names(profile: dict[str, Any]) -> set[str]:

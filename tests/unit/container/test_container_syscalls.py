@@ -6,8 +6,8 @@ import errno
 
 import pytest
 
-from vzkit.engines.container import syscalls as sc
-from vzkit.errors import EngineError
+from vzkit_runtime import syscalls as sc
+from vzkit_runtime.errors import EngineError
 
 
 def test_error_names_syscall_path_and_errno() -> None:

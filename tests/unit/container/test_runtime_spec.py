@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from vzkit.engines.container import runtime as rt
-from vzkit.engines.container import spec as oci
-from vzkit.engines.container.cli import main
-from vzkit.engines.container.state import State, alive, load, proc_start_time
-from vzkit.errors import Conflict, HostUnsupported, InvalidConfig, NotFound, StateError
+from vzkit_runtime import control, execute
+from vzkit_runtime import runtime as rt
+from vzkit_runtime import spec as oci
+from vzkit_runtime.cli import main
+from vzkit_runtime.errors import Conflict, HostUnsupported, InvalidConfig, NotFound, StateError
+from vzkit_runtime.state import State, alive, load, proc_start_time
 
 
 def _bundle(tmp_path: Path, spec: dict[str, Any] | None = None) -> Path:
@@ -108,31 +109,6 @@ def test_features_shape() -> None:
 # ---------------------------------------------------------------------------- resources
 
 
-def test_resources_to_limits() -> None:
-    res = {
-        "memory": {"limit": 256 << 20, "swap": 384 << 20},
-        "cpu": {"shares": 512, "quota": 50000, "period": 100000, "cpus": "0-1,3"},
-        "pids": {"limit": 64},
-        "blockIO": {"weight": 1000},
-    }
-    limits = rt.limits_from_resources(res)
-    assert limits == {
-        "memory_max": 256 << 20,
-        "memory_swap_max": 128 << 20,
-        "cpu_weight": 50,
-        "cpu_quota": 0.5,
-        "cpuset_cpus": [0, 1, 3],
-        "pids_max": 64,
-        "io_weight": 10000,
-    }
-
-
-def test_resources_merge_and_unlimited() -> None:
-    base = {"memory_max": 1 << 30, "pids_max": 10}
-    out = rt.limits_from_resources({"memory": {"limit": -1}}, base)
-    assert out == {"memory_max": None, "pids_max": 10}
-
-
 def test_cgroup_paths() -> None:
     assert rt.cgroup_path({}, "web") == "vz-runtime/web"
     assert rt.cgroup_path({"linux": {"cgroupsPath": "/a/b"}}, "web") == "a/b"
@@ -147,13 +123,13 @@ def test_cgroup_paths() -> None:
     ("text", "num"), [("KILL", 9), ("SIGKILL", 9), ("9", 9), ("term", 15), ("RTMIN+2", 36)]
 )
 def test_parse_signal(text: str, num: int) -> None:
-    assert rt.parse_signal(text) == num
+    assert control.parse_signal(text) == num
 
 
 @pytest.mark.parametrize("text", ["NOPE", "0", "99", ""])
 def test_parse_signal_rejects(text: str) -> None:
     with pytest.raises(InvalidConfig):
-        rt.parse_signal(text)
+        control.parse_signal(text)
 
 
 # ---------------------------------------------------------------------------- state
@@ -214,7 +190,7 @@ def test_start_of_stopped_container(tmp_path: Path) -> None:
 
 def test_exec_process_overrides() -> None:
     config = oci.default_spec()
-    proc = rt.exec_process_from(
+    proc = execute.exec_process_from(
         config,
         args=["id"],
         tty=False,
@@ -255,7 +231,7 @@ def test_cli_list_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 def test_cli_imports_stay_light() -> None:
     code = (
-        "import sys; from vzkit.engines.container import cli, runtime; "
+        "import sys; from vzkit_runtime import cli, runtime; "
         "print(sorted(m for m in ('pydantic', 'subprocess', 'asyncio') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

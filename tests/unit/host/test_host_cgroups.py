@@ -136,7 +136,7 @@ def test_limits_are_frozen_and_hashable() -> None:
     assert limits.cpuset_cpus == (0, 1)
     assert hash(limits) == hash(CgroupLimits(cpuset_cpus=(0, 1)))
     with pytest.raises(AttributeError):
-        limits.pids_max = 3
+        limits.pids_max = 3  # type: ignore[misc]
     assert limits.replace(pids_max=3) == CgroupLimits(cpuset_cpus=(0, 1), pids_max=3)
     with pytest.raises(InvalidConfig):
         limits.replace(pids_max=0)

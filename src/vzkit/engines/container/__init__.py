@@ -1,5 +1,5 @@
-"""The OCI container runtime: namespaces, mounts, capabilities, seccomp.
+"""The container engine (``engine.ContainerEngine``): the daemon's side of containers.
 
-Kept import-free on purpose: ``vz-runtime`` starts a process per container operation and
-must import in a few milliseconds, so each submodule is imported only where it is used.
+It drives the OCI runtime ``vz-runtime`` (the ``vzkit_runtime`` package) through its
+command line only, never by importing it.
 """

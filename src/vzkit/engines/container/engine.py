@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
@@ -20,6 +21,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import termios
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from vzkit._proc import alive
-from vzkit.api.instances import ExecRequest, ExecResult, Instance, Limits
-from vzkit.engines.base import ConsoleStream, ExecSession, ExitInfo, Started
+from vzkit.api.instances import ExecRequest, ExecResult, Instance, InstanceType, Limits
+from vzkit.engines.base import (
+    Capabilities,
+    ConsoleStream,
+    EngineState,
+    ExecSession,
+    ExitInfo,
+    Refusal,
+    Started,
+)
 from vzkit.engines.common import ProcessEngine
-from vzkit.engines.container import syscalls
-from vzkit.engines.container.spec import default_spec
-from vzkit.errors import AgentError, EngineError, InvalidConfig, NotFound, ResourceExhausted
+from vzkit.engines.container.files import WORK_DIRS, ContainerFiles, ContainerState
+from vzkit.errors import AgentError, EngineError, InvalidConfig, NotFound, StateError
 from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
 from vzkit.images.store import ImageStore
@@ -48,13 +57,32 @@ def _runtime_command() -> list[str]:
     # scripts/setup puts a fast launcher (python -IS) beside the interpreter; each call
     # of the runtime pays Python's start-up, so it matters for exec latency.
     launcher = shutil.which("vz-runtime", path=os.path.dirname(sys.executable))
-    return [launcher] if launcher else [sys.executable, "-m", "vzkit.engines.container.cli"]
+    return [launcher] if launcher else [sys.executable, "-m", "vzkit_runtime"]
 
 
 RUNTIME = _runtime_command()
 INIT = ["/sbin/vz-agent", "--reaper"]
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CPU_PERIOD_US = 100_000
+
+# What containers cannot do, and what a request for it is told.
+REFUSALS = {
+    "snapshot-stateful": Refusal(
+        InvalidConfig,
+        "containers have no stateful snapshots (their processes are not checkpointed)",
+        "take a snapshot without --stateful: it keeps the container's files",
+    ),
+    "export": Refusal(
+        StateError,
+        "cannot export {name!r} while it runs: a container's files change under it",
+        "stop it first: vz stop {name}",
+    ),
+    "publish": Refusal(
+        InvalidConfig,
+        "containers cannot be published as images yet",
+        "copy it instead (vz copy {name} NEW), or export it",
+    ),
+}
 
 
 @dataclass
@@ -294,6 +322,18 @@ class ContainerEngine(ProcessEngine):
         self.cgroups = cgroups
         self.root = settings.runtime_dir / "containers"
         self._live: dict[str, _Live] = {}
+        self._spec: dict[str, Any] | None = None
+        files = ContainerFiles(self)
+        # Live volumes are bind mounts (vz-runtime mount); NICs are veths plugged live.
+        self._caps = Capabilities(
+            snapshots=files, export=files, live_volumes=self, nic_hotplug=self, refusals=REFUSALS
+        )
+
+    def capabilities(self, kind: InstanceType) -> Capabilities:
+        return self._caps
+
+    def load_state(self, data: str) -> EngineState:
+        return ContainerState.model_validate_json(data)
 
     def _cgroup_path(self, name: str) -> str:
         return self.settings.instance_cgroup(name)
@@ -320,19 +360,30 @@ class ContainerEngine(ProcessEngine):
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def create(self, inst: Instance, uuid: str) -> dict[str, Any]:
+    async def create(self, inst: Instance, uuid: str) -> EngineState:
         image = self.images.get(inst.image)
         lower = await asyncio.to_thread(container_rootfs, self.settings, image)
         sdir = self.state_dir(uuid)
-        for d in ("upper", "work", "rootfs", "bundle"):
+        for d in ("upper", *WORK_DIRS):
             (sdir / d).mkdir(parents=True, exist_ok=True)
-        self._write_bundle(inst, sdir)
-        return {"lower": str(lower)}
+        await self._write_bundle(inst, sdir)
+        return ContainerState(lower=str(lower))
 
-    def _write_bundle(
+    async def _base_spec(self) -> dict[str, Any]:
+        """The runtime's own default config.json (``vz-runtime spec``), read once: each
+        container's config is built on it, so the defaults (capabilities, masked paths,
+        seccomp profile, device rules) are the runtime's, spoken only through its CLI."""
+        if self._spec is None:
+            with tempfile.TemporaryDirectory(prefix="vz-spec-") as bundle:
+                await self._runtime("spec", "--bundle", bundle)
+                self._spec = json.loads((Path(bundle) / "config.json").read_text())
+        spec: dict[str, Any] = json.loads(json.dumps(self._spec))
+        return spec
+
+    async def _write_bundle(
         self, inst: Instance, sdir: Path, volumes: Sequence[VolumeMount] = ()
     ) -> None:
-        spec = default_spec()
+        spec = await self._base_spec()
         process = spec["process"]
         process.update(
             terminal=False,
@@ -352,7 +403,10 @@ class ContainerEngine(ProcessEngine):
             cpu["cpus"] = ",".join(map(str, limits.cpu_pin))
         linux = spec.setdefault("linux", {})
         linux["cgroupsPath"] = self._cgroup_path(inst.name)
-        linux["resources"] = {"memory": {"limit": limits.memory}, "cpu": cpu}
+        # Merged, not replaced: the spec's device rules (deny all, then the runtime's
+        # default allow-list) must survive, or a container with CAP_MKNOD opens any device.
+        resources = linux.setdefault("resources", {})
+        resources.update(memory={"limit": limits.memory}, cpu=cpu)
         for v in volumes:
             spec["mounts"].append(
                 {
@@ -369,31 +423,28 @@ class ContainerEngine(ProcessEngine):
         if os.path.ismount(target):
             return
         options = f"lowerdir={lower},upperdir={sdir / 'upper'},workdir={sdir / 'work'}"
-        syscalls.mount("overlay", str(target), "overlay", 0, options)
+        _mount("overlay", target, "overlay", options)
 
     def _unmount_rootfs(self, sdir: Path) -> None:
         target = sdir / "rootfs"
         if os.path.ismount(target):
-            syscalls.umount2(str(target), syscalls.MNT_DETACH)
+            _unmount(target)
 
     async def start(
         self,
         inst: Instance,
         uuid: str,
-        runtime: dict[str, Any],
+        state: EngineState,
         net: NetPlan,
-        restore: Path | None = None,
         volumes: Sequence[VolumeMount] = (),
     ) -> Started:
-        if restore is not None:
-            await self.save_state(inst.name, restore)  # raises: no checkpoints
         if inst.name in self._live:
             raise EngineError(f"container {inst.name!r} is already running")
         sdir = self.state_dir(uuid)
-        self._write_bundle(inst, sdir, volumes)  # limits and volumes may have changed
+        await self._write_bundle(inst, sdir, volumes)  # limits and volumes may have changed
         if net.nics:
             _write_resolv_conf(sdir / "upper", net.resolv_conf())
-        self._mount_rootfs(sdir, runtime["lower"])
+        self._mount_rootfs(sdir, ContainerState.of(state).lower)
         log_path = sdir / "console.log"
         error_log = sdir / "runtime.log"
         pid_file = sdir / "init.pid"
@@ -442,7 +493,7 @@ class ContainerEngine(ProcessEngine):
             raise
         return Started(pid=pid)
 
-    async def attach(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> str | None:
+    async def attach(self, inst: Instance, uuid: str, state: EngineState) -> str | None:
         rc, out = await self._runtime("state", uuid, check=False)
         status = json.loads(out).get("status") if rc == 0 else None
         if status not in ("running", "paused") or inst.pid is None or not alive(inst.pid):
@@ -462,6 +513,8 @@ class ContainerEngine(ProcessEngine):
                 await asyncio.wait_for(live.exited.wait(), timeout)
                 return
             log.info("%s did not stop within %.0fs: killing it", name, timeout)
+        # kill --all KILL freezes the cgroup, kills everything in it and thaws it until it
+        # is empty: a fork bomb cannot outrun it.
         await self._runtime("kill", "--all", live.uuid, "KILL", check=False)
         await live.exited.wait()
 
@@ -481,7 +534,9 @@ class ContainerEngine(ProcessEngine):
         if limits.cpu_pin:
             args += ["--cpuset-cpus", ",".join(map(str, limits.cpu_pin))]
         await self._runtime(*args, live.uuid)
-        self._write_bundle(inst.model_copy(update={"limits": limits}), self.state_dir(live.uuid))
+        await self._write_bundle(
+            inst.model_copy(update={"limits": limits}), self.state_dir(live.uuid)
+        )
 
     async def io_stats(self, name: str) -> tuple[int, int] | None:
         return None  # the block layer is the host's; cgroup io accounting is not read yet
@@ -496,9 +551,6 @@ class ContainerEngine(ProcessEngine):
         assert volume.target is not None
         await self._runtime("umount", self._get(name).uuid, volume.target)
 
-    async def resize_volume(self, name: str, volume: VolumeMount, size: int) -> None:
-        pass  # a directory has no size to change
-
     async def plug(self, name: str, nic: NicPlan) -> None:
         await asyncio.to_thread(_plug_veth, self._get(name).pid, nic)
 
@@ -512,58 +564,6 @@ class ContainerEngine(ProcessEngine):
 
     async def resume(self, name: str) -> None:
         await self._runtime("resume", self._get(name).uuid)
-
-    # -- snapshots and copies: the overlay's upper layer is the container's own data -------
-
-    async def snapshot_disk(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], dest: Path
-    ) -> tuple[dict[str, Any], str | None]:
-        """Copy the upper layer (a running container must be paused: a consistent copy)."""
-        await _copy_tree(self.state_dir(uuid) / "upper", dest / "upper")
-        return runtime, None
-
-    async def quiesce(self, name: str) -> None:
-        pass
-
-    async def save_state(self, name: str, dest: Path) -> int:
-        raise InvalidConfig(
-            "containers have no stateful snapshots (their processes are not checkpointed)",
-            hint="take a snapshot without --stateful: it keeps the container's files",
-        )
-
-    async def restore_disk(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], snapshot: Path, layer: str | None
-    ) -> dict[str, Any]:
-        sdir = self.state_dir(uuid)
-        fresh = sdir / "upper.restoring"
-        shutil.rmtree(fresh, ignore_errors=True)
-        await _copy_tree(snapshot / "upper", fresh)
-        old = sdir / "upper.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(sdir / "upper", old)
-        os.rename(fresh, sdir / "upper")
-        shutil.rmtree(old, ignore_errors=True)
-        # The work directory belongs to the old upper layer.
-        shutil.rmtree(sdir / "work", ignore_errors=True)
-        (sdir / "work").mkdir()
-        return runtime
-
-    async def clone_disk(self, src_uuid: str, layer: str | None, dst_uuid: str) -> dict[str, Any]:
-        dst = self.state_dir(dst_uuid)
-        for d in ("work", "rootfs", "bundle"):
-            (dst / d).mkdir(parents=True, exist_ok=True)
-        await _copy_tree(self.state_dir(src_uuid) / "upper", dst / "upper")
-        return {}
-
-    async def prune_disks(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], keep: list[str]
-    ) -> None:
-        pass  # a container's snapshots are self-contained copies
-
-    async def drop_layer(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], layer: str
-    ) -> None:
-        pass
 
     async def destroy(self, inst: Instance, uuid: str) -> None:
         live = self._live.get(inst.name)
@@ -653,56 +653,73 @@ class ContainerEngine(ProcessEngine):
         )
         return _TtyProc(proc, master, reader, req.timeout)
 
-    async def _run(self, name: str, argv: list[str], stdin: bytes = b"") -> tuple[int, bytes]:
-        session = await self.exec(name, ExecRequest(argv=argv, stdin=bool(stdin)))
-        if stdin:
-            await session.write_stdin(stdin)
-            await session.close_stdin()
-        out, err = bytearray(), bytearray()
-        while (item := await session.read()) is not None:
-            (out if item[0] == 1 else err).extend(item[1])
-        result = await session.wait()
-        if result.exit_code != 0:
-            raise AgentError(err.decode(errors="replace").strip() or f"exit {result.exit_code}")
-        return result.exit_code, bytes(out)
-
     async def push_file(
         self, name: str, path: str, data: AsyncIterator[bytes], mode: int, parents: bool
     ) -> None:
-        # Through the container's own view (its mounts, e.g. a tmpfs /tmp), not the host's.
-        script = (
-            'mkdir -p "$(dirname "$1")" && ' if parents else ""
-        ) + 'cat > "$1.vz-tmp" && chmod "$2" "$1.vz-tmp" && mv -f "$1.vz-tmp" "$1"'
-        session = await self.exec(
-            name, ExecRequest(argv=["sh", "-c", script, "push", path, f"{mode:o}"], stdin=True)
-        )
-        async for chunk in data:
-            await session.write_stdin(chunk)
-        await session.close_stdin()
-        err = bytearray()
-        while (item := await session.read()) is not None:
-            err.extend(item[1])
-        if (await session.wait()).exit_code != 0:
+        # vz-runtime writes it from inside the container's mount namespace (its own view:
+        # a tmpfs /tmp, volumes; its symlinks resolve in it), running none of its binaries.
+        if mode & 0o6000:
+            raise InvalidConfig(
+                f"mode {mode:o} sets setuid or setgid",
+                hint="push the file without the setuid/setgid bits",
+            )
+        args = ["file-write", "--mode", f"{mode:o}", *(["--parents"] if parents else [])]
+        proc = await self._runtime_proc(*args, self._get(name).uuid, path, stdin=True)
+        assert proc.stdin is not None and proc.stderr is not None
+        try:
+            async for chunk in data:
+                proc.stdin.write(chunk)
+                await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the runtime gave up: its error follows
+        except BaseException:
+            # Stopped mid-stream: the runtime (and its helper, by PDEATHSIG) must not
+            # mistake the end of its input for the end of the file and commit a part.
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            await proc.wait()
+            raise
+        proc.stdin.close()
+        err = await proc.stderr.read()
+        if await proc.wait() != 0:
             raise AgentError(
-                f"cannot write {path} in {name!r}: {err.decode(errors='replace').strip()}",
+                f"cannot write {path} in {name!r}: {_runtime_error(err)}",
                 hint="check that the directory exists (or pass parents) and is writable",
             )
 
     async def pull_file(self, name: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
-        try:
-            _, out = await self._run(name, ["stat", "-c", "%f", path])
-        except AgentError as exc:
-            raise AgentError(f"cannot read {path} in {name!r}: {exc.message}") from exc
-        mode = int(out.strip(), 16)
-        session = await self.exec(name, ExecRequest(argv=["cat", path], stdin=False))
+        proc = await self._runtime_proc("file-read", "--header", self._get(name).uuid, path)
+        assert proc.stdout is not None and proc.stderr is not None
+        line = await proc.stdout.readline()
+        if not line:
+            err = await proc.stderr.read()
+            await proc.wait()
+            raise AgentError(f"cannot read {path} in {name!r}: {_runtime_error(err)}")
+        mode = int(json.loads(line)["mode"])
+        stdout = proc.stdout
 
         async def chunks() -> AsyncIterator[bytes]:
-            while (item := await session.read()) is not None:
-                if item[0] == 1:
-                    yield item[1]
-            await session.wait()
+            try:
+                while data := await stdout.read(65536):
+                    yield data
+            finally:
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                await proc.wait()
 
         return mode, chunks()
+
+    async def _runtime_proc(self, *args: str, stdin: bool = False) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *RUNTIME,
+            "--root",
+            str(self.root),
+            *args,
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE if not stdin else asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
 
     async def open_console(self, name: str) -> ConsoleStream:
         return _LogConsole(self.state_dir(self._get(name).uuid) / "console.log")
@@ -764,18 +781,26 @@ def _write_resolv_conf(upper: Path, text: str) -> None:
     target.write_text(text)
 
 
-async def _copy_tree(src: Path, dst: Path) -> None:
-    """``cp -a``: keeps owners, modes, xattrs and overlayfs whiteouts; reflinks where the
-    file system can (then a copy costs no data blocks)."""
-    proc = await asyncio.create_subprocess_exec(
-        "cp", "-a", "--reflink=auto", "--", str(src), str(dst),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        shutil.rmtree(dst, ignore_errors=True)
-        why = err.decode(errors="replace").strip()
-        if "No space left" in why:
-            raise ResourceExhausted(f"copying {src} failed: {why}", hint="free disk space")
-        raise EngineError(f"copying {src} failed: {why}")
+def _runtime_error(stderr: bytes) -> str:
+    """The runtime's ``error: ...`` line (its hint is for its own command line)."""
+    text = stderr.decode(errors="replace").strip()
+    for line in text.splitlines():
+        if line.startswith("error: "):
+            return line[len("error: ") :]
+    return text[-2000:] or "vz-runtime failed without saying why"
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_MNT_DETACH = 2
+
+
+def _mount(source: str, target: Path, fstype: str, options: str) -> None:
+    if _libc.mount(source.encode(), bytes(target), fstype.encode(), 0, options.encode()) < 0:
+        err = ctypes.get_errno()
+        raise EngineError(f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def _unmount(target: Path) -> None:
+    if _libc.umount2(bytes(target), _MNT_DETACH) < 0:
+        err = ctypes.get_errno()
+        raise EngineError(f"unmount {target}: {os.strerror(err)}")

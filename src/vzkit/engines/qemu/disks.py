@@ -18,14 +18,26 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vzkit.engines.base import EngineState
 from vzkit.errors import EngineError, StateError
 from vzkit.storage import qcow2
 
 ROOT_TOP = "root.qcow2"
 
 
-def top_name(runtime: dict[str, Any]) -> str:
-    return str(runtime.get("top", ROOT_TOP))
+class QemuState(EngineState):
+    """The QEMU engine's facts about an instance: its disk's writable top layer.
+
+    ``top`` is unset until the first layer is frozen over ``root.qcow2`` (and for a
+    micro-VM booted from its initramfs, which has no disk at all).
+    """
+
+    top: str | None = None
+
+    @property
+    def disk(self) -> str:
+        """The file name of the disk's top in the instance directory."""
+        return self.top or ROOT_TOP
 
 
 def _new_name() -> str:

@@ -2,19 +2,20 @@
 
 Per instance it keeps a QMP session (pause/resume/quit and the SHUTDOWN event), a pidfd
 (exit notice within milliseconds, even after a daemon restart) and, lazily, one
-multiplexed agent connection shared by every exec and file transfer.
+multiplexed agent connection shared by every exec and file transfer. Its capabilities
+live beside it: disk layers and publishing (``layers``), export and import (``transfer``),
+volume hot-plug (``hotplug``); memory snapshots are part of the engine itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import pwd
-import shlex
 import shutil
-import signal
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,22 +25,25 @@ from typing import Any
 from qemu.qmp import EventListener, QMPClient
 
 from vzkit.api.host import HostInfo
-from vzkit.api.instances import Accel, ExecRequest, Instance, InstanceType, Limits
-from vzkit.engines.base import ConsoleStream, ExecSession, ExitInfo, Started
-from vzkit.engines.common import CONSOLE_LOG_MAX, ProcessEngine
-from vzkit.engines.qemu import disks as layers
-from vzkit.engines.qemu import process, savestate
-from vzkit.engines.qemu.agent import AgentClient
-from vzkit.engines.qemu.cmdline import (
-    HOTPLUG_PORTS,
-    Disk,
-    MachineSpec,
-    Nic,
-    build_argv,
-    hotplug_port,
-    kernel_cmdline,
+from vzkit.api.instances import Accel, ExecRequest, ImageInfo, Instance, InstanceType, Limits
+from vzkit.engines.base import (
+    Capabilities,
+    ConsoleStream,
+    EngineState,
+    ExecSession,
+    ExitInfo,
+    Refusal,
+    Started,
 )
-from vzkit.errors import AgentError, EngineError, NotFound, ResourceExhausted, StateError
+from vzkit.engines.common import CONSOLE_LOG_MAX, ProcessEngine
+from vzkit.engines.qemu import guest, process, savestate
+from vzkit.engines.qemu.agent import AgentClient
+from vzkit.engines.qemu.cmdline import Disk, MachineSpec, Nic, build_argv, kernel_cmdline
+from vzkit.engines.qemu.disks import QemuState
+from vzkit.engines.qemu.hotplug import QemuVolumes
+from vzkit.engines.qemu.layers import QemuDisks
+from vzkit.engines.qemu.transfer import QemuExport
+from vzkit.errors import AgentError, EngineError, NotFound, StateError
 from vzkit.host.cgroups import Cgroup, CgroupDriver, CgroupLimits
 from vzkit.host.resources import TCG_TB_SIZE_MIB, qemu_memory_limit
 from vzkit.images.store import ImageStore
@@ -53,6 +57,28 @@ logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 BOOT_TIMEOUT = 180.0
 _QMP_BUF = 1024 * 1024
+
+# What a running VM refuses (the change applies at its next start instead).
+_NIC_REFUSALS = {
+    "nic-attach": Refusal(
+        StateError,
+        "cannot add a network interface to {name!r} while it runs",
+        "stop it first (vz stop {name}); the interface is added at the next start",
+    ),
+    "nic-detach": Refusal(
+        StateError,
+        "cannot remove a network interface from {name!r} while it runs",
+        "stop it first: vz stop {name}",
+    ),
+}
+_MICROVM_REFUSALS = {
+    f"volume-{verb}": Refusal(
+        StateError,
+        f"cannot {verb} a volume while micro-VM {{name!r}} runs (virtio-mmio has no hot-plug)",
+        "stop it first (vz stop {name}); the change applies at the next start",
+    )
+    for verb in ("attach", "detach")
+}
 
 
 @dataclass
@@ -103,13 +129,38 @@ class QemuEngine(ProcessEngine):
         self.cgroups = cgroups
         self._live: dict[str, _Live] = {}
         self.user = _qemu_user(settings.qemu_user, (settings.state_dir, settings.runtime_dir))
+        disks, volumes = QemuDisks(self), QemuVolumes(self)
+        common = Capabilities(
+            snapshots=disks,
+            export=QemuExport(self),
+            disk_layers=disks,
+            memory_snapshots=self,
+            volume_resize=volumes,
+            publish=disks,
+            tap_nics=True,
+            block_volumes=True,
+        )
+        self._caps = {
+            InstanceType.VM: dataclasses.replace(
+                common, live_volumes=volumes, refusals=_NIC_REFUSALS
+            ),
+            InstanceType.MICROVM: dataclasses.replace(
+                common, refusals=_NIC_REFUSALS | _MICROVM_REFUSALS
+            ),
+        }
+
+    def capabilities(self, kind: InstanceType) -> Capabilities:
+        return self._caps[kind]
+
+    def load_state(self, data: str) -> EngineState:
+        return QemuState.model_validate_json(data)
 
     def runtime_dir(self, uuid: str) -> Path:
         return self.settings.instance_runtime_dir / uuid
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def create(self, inst: Instance, uuid: str) -> dict[str, Any]:
+    async def create(self, inst: Instance, uuid: str) -> EngineState:
         image = self.images.get(inst.image)
         sdir = self.state_dir(uuid)
         sdir.mkdir(parents=True, exist_ok=True)
@@ -135,16 +186,38 @@ class QemuEngine(ProcessEngine):
                 base.name,
                 str(sdir / "root.qcow2"),
             )
-        return {}
+        return QemuState()
 
     async def start(
         self,
         inst: Instance,
         uuid: str,
-        runtime: dict[str, Any],
+        state: EngineState,
         net: NetPlan,
-        restore: Path | None = None,
         volumes: Sequence[VolumeMount] = (),
+    ) -> Started:
+        return await self._boot(inst, uuid, QemuState.of(state), net, volumes, None)
+
+    async def start_from(
+        self,
+        inst: Instance,
+        uuid: str,
+        state: EngineState,
+        net: NetPlan,
+        memory: Path,
+        volumes: Sequence[VolumeMount] = (),
+    ) -> Started:
+        """Start a new QEMU that loads saved memory (``-incoming``) instead of booting."""
+        return await self._boot(inst, uuid, QemuState.of(state), net, volumes, memory)
+
+    async def _boot(
+        self,
+        inst: Instance,
+        uuid: str,
+        state: QemuState,
+        net: NetPlan,
+        volumes: Sequence[VolumeMount],
+        restore: Path | None,
     ) -> Started:
         if inst.name in self._live:
             raise EngineError(f"instance {inst.name!r} already has a running QEMU")
@@ -156,17 +229,6 @@ class QemuEngine(ProcessEngine):
         shutil.rmtree(rdir, ignore_errors=True)
         rdir.mkdir(parents=True, mode=0o700)
         accel = inst.accel or Accel(self.host.accel)
-        disks: tuple[Disk, ...] = ()
-        root = None
-        extra_args = image.files.get("cmdline", "")
-        if image.files.get("rootfs"):
-            disks = (Disk(sdir / layers.top_name(runtime)),)
-            # The root disk is the first virtio-blk device; the image may name it itself.
-            root = None if "vz.root=" in extra_args else "/dev/vda"
-        disks += tuple(
-            Disk(v.host_path, node=v.device_id, read_only=v.readonly, serial=v.name[:20])
-            for v in volumes
-        )
         cgroup: Cgroup | None = None
         pid: int | None = None
         try:
@@ -177,48 +239,9 @@ class QemuEngine(ProcessEngine):
                 )
             for nic in net.nics:
                 await asyncio.to_thread(_ensure_tap, nic, self.user[0] if self.user else None)
-            socks = [
-                process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock", "console.sock")
-            ]
-            state_fd = os.open(restore, os.O_RDONLY) if restore else None
-            jail = self._jail(sdir, rdir, volumes) if self.settings.jail else None
-            with process.closing_all(socks), _closing_fd(state_fd):
-                spec = MachineSpec(
-                    name=inst.name,
-                    uuid=uuid,
-                    type=inst.type,
-                    cpus=inst.limits.cpus,
-                    memory=inst.limits.memory,
-                    accel=accel,
-                    kernel=Path(image.files["kernel"]),
-                    initrd=Path(image.files["initrd"]),
-                    cmdline=kernel_cmdline(
-                        hostname=inst.name,
-                        tsc_khz=self.host.tsc_khz,
-                        root=root,
-                        extra=extra_args,
-                    ),
-                    qmp_fd=socks[0].fileno(),
-                    agent_fd=socks[1].fileno(),
-                    console_fd=socks[2].fileno(),
-                    console_log=sdir / "console.log",
-                    pid_file=rdir / "qemu.pid",
-                    disks=disks,
-                    nics=tuple(Nic(n.host_name, n.mac) for n in net.nics),
-                    extra=tuple(savestate.incoming_args(state_fd) if state_fd else ()),
-                )
-                # A fresh boot starts a fresh console log.
-                (sdir / "console.log").write_bytes(b"")
-                self._give(rdir, sdir / "console.log", *(d.path for d in disks if not d.read_only))
-                t_spawn = time.monotonic()
-                pid = await process.launch(
-                    build_argv(self.settings.qemu_binary, spec),
-                    pass_fds=[s.fileno() for s in socks] + ([state_fd] if state_fd else []),
-                    procs_files=cgroup.procs_files() if cgroup else [],
-                    pid_file=spec.pid_file,
-                    log_file=sdir / "qemu.log",
-                    jail=jail,
-                )
+            spec = self._machine(inst, uuid, image, state, accel, net, volumes)
+            t_spawn = time.monotonic()
+            pid = await self._launch(spec, volumes, cgroup, restore)
             t_launched = time.monotonic()
             live = _Live(inst.name, uuid, pid, rdir, cgroup=cgroup, type=inst.type)
             self._live[inst.name] = live
@@ -229,18 +252,7 @@ class QemuEngine(ProcessEngine):
                     raise self._boot_failure(live) from exc
                 raise EngineError(f"cannot connect to QEMU's monitor: {exc}") from exc
             t_watched = time.monotonic()
-            if restore is not None:
-                assert live.qmp is not None
-                await savestate.wait_loaded(live.qmp)
-                await live.qmp.execute("cont")
-            agent = await self._wait_agent(live, BOOT_TIMEOUT)
-            if net.nics or restore:
-                # After a restore the guest may be another instance's memory: rename it too.
-                await _configure_guest(agent, net.guest_script(inst.name if restore else None))
-            if volumes:
-                await _configure_guest(
-                    agent, _disk_links([v.name[:20] for v in volumes]), "disks", "see the console"
-                )
+            agent = await self._ready(live, inst, net, volumes, restore)
             log.info(
                 "%s started: set-up %.3fs, qemu launch %.3fs, qmp %.3fs, boot to agent %.3fs",
                 inst.name,
@@ -253,6 +265,7 @@ class QemuEngine(ProcessEngine):
                 pid=pid,
                 agent_version=agent.hello.agent_version,
                 kernel_release=agent.hello.kernel_release,
+                accel=accel,
             )
         except BaseException:
             live_ = self._live.pop(inst.name, None)
@@ -265,6 +278,106 @@ class QemuEngine(ProcessEngine):
                 await asyncio.to_thread(cgroup.destroy)
             shutil.rmtree(rdir, ignore_errors=True)
             raise
+
+    def _machine(
+        self,
+        inst: Instance,
+        uuid: str,
+        image: ImageInfo,
+        state: QemuState,
+        accel: Accel,
+        net: NetPlan,
+        volumes: Sequence[VolumeMount],
+    ) -> MachineSpec:
+        """The machine to launch; its descriptor fields are filled in by :meth:`_launch`."""
+        sdir, rdir = self.state_dir(uuid), self.runtime_dir(uuid)
+        disks: tuple[Disk, ...] = ()
+        root = None
+        extra_args = image.files.get("cmdline", "")
+        if image.files.get("rootfs"):
+            disks = (Disk(sdir / state.disk),)
+            # The root disk is the first virtio-blk device; the image may name it itself.
+            root = None if "vz.root=" in extra_args else "/dev/vda"
+        disks += tuple(
+            Disk(v.host_path, node=v.device_id, read_only=v.readonly, serial=v.name[:20])
+            for v in volumes
+        )
+        return MachineSpec(
+            name=inst.name,
+            uuid=uuid,
+            type=inst.type,
+            cpus=inst.limits.cpus,
+            memory=inst.limits.memory,
+            accel=accel,
+            kernel=Path(image.files["kernel"]),
+            initrd=Path(image.files["initrd"]),
+            cmdline=kernel_cmdline(
+                hostname=inst.name, tsc_khz=self.host.tsc_khz, root=root, extra=extra_args
+            ),
+            qmp_fd=-1,
+            agent_fd=-1,
+            console_fd=-1,
+            console_log=sdir / "console.log",
+            pid_file=rdir / "qemu.pid",
+            disks=disks,
+            nics=tuple(Nic(n.host_name, n.mac) for n in net.nics),
+        )
+
+    async def _launch(
+        self,
+        spec: MachineSpec,
+        volumes: Sequence[VolumeMount],
+        cgroup: Cgroup | None,
+        restore: Path | None,
+    ) -> int:
+        """Start QEMU on listening sockets made here (so nothing waits for a path to
+        appear); returns its pid once it has daemonized."""
+        sdir, rdir = self.state_dir(spec.uuid), self.runtime_dir(spec.uuid)
+        socks = [process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock", "console.sock")]
+        state_fd = os.open(restore, os.O_RDONLY) if restore else None
+        jail = self._jail(sdir, rdir, volumes) if self.settings.jail else None
+        with process.closing_all(socks), _closing_fd(state_fd):
+            spec = dataclasses.replace(
+                spec,
+                qmp_fd=socks[0].fileno(),
+                agent_fd=socks[1].fileno(),
+                console_fd=socks[2].fileno(),
+                extra=tuple(savestate.incoming_args(state_fd) if state_fd else ()),
+            )
+            # A fresh boot starts a fresh console log.
+            spec.console_log.write_bytes(b"")
+            self._give(rdir, spec.console_log, *(d.path for d in spec.disks if not d.read_only))
+            return await process.launch(
+                build_argv(self.settings.qemu_binary, spec),
+                pass_fds=[s.fileno() for s in socks] + ([state_fd] if state_fd else []),
+                procs_files=cgroup.procs_files() if cgroup else [],
+                pid_file=spec.pid_file,
+                log_file=sdir / "qemu.log",
+                jail=jail,
+            )
+
+    async def _ready(
+        self,
+        live: _Live,
+        inst: Instance,
+        net: NetPlan,
+        volumes: Sequence[VolumeMount],
+        restore: Path | None,
+    ) -> AgentClient:
+        """Wait for the guest's agent, then configure its NICs and volumes."""
+        if restore is not None:
+            assert live.qmp is not None
+            await savestate.wait_loaded(live.qmp)
+            await live.qmp.execute("cont")
+        agent = await self._wait_agent(live, BOOT_TIMEOUT)
+        if net.nics or restore:
+            # After a restore the guest may be another instance's memory: rename it too.
+            await guest.configure(agent, net.guest_script(inst.name if restore else None))
+        if volumes:
+            await guest.configure(
+                agent, guest.disk_links([v.name[:20] for v in volumes]), "disks", "see the console"
+            )
+        return agent
 
     def _jail(self, sdir: Path, rdir: Path, volumes: Sequence[VolumeMount]) -> process.Jail:
         """QEMU sees the images, its own instance directories and its own volumes; the
@@ -281,7 +394,7 @@ class QemuEngine(ProcessEngine):
             for path in paths:
                 os.chown(path, *self.user)
 
-    async def attach(self, inst: Instance, uuid: str, runtime: dict[str, Any]) -> str | None:
+    async def attach(self, inst: Instance, uuid: str, state: EngineState) -> str | None:
         pid = inst.pid
         if pid is None:
             # vzd died during the boot, before it recorded the pid: QEMU's pid file has it.
@@ -369,22 +482,7 @@ class QemuEngine(ProcessEngine):
             cpuset_cpus=limits.cpu_pin,
         )
 
-    # -- snapshots and copies -------------------------------------------------------------
-
-    async def snapshot_disk(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], dest: Path
-    ) -> tuple[dict[str, Any], str | None]:
-        """Freeze the disk's top as the snapshot's layer (a running VM must be paused)."""
-        sdir = self.state_dir(uuid)
-        if not (sdir / layers.top_name(runtime)).is_file():
-            return runtime, None  # a micro-VM booted from its initramfs has no disk
-        top = layers.top_name(runtime)
-        live = self._live.get(inst.name)
-        if live is not None and live.qmp is not None:
-            new = await layers.freeze_live(live.qmp, sdir, top, self.user)
-        else:
-            new = await layers.freeze_offline(sdir, top)
-        return {**runtime, "top": new}, top
+    # -- memory snapshots ------------------------------------------------------------------
 
     async def quiesce(self, name: str) -> None:
         """Make the memory cheap to save: migration sends a zero page as one flag, but the
@@ -392,49 +490,12 @@ class QemuEngine(ProcessEngine):
         micro-VM). The guest drops its caches and writes zeros over its free memory."""
         agent = await self._agent(self._get(name))
         with contextlib.suppress(AgentError):
-            await agent.run(["/bin/sh", "-c", _ZERO_FREE_MEMORY], timeout=60)
+            await agent.run(["/bin/sh", "-c", guest.ZERO_FREE_MEMORY], timeout=60)
 
     async def save_state(self, name: str, dest: Path) -> int:
         live = self._get(name)
         assert live.qmp is not None
         return await savestate.save(live.qmp, dest)
-
-    async def restore_disk(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], snapshot: Path, layer: str | None
-    ) -> dict[str, Any]:
-        if layer is None:
-            return runtime
-        new = await layers.new_top_over(self.state_dir(uuid), layer)
-        return {**runtime, "top": new}
-
-    async def clone_disk(
-        self,
-        src_uuid: str,
-        layer: str | None,
-        dst_uuid: str,
-    ) -> dict[str, Any]:
-        """A new instance directory whose disk is a fresh top over ``layer`` (frozen)."""
-        dst = self.state_dir(dst_uuid)
-        dst.mkdir(parents=True, exist_ok=True)
-        if layer is None:
-            return {}
-        src = self.state_dir(src_uuid)
-        names = await asyncio.to_thread(layers.chain, src, layer)
-        await asyncio.to_thread(layers.link_chain, src, dst, names)
-        return {"top": await layers.freeze_offline(dst, layer)}
-
-    async def prune_disks(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], keep: list[str]
-    ) -> None:
-        sdir = self.state_dir(uuid)
-        await asyncio.to_thread(layers.prune, sdir, [layers.top_name(runtime), *keep])
-
-    async def drop_layer(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], layer: str
-    ) -> None:
-        """Make a deleted snapshot's layer unneeded by merging it into its children."""
-        running = layers.top_name(runtime) if inst.name in self._live else None
-        await asyncio.to_thread(layers.merge_out, self.state_dir(uuid), layer, running)
 
     async def io_stats(self, name: str) -> tuple[int, int] | None:
         """Bytes read and written by the guest, over all its disks."""
@@ -445,133 +506,6 @@ class QemuEngine(ProcessEngine):
         read = sum(int(d.get("stats", {}).get("rd_bytes", 0)) for d in devices)
         written = sum(int(d.get("stats", {}).get("wr_bytes", 0)) for d in devices)
         return read, written
-
-    # -- volumes ---------------------------------------------------------------------------
-
-    def _hotplug(self, name: str, verb: str) -> QMPClient:
-        live = self._get(name)
-        if live.type is not InstanceType.VM or live.qmp is None:
-            raise StateError(
-                f"cannot {verb} a volume while micro-VM {name!r} runs (virtio-mmio has no "
-                "hot-plug)",
-                hint=f"stop it first (vz stop {name}); the change applies at the next start",
-            )
-        return live.qmp
-
-    async def attach_volume(self, name: str, volume: VolumeMount) -> None:
-        qmp = self._hotplug(name, "attach")
-        node = volume.device_id
-        try:
-            # By descriptor: the jailed QEMU cannot see the pool.
-            fd = os.open(volume.host_path, os.O_RDONLY if volume.readonly else os.O_RDWR)
-            try:
-                qmp.send_fd_scm(fd)
-                added: Any = await qmp.execute("add-fd", {"opaque": node})
-            finally:
-                os.close(fd)
-            await qmp.execute(
-                "blockdev-add",
-                {
-                    "driver": "qcow2",
-                    "node-name": node,
-                    "read-only": volume.readonly,
-                    "file": {"driver": "file", "filename": f"/dev/fdset/{added['fdset-id']}"},
-                },
-            )
-        except Exception as exc:
-            raise EngineError(f"QEMU cannot open volume {volume.name!r}: {exc}") from exc
-        device = {
-            "driver": "virtio-blk-pci",
-            "id": node,
-            "drive": node,
-            "serial": volume.name[:20],
-        }
-        errors = []
-        # The first free spare port; a taken one refuses the device.
-        for port in range(HOTPLUG_PORTS + 16):
-            try:
-                await qmp.execute("device_add", {**device, "bus": hotplug_port(port)})
-            except Exception as exc:
-                errors.append(str(exc))
-                if "not found" in str(exc):
-                    break
-                continue
-            # Without udev (the minimal image) nothing loads the driver of a device that
-            # was not there at boot; the script does, and waits for the disk to appear.
-            agent = await self._agent(self._get(name))
-            try:
-                await _configure_guest(
-                    agent,
-                    _disk_links([volume.name[:20]]),
-                    "disks",
-                    "the guest did not see the hot-plugged disk (here a q35 VM takes one "
-                    f"live-attached volume); stop {name}, attach it, start it again",
-                )
-            except BaseException:
-                # The guest never saw it: take it out again, nothing half-attached stays.
-                with contextlib.suppress(Exception):
-                    await qmp.execute("device_del", {"id": node})
-                with contextlib.suppress(Exception):
-                    await asyncio.sleep(0.5)
-                    await qmp.execute("blockdev-del", {"node-name": node})
-                raise
-            return
-        with contextlib.suppress(Exception):
-            await qmp.execute("blockdev-del", {"node-name": node})
-        raise ResourceExhausted(
-            f"no free hot-plug slot for volume {volume.name!r} in {name!r}: {errors[-1]}",
-            hint="detach another volume, or stop the VM and attach it (it then gets its own)",
-        )
-
-    async def detach_volume(self, name: str, volume: VolumeMount) -> None:
-        qmp = self._hotplug(name, "detach")
-        node = volume.device_id
-        try:
-            await qmp.execute("device_del", {"id": node})
-        except Exception as exc:
-            raise EngineError(f"cannot unplug volume {volume.name!r}: {exc}") from exc
-        # The guest releases the device (PCIe hot-plug has the guest acknowledge; Linux
-        # waits 5 s for a cancel first), then QEMU removes it.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while loop.time() < deadline:
-            devices: Any = await qmp.execute("qom-list", {"path": "/machine/peripheral"})
-            if not any(d.get("name") == node for d in devices):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise EngineError(
-                f"the guest of {name!r} did not release volume {volume.name!r} within 30 s",
-                hint="it may still be in use inside the guest: unmount it there, then retry",
-            )
-        for n in (node, f"{node}-file"):
-            with contextlib.suppress(Exception):
-                await qmp.execute("blockdev-del", {"node-name": n})
-        with contextlib.suppress(Exception):
-            fdsets: Any = await qmp.execute("query-fdsets")
-            for fdset in fdsets:
-                if any(f.get("opaque") == node for f in fdset.get("fds", [])):
-                    await qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
-
-    async def resize_volume(self, name: str, volume: VolumeMount, size: int) -> None:
-        live = self._get(name)
-        assert live.qmp is not None
-        try:
-            await live.qmp.execute("block_resize", {"node-name": volume.device_id, "size": size})
-        except Exception as exc:
-            raise EngineError(f"resizing volume {volume.name!r} failed: {exc}") from exc
-
-    async def plug(self, name: str, nic: NicPlan) -> None:
-        raise StateError(
-            f"cannot add a network interface to {name!r} while it runs",
-            hint=f"stop it first (vz stop {name}); the interface is added at the next start",
-        )
-
-    async def unplug(self, name: str, nic: NicPlan) -> None:
-        raise StateError(
-            f"cannot remove a network interface from {name!r} while it runs",
-            hint=f"stop it first: vz stop {name}",
-        )
 
     async def pause(self, name: str) -> None:
         await self._qmp(name, "stop")
@@ -646,10 +580,7 @@ class QemuEngine(ProcessEngine):
             await self._detach(live)
         self._live.clear()
 
-    def allocated_pids(self) -> dict[str, int]:
-        return {name: live.pid for name, live in self._live.items()}
-
-    # -- internals ---------------------------------------------------------------------
+    # -- internals (and what the capability objects beside the engine use) ----------------
 
     def _get(self, name: str) -> _Live:
         live = self._live.get(name)
@@ -658,6 +589,23 @@ class QemuEngine(ProcessEngine):
                 f"instance {name!r} has no running QEMU", hint=f"start it first: vz start {name}"
             )
         return live
+
+    def is_running(self, name: str) -> bool:
+        return name in self._live
+
+    def qmp(self, name: str) -> QMPClient:
+        """The QMP session of a running instance (NotFound when it is not running)."""
+        live = self._get(name)
+        if live.qmp is None:
+            raise EngineError(f"no QMP connection to {name!r}")
+        return live.qmp
+
+    def running_qmp(self, name: str) -> QMPClient | None:
+        live = self._live.get(name)
+        return None if live is None else live.qmp
+
+    async def agent(self, name: str) -> AgentClient:
+        return await self._agent(self._get(name))
 
     async def _watch(self, live: _Live) -> None:
         """Connect QMP and watch the pid, so an exit is noticed at once."""
@@ -753,45 +701,6 @@ async def _run(*argv: str) -> None:
         raise EngineError(f"{argv[0]} failed: {(err or out).decode(errors='replace').strip()}")
 
 
-def kill_signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return str(sig)
-
-
-def _disk_links(serials: list[str]) -> str:
-    """Wait for the disks with these serials and link /dev/disk/by-id/virtio-SERIAL to them,
-    as udev does where there is one (so the path is the same in every image)."""
-    wanted = " ".join(shlex.quote(s) for s in serials)
-    return f"""
-modprobe virtio_blk 2>/dev/null
-mkdir -p /dev/disk/by-id
-for want in {wanted}; do
-  found=
-  for i in $(seq 100); do
-    for f in /sys/block/*/serial; do
-      [ "$(cat "$f" 2>/dev/null)" = "$want" ] && found=${{f%/serial}} && break 2
-    done
-    sleep 0.1
-  done
-  [ -n "$found" ] || {{ echo "disk $want did not appear" >&2; exit 1; }}
-  ln -sf "../../${{found##*/}}" "/dev/disk/by-id/virtio-$want"
-done
-"""
-
-
-# A tmpfs file of zeros as large as free memory allows (keeping 24 MiB spare so nothing
-# else in the guest runs short), then removed: the freed pages hold zeros.
-_ZERO_FREE_MEMORY = """
-sync; echo 3 > /proc/sys/vm/drop_caches
-d=$(mktemp -d) && mount -t tmpfs -o size=100% vz-zero "$d" || exit 0
-free=$(awk '/^MemAvailable:/ {print int($2 / 1024) - 24}' /proc/meminfo)
-[ "$free" -gt 0 ] && dd if=/dev/zero of="$d/zero" bs=1M count="$free" 2>/dev/null
-umount "$d"; rmdir "$d"
-"""
-
-
 def _ensure_tap(nic: NicPlan, owner: int | None = None) -> None:
     links.ensure_tap(
         nic.host_name,
@@ -822,20 +731,6 @@ def _qemu_user(name: str, dirs: tuple[Path, ...]) -> tuple[int, int] | None:
                 )
                 return None
     return entry.pw_uid, entry.pw_gid
-
-
-async def _configure_guest(
-    agent: AgentClient,
-    script: str,
-    what: str = "network",
-    hint: str = "the image needs a POSIX sh and the ip command (busybox or iproute2)",
-) -> None:
-    """Run a set-up script in the guest through its agent (NIC addresses: no DHCP round
-    trip on the boot path; disks: driver and /dev/disk/by-id links)."""
-    done = await agent.run(["/bin/sh", "-c", script], timeout=30)
-    if done.result.exit_code != 0:
-        why = (done.stderr or done.stdout).decode(errors="replace").strip()[-500:]
-        raise EngineError(f"configuring the guest's {what} failed: {why or done.result}", hint=hint)
 
 
 @contextlib.contextmanager

@@ -1,185 +1,139 @@
-"""The operations users ask for, one typed method each, shared by every API route.
+"""Instances: create, delete, state changes, limits, the guest, and what the engines report.
 
-This layer owns the database and the state machine; engines only run things. Each
-operation on an instance holds that instance's lock, checks the state (vzkit.server.lifecycle),
-and on failure unwinds what it made so nothing half-made survives.
+This service owns the instance's life: each operation holds the instance's lock (the
+guard), checks the state (vzkit.server.lifecycle), and on failure unwinds what it made so
+nothing half-made survives. On a daemon start, :meth:`InstanceService.reconcile` matches
+the records with what is really alive; an engine's exit report lands in :meth:`_on_exit`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import secrets
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from vzkit.api.host import HostInfo
 from vzkit.api.instances import (
     ExecRequest,
-    ImageInfo,
     Instance,
     InstanceCreate,
     InstanceState,
-    InstanceType,
     InstanceUpdate,
     Limits,
     StateAction,
     StateChange,
 )
-from vzkit.api.networks import (
-    FirewallRule,
-    NetworkConfig,
-    NetworkUpdate,
-    NicConfig,
-    PortForward,
-    Proto,
-)
-from vzkit.engines.base import ConsoleStream, Engine, ExecSession, ExitInfo
-from vzkit.errors import Conflict, InvalidConfig, NotFound, VzError
-from vzkit.host.cgroups import CgroupDriver
-from vzkit.host.resources import OvercommitPolicy, check_fit
-from vzkit.images.rootfs import prune_rootfs
-from vzkit.images.store import ImageStore
-from vzkit.network.manager import NetworkManager
-from vzkit.network.nics import NetPlan
+from vzkit.api.networks import NicConfig
+from vzkit.engines.base import ConsoleStream, EngineState, ExecSession, ExitInfo
+from vzkit.errors import Conflict, InvalidConfig, NotFound
 from vzkit.server import lifecycle
-from vzkit.server.db import Database
 from vzkit.server.events import EventBus
-from vzkit.server.operations import Operations
-from vzkit.server.services.snapshots import Snapshots
-from vzkit.server.services.transfers import Transfers
-from vzkit.server.services.volumes import Volumes
+from vzkit.server.limits import spooled
+from vzkit.server.services.guard import Engines, InstanceGuard
+from vzkit.server.services.images import ImageService, Progress
+from vzkit.server.services.networks import NetworkService
+from vzkit.server.services.power import Power, now
+from vzkit.server.services.snapshots import SnapshotService, Source
+from vzkit.server.services.volumes import VolumeService
 from vzkit.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, float | None], None]
+_LIST = TypeAdapter(list[Instance])
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class Actions:
+class InstanceService:
     def __init__(
         self,
         settings: Settings,
-        db: Database,
-        host: HostInfo,
-        images: ImageStore,
-        engines: dict[InstanceType, Engine],
-        policy: OvercommitPolicy | None = None,
-        networks: NetworkManager | None = None,
-        cgroups: CgroupDriver | None = None,
+        guard: InstanceGuard,
+        engines: Engines,
+        power: Power,
+        images: ImageService,
+        networks: NetworkService,
+        volumes: VolumeService,
+        snapshots: SnapshotService,
+        events: EventBus,
     ) -> None:
         self.settings = settings
-        self.db = db
-        self.host = host
-        self.images = images
+        self.guard = guard
         self.engines = engines
-        self.policy = policy or OvercommitPolicy(
-            cpu_overcommit=settings.cpu_overcommit,
-            memory_overcommit=settings.memory_overcommit,
-        )
-        self.networks = networks or NetworkManager(settings, db)
-        self.cgroups = cgroups
-        self.events = EventBus()
-        self.operations = Operations(self.events)
-        self.snapshots = Snapshots(self)
-        self.volumes = Volumes(self)
-        self.transfers = Transfers(self)
-        self._network_lock = asyncio.Lock()
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._image_locks: dict[str, asyncio.Lock] = {}
-        for engine in engines.values():
+        self.power = power
+        self.images = images
+        self.networks = networks
+        self.volumes = volumes
+        self.snapshots = snapshots
+        self.events = events
+        self._listed: tuple[int, bytes] | None = None
+        for engine in engines.all():
             engine.set_exit_callback(self._on_exit)
-
-    # -- helpers -----------------------------------------------------------------------
-
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
-
-    def _engine(self, kind: InstanceType) -> Engine:
-        engine = self.engines.get(kind)
-        if engine is None:
-            raise InvalidConfig(
-                f"instances of type {kind.value!r} are not supported by this daemon",
-                hint="use --type " + " or ".join(t.value for t in self.engines),
-            )
-        return engine
-
-    def _save(self, inst: Instance, **changes: Any) -> Instance:
-        new = inst.model_copy(update=changes)
-        self.db.update(new)
-        if new.state is not inst.state:
-            self.events.publish(
-                "instance-state",
-                new.name,
-                state=new.state.value,
-                previous=inst.state.value,
-                reason=new.reason,
-            )
-        return new
-
-    def _allocated(self) -> list[Any]:
-        busy = lifecycle.ACTIVE | {InstanceState.CREATING}
-        return [i.limits for i in self.db.list(busy)]
 
     # -- queries -----------------------------------------------------------------------
 
-    def list_instances(self) -> list[Instance]:
-        return self.db.list()
+    def list(self) -> list[Instance]:
+        return self.guard.instances()
+
+    def list_json(self) -> bytes:
+        """The list as the API serves it, serialised once per change of any record."""
+        generation = self.guard.generation
+        if self._listed is None or self._listed[0] != generation:
+            self._listed = (generation, _LIST.dump_json(self.guard.instances()))
+        return self._listed[1]
 
     def get(self, name: str) -> Instance:
-        return self.db.get(name)[0]
+        return self.guard.get(name)
 
     # -- create / delete ---------------------------------------------------------------
 
-    async def create(self, req: InstanceCreate, progress: Progress | None = None) -> Instance:
-        source = self.snapshots.source(req.source) if req.source else None
-        if source is not None:
-            # A warm start: the machine is the snapshot's, only the name and NICs are new.
-            snap_nics = source.info.config.get("nics", [])
-            req = req.model_copy(
-                update={
-                    "type": source.instance.type,
-                    "image": source.instance.image,
-                    "limits": Limits.model_validate(source.info.config["limits"]),
-                    "nics": req.nics
-                    if req.nics is not None
-                    else [NicConfig(network=n["network"]) for n in snap_nics],
-                    "start": True,
-                }
+    def _warm_start(self, req: InstanceCreate) -> tuple[InstanceCreate, Source | None]:
+        """A create from a stateful snapshot: the machine is the snapshot's, only the name
+        and NICs are new."""
+        if not req.source:
+            return req, None
+        source = self.snapshots.source(req.source)
+        snap_nics = source.info.config.get("nics", [])
+        req = req.model_copy(
+            update={
+                "type": source.record.instance.type,
+                "image": source.record.instance.image,
+                "limits": Limits.model_validate(source.info.config["limits"]),
+                "nics": req.nics
+                if req.nics is not None
+                else [NicConfig(network=n["network"]) for n in snap_nics],
+                "start": True,
+            }
+        )
+        if len(req.nics or []) != len(snap_nics):
+            raise InvalidConfig(
+                f"snapshot {req.source!r} was taken with {len(snap_nics)} network "
+                f"interface(s); the new instance must have as many",
+                hint="leave out --network to get one on each of the snapshot's networks",
             )
-            if len(req.nics or []) != len(snap_nics):
-                raise InvalidConfig(
-                    f"snapshot {req.source!r} was taken with {len(snap_nics)} network "
-                    f"interface(s); the new instance must have as many",
-                    hint="leave out --network to get one on each of the snapshot's networks",
-                )
-        engine = self._engine(req.type)
+        return req, source
+
+    async def _new_record(
+        self, req: InstanceCreate, progress: Progress | None
+    ) -> tuple[Instance, str]:
+        """The checked record of a new instance, inserted as ``creating``."""
+        self.engines.of(req.type)
         name = req.name or f"{req.image}-{secrets.token_hex(3)}"
-        if self.db.exists(name):
+        if self.guard.exists(name):
             raise Conflict(
                 f"an instance named {name!r} already exists",
                 hint=f"choose another name, or delete it first: vz delete {name}",
             )
-        await self.ensure_image(req.image, progress)
+        await self.images.ensure(req.image, progress)
         requested = req.nics
         if requested is None:
             default = self.settings.default_network
             requested = [NicConfig(network=default)] if default else []
             if default:
-                async with self._network_lock:
-                    await asyncio.to_thread(self.networks.ensure, default)
+                await self.networks.ensure(default)
         if req.start:
-            check_fit(req.limits, self._allocated(), self.host, self.policy)
+            self.power.check_fit(req.limits)
         uuid = str(uuidlib.uuid4())
         inst = Instance(
             name=name,
@@ -190,7 +144,7 @@ class Actions:
             state=InstanceState.CREATING,
             ephemeral=req.ephemeral,
             accel=req.accel,
-            created_at=_now(),
+            created_at=now(),
         )
         # From the capacity check to the insert there is no await: the checks and the
         # reservations (CPU, memory, addresses, host ports) are atomic on the event loop.
@@ -199,178 +153,125 @@ class Actions:
         inst.volumes = list(req.volumes)
         for forward in req.ports:
             inst.ports.append(self.networks.check_forward(inst, forward, inst.ports))
-        self.db.insert(inst, uuid)
+        self.guard.insert(inst, uuid)
         self.events.publish("instance-created", name, type=inst.type.value, image=inst.image)
-        async with self._lock(name):
+        return inst, uuid
+
+    async def create(self, req: InstanceCreate, progress: Progress | None = None) -> Instance:
+        req, source = self._warm_start(req)
+        inst, uuid = await self._new_record(req, progress)
+        name = inst.name
+        engine = self.engines.of(inst.type)
+        async with self.guard.lock(name):
             try:
                 if inst.nics:
-                    await self._sync_network()
+                    await self.networks.sync()
+                state: EngineState
                 if source is None:
-                    runtime = await engine.create(inst, uuid)
+                    state = await engine.create(inst, uuid)
                 else:
-                    cloned = await engine.clone_disk(source.uuid, source.info.layer, uuid)
-                    runtime = {k: v for k, v in source.runtime.items() if k != "top"} | cloned
-                self.db.set_runtime(name, runtime)
-                inst = self._save(inst, state=InstanceState.STOPPED)
+                    snaps = self.engines.caps(inst.type).snapshots
+                    src = source.record
+                    state = await snaps.clone(src.uuid, src.engine_state, source.info.layer, uuid)
+                self.guard.save_engine_state(name, state)
+                inst = self.guard.save(inst, state=InstanceState.STOPPED)
                 if req.start:
-                    restore = source.memory if source else None
-                    inst = await self._start(inst, uuid, runtime, restore)
+                    memory = source.memory if source else None
+                    inst = await self.power.start(inst, uuid, state, memory)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await engine.destroy(inst, uuid)
-                self.db.delete(name)
+                self.guard.remove(name)
                 self.events.publish("instance-deleted", name, reason="its creation failed")
                 if inst.nics:
                     with contextlib.suppress(Exception):
-                        await asyncio.to_thread(self.networks.release, name)
+                        await self.networks.release(name)
                 raise
         return inst
 
-    def copy_record(self, src: Instance, name: str, uuid: str, **changes: Any) -> Instance:
-        """A stopped instance like ``src`` under a new name, with NICs of its own (fresh
-        addresses and MACs) on the same networks; volumes and ports stay with ``src``."""
-        inst = Instance(
-            name=name,
-            type=src.type,
-            image=src.image,
-            image_digest=src.image_digest,
-            limits=src.limits,
-            state=InstanceState.STOPPED,
-            accel=src.accel,
-            created_at=_now(),
-            firewall=src.firewall,
-        ).model_copy(update=changes)
-        wanted = [NicConfig(network=n.network) for n in src.nics]
-        inst.nics = self.networks.resolve_nics(name, uuid, wanted)
-        return inst
-
-    async def _sync_network(self) -> None:
-        """dnsmasq's names and reservations and the nft table, from the database."""
-        async with self._network_lock:
-            await asyncio.to_thread(self.networks.sync)
-
     async def delete(self, name: str, *, force: bool = False) -> None:
-        async with self._lock(name):
-            inst, uuid, _ = self.db.get(name)
+        async with self.guard.hold(name) as rec:
+            inst = rec.instance
             if not force:
                 lifecycle.check("delete", name, inst.state)
-            await self._engine(inst.type).destroy(inst, uuid)
-            self.db.delete(name)
+            await self.engines.of(inst.type).destroy(inst, rec.uuid)
+            self.guard.remove(name)
             self.events.publish("instance-deleted", name)
             if inst.nics:
-                async with self._network_lock:
-                    await asyncio.to_thread(self.networks.release, name)
-        self._locks.pop(name, None)
-        await self._prune_rootfs()
+                await self.networks.release(name)
+        self.guard.forget(name)
+        await self.images.prune_rootfs()
 
     # -- state -------------------------------------------------------------------------
 
     async def change_state(self, name: str, change: StateChange) -> Instance:
-        async with self._lock(name):
-            inst, uuid, runtime = self.db.get(name)
+        async with self.guard.hold(name) as rec:
+            inst, uuid = rec.instance, rec.uuid
             action = change.action
             lifecycle.check(action.value, name, inst.state)
-            engine = self._engine(inst.type)
+            engine = self.engines.of(inst.type)
             if action is StateAction.START:
-                check_fit(inst.limits, self._allocated(), self.host, self.policy)
-                return await self._start(inst, uuid, runtime)
+                self.power.check_fit(inst.limits)
+                return await self.power.start(inst, uuid, rec.engine_state)
             if action is StateAction.PAUSE:
                 await engine.pause(name)
-                return self._save(inst, state=InstanceState.PAUSED)
+                return self.guard.save(inst, state=InstanceState.PAUSED)
             if action is StateAction.RESUME:
                 await engine.resume(name)
-                return self._save(inst, state=InstanceState.RUNNING)
-            inst = await self._stop(inst, change)
+                return self.guard.save(inst, state=InstanceState.RUNNING)
+            inst = await self.power.stop(inst, change)
             if action is StateAction.RESTART:
-                inst = await self._start(inst, uuid, runtime)
+                inst = await self.power.start(inst, uuid, rec.engine_state)
             return inst
 
     async def update(self, name: str, change: InstanceUpdate) -> Instance:
         """Change an instance's limits; live where the engine can, else refused while running."""
-        async with self._lock(name):
-            inst = self.get(name)
+        async with self.guard.hold(name) as rec:
+            inst = rec.instance
+            lifecycle.check("update", name, inst.state)
             merged = inst.limits.model_dump() | change.limits.model_dump(exclude_none=True)
             try:
                 limits = Limits.model_validate(merged)
             except ValidationError as exc:
                 raise InvalidConfig(f"invalid limits: {exc.errors()[0]['msg']}") from exc
             if inst.state in lifecycle.ACTIVE:
-                others = [i.limits for i in self.db.list(lifecycle.ACTIVE) if i.name != name]
-                check_fit(limits, others, self.host, self.policy)
-                await self._engine(inst.type).update(inst, limits)
+                self.power.check_fit(limits, besides=name)
+                await self.engines.of(inst.type).update(inst, limits)
             self.events.publish("instance-updated", name, limits=limits.model_dump(mode="json"))
-            return self._save(inst, limits=limits)
-
-    async def _start(
-        self, inst: Instance, uuid: str, runtime: dict[str, Any], restore: Path | None = None
-    ) -> Instance:
-        # Containers share the host kernel: no accelerator.
-        accel = None if inst.type is InstanceType.CONTAINER else inst.accel or self.host.accel
-        inst = self._save(inst, state=InstanceState.STARTING, reason=None)
-        try:
-            started = await self._engine(inst.type).start(
-                inst, uuid, runtime, self._plan(inst, uuid), restore, self.volumes.mounts(inst)
-            )
-        except VzError as exc:
-            self._save(
-                inst, state=InstanceState.ERROR, reason=f"start failed: {exc.message}", pid=None
-            )
-            raise
-        except BaseException:
-            self._save(inst, state=InstanceState.ERROR, reason="start was interrupted", pid=None)
-            raise
-        return self._save(
-            inst,
-            state=InstanceState.RUNNING,
-            pid=started.pid,
-            accel=accel,
-            started_at=_now(),
-            agent_version=started.agent_version,
-            kernel_release=started.kernel_release,
-        )
-
-    async def _stop(self, inst: Instance, change: StateChange) -> Instance:
-        inst = self._save(inst, state=InstanceState.STOPPING)
-        # NotFound: the process is already gone and the exit handler recorded it.
-        with contextlib.suppress(NotFound):
-            await self._engine(inst.type).stop(
-                inst.name, force=change.force, timeout=change.timeout
-            )
-        return self._save(inst, state=InstanceState.STOPPED, pid=None, reason="stopped by request")
+            return self.guard.save(inst, limits=limits)
 
     async def _on_exit(self, name: str, info: ExitInfo) -> None:
         """An instance's process ended; record why unless an operation already did."""
-        async with self._lock(name):
+        async with self.guard.lock(name):
             try:
-                inst, uuid, _ = self.db.get(name)
+                inst, uuid = self.guard.find(name)
             except NotFound:
                 return
             if inst.pid != info.pid or inst.state not in lifecycle.ACTIVE:
                 return
             if inst.ephemeral:
-                await self._engine(inst.type).destroy(inst, uuid)
-                self.db.delete(name)
+                await self.engines.of(inst.type).destroy(inst, uuid)
+                self.guard.remove(name)
                 self.events.publish("instance-deleted", name, reason=info.reason)
                 if inst.nics:
-                    async with self._network_lock:
-                        await asyncio.to_thread(self.networks.release, name)
+                    await self.networks.release(name)
                 return
             state = InstanceState.STOPPED if info.clean else InstanceState.CRASHED
             if inst.state is InstanceState.STOPPING:
                 state = InstanceState.STOPPED
-            self._save(inst, state=state, pid=None, reason=info.reason)
+            self.guard.save(inst, state=state, pid=None, reason=info.reason)
             log.info("%s is now %s: %s", name, state.value, info.reason)
 
     async def reconcile(self) -> None:
         """Match the database with what is really alive (after a daemon restart)."""
-        for inst in self.db.list():
+        for inst in self.guard.instances():
             try:
                 await self._reconcile_one(inst)
             except Exception as exc:
                 # One instance in a state vzd cannot sort out must not keep vzd down.
                 log.exception("cannot re-attach to %s", inst.name)
                 with contextlib.suppress(Exception):
-                    self._save(
+                    self.guard.save(
                         inst,
                         state=InstanceState.ERROR,
                         pid=None,
@@ -378,36 +279,31 @@ class Actions:
                     )
 
     async def _reconcile_one(self, inst: Instance) -> None:
-        _, uuid, runtime = self.db.get(inst.name)
-        engine = self.engines.get(inst.type)
-        if engine is None:
+        if not self.engines.supports(inst.type):
             return
+        engine = self.engines.of(inst.type)
+        uuid = self.guard.uuid(inst.name)
         if inst.state is InstanceState.CREATING:
             # A create interrupted by a daemon crash: unwind it.
             with contextlib.suppress(Exception):
                 await engine.destroy(inst, uuid)
-            self.db.delete(inst.name)
+            self.guard.remove(inst.name)
             return
         if inst.state not in lifecycle.ACTIVE:
             return
-        observed = await engine.attach(inst, uuid, runtime)
+        observed = await engine.attach(inst, uuid, self.guard.load(inst.name).engine_state)
         if observed is None:
             if inst.ephemeral:
                 with contextlib.suppress(Exception):
                     await engine.destroy(inst, uuid)
-                self.db.delete(inst.name)
+                self.guard.remove(inst.name)
                 return
             if inst.state is InstanceState.STARTING:
                 # vzd died during the boot, before QEMU was up (or the engine killed it).
-                self._save(
-                    inst,
-                    state=InstanceState.ERROR,
-                    pid=None,
-                    reason="vzd stopped while the instance was starting",
-                )
+                self._start_lost(inst)
                 return
             stopping = inst.state is InstanceState.STOPPING
-            self._save(
+            self.guard.save(
                 inst,
                 state=InstanceState.STOPPED if stopping else InstanceState.CRASHED,
                 pid=None,
@@ -416,19 +312,22 @@ class Actions:
         elif inst.state is InstanceState.STARTING:
             # The agent never answered before the daemon died: the start failed.
             await engine.stop(inst.name, force=True, timeout=1)
-            self._save(
-                inst,
-                state=InstanceState.ERROR,
-                pid=None,
-                reason="vzd stopped while the instance was starting",
-            )
+            self._start_lost(inst)
         elif observed == "paused" and inst.state is InstanceState.RUNNING:
             # Paused but recorded running: a snapshot was under way when vzd died.
             await engine.resume(inst.name)
-            self._save(inst, state=InstanceState.RUNNING)
+            self.guard.save(inst, state=InstanceState.RUNNING)
         else:
             state = InstanceState.PAUSED if observed == "paused" else InstanceState.RUNNING
-            self._save(inst, state=state)
+            self.guard.save(inst, state=state)
+
+    def _start_lost(self, inst: Instance) -> None:
+        self.guard.save(
+            inst,
+            state=InstanceState.ERROR,
+            pid=None,
+            reason="vzd stopped while the instance was starting",
+        )
 
     # -- guest access ------------------------------------------------------------------
 
@@ -439,188 +338,32 @@ class Actions:
 
     async def exec(self, name: str, req: ExecRequest) -> ExecSession:
         inst = self._running("exec", name)
-        return await self._engine(inst.type).exec(name, req)
+        return await self.engines.of(inst.type).exec(name, req)
 
     async def push_file(
         self, name: str, path: str, data: AsyncIterator[bytes], mode: int, parents: bool
     ) -> None:
         inst = self._running("file", name)
         _check_guest_path(path)
-        await self._engine(inst.type).push_file(name, path, data, mode, parents)
+        # Spooled first: an upload cut short (its cap, a full disk) writes nothing in there.
+        async with spooled(data, self.settings.state_dir) as body:
+            await self.engines.of(inst.type).push_file(name, path, body, mode, parents)
 
     async def pull_file(self, name: str, path: str) -> tuple[int, AsyncIterator[bytes]]:
         inst = self._running("file", name)
         _check_guest_path(path)
-        return await self._engine(inst.type).pull_file(name, path)
+        return await self.engines.of(inst.type).pull_file(name, path)
 
     async def open_console(self, name: str) -> ConsoleStream:
         inst = self._running("console", name)
-        return await self._engine(inst.type).open_console(name)
+        return await self.engines.of(inst.type).open_console(name)
 
     def console_log(self, name: str) -> bytes:
-        inst, uuid, _ = self.db.get(name)
-        return self._engine(inst.type).console_log(name, uuid)
-
-    # -- images ------------------------------------------------------------------------
-
-    def list_images(self) -> list[ImageInfo]:
-        return self.images.list()
-
-    def get_image(self, name: str) -> ImageInfo:
-        return self.images.get(name)
-
-    async def ensure_image(self, name: str, progress: Progress | None = None) -> ImageInfo:
-        with contextlib.suppress(NotFound):
-            return self.images.get(name)
-        if name not in self.images.known_names():
-            raise NotFound(
-                f"unknown image {name!r}",
-                hint="available images: " + ", ".join(sorted(self.images.known_names())),
-            )
-        return await self.build_image(name, progress or (lambda s, f: None))
-
-    async def build_image(self, name: str, progress: Progress, force: bool = False) -> ImageInfo:
-        async with self._image_locks.setdefault(name, asyncio.Lock()):
-            info = await asyncio.to_thread(self.images.build, name, progress, force)
-        await self._prune_rootfs()
-        return info
-
-    async def _prune_rootfs(self) -> None:
-        """Drop container trees of image versions that nothing uses any more."""
-        keep = {i.digest for i in self.images.list()} | {i.image_digest for i in self.db.list()}
-        await asyncio.to_thread(prune_rootfs, self.settings, keep)
-
-    async def delete_image(self, name: str) -> None:
-        users = [i.name for i in self.db.list() if i.image == name]
-        if users:
-            raise Conflict(
-                f"image {name!r} is used by {len(users)} instance(s): {', '.join(users)}",
-                hint="delete those instances first: vz delete " + " ".join(users),
-            )
-        self.images.delete(name)
-        await self._prune_rootfs()
-
-    # -- networks ----------------------------------------------------------------------
-
-    async def create_network(self, config: NetworkConfig) -> NetworkConfig:
-        async with self._network_lock:
-            net = await asyncio.to_thread(self.networks.create, config)
-        self.events.publish("network-created", network=net.name, subnet=str(net.subnet))
-        return net
-
-    async def update_network(self, name: str, change: NetworkUpdate) -> NetworkConfig:
-        async with self._network_lock:
-            net = await asyncio.to_thread(self.networks.update, name, change)
-        self.events.publish("network-updated", network=name, **change.model_dump(exclude_none=True))
-        return net
-
-    async def delete_network(self, name: str) -> None:
-        async with self._network_lock:
-            await asyncio.to_thread(self.networks.delete, name)
-        self.events.publish("network-deleted", network=name)
-
-    async def supervise_networks(self) -> None:
-        async with self._network_lock:
-            await asyncio.to_thread(self.networks.supervise)
-
-    async def attach_nic(self, name: str, nic: NicConfig) -> Instance:
-        """Add a NIC: live for containers, at the next start for stopped VMs."""
-        async with self._lock(name):
-            inst, uuid, _ = self.db.get(name)
-            new = self.networks.resolve_nics(name, uuid, [nic], inst.nics)
-            # Saved before any await: the address is reserved against concurrent requests.
-            updated = self._save(inst, nics=[*inst.nics, *new])
-            if inst.state in lifecycle.ACTIVE:
-                try:
-                    plan = self._plan(updated, uuid).nics[-1]
-                    await self._engine(inst.type).plug(name, plan)
-                except BaseException:
-                    self.db.update(inst)
-                    raise
-        await self._sync_network()
-        return updated
-
-    async def detach_nic(self, name: str, network: str) -> Instance:
-        """Remove the instance's NICs on ``network`` (and port forwards to them)."""
-        async with self._lock(name):
-            inst, uuid, _ = self.db.get(name)
-            gone = [n for n in inst.nics if n.network == network]
-            if not gone:
-                raise NotFound(
-                    f"instance {name!r} has no interface on network {network!r}",
-                    hint=f"see its interfaces: vz info {name}",
-                )
-            if inst.state in lifecycle.ACTIVE:
-                for nic in self._plan(inst.model_copy(update={"nics": gone}), uuid).nics:
-                    await self._engine(inst.type).unplug(name, nic)
-            ips = {n.ip for n in gone}
-            inst = self._save(
-                inst,
-                nics=[n for n in inst.nics if n.network != network],
-                ports=[p for p in inst.ports if p.ip not in ips],
-            )
-            if inst.state not in lifecycle.ACTIVE:
-                for nic in self._plan(inst.model_copy(update={"nics": gone}), uuid).nics:
-                    await asyncio.to_thread(self.networks.unplug, nic)
-        await self._sync_network()
-        return inst
-
-    def _plan(self, inst: Instance, uuid: str) -> NetPlan:
-        return self.networks.plan(inst, uuid, tap=inst.type is not InstanceType.CONTAINER)
-
-    async def add_port(self, name: str, forward: PortForward) -> Instance:
-        async with self._lock(name):
-            inst = self.get(name)
-            done = self.networks.check_forward(inst, forward)
-            inst = self._save(inst, ports=[*inst.ports, done])
-        await self._sync_network()
-        return inst
-
-    async def remove_port(self, name: str, host_port: int, proto: Proto) -> Instance:
-        async with self._lock(name):
-            inst = self.get(name)
-            keep = [p for p in inst.ports if (p.host_port, p.proto) != (host_port, proto)]
-            if len(keep) == len(inst.ports):
-                raise NotFound(
-                    f"instance {name!r} has no forward of host port {host_port}/{proto}",
-                    hint=f"list them: vz port list {name}",
-                )
-            inst = self._save(inst, ports=keep)
-        await self._sync_network()
-        return inst
-
-    async def set_firewall(self, name: str, rules: list[FirewallRule] | None) -> Instance:
-        """Replace the allow-list (None: let everything in)."""
-        async with self._lock(name):
-            inst = self._save(self.get(name), firewall=rules)
-        await self._sync_network()
-        return inst
-
-    async def add_firewall_rule(self, name: str, rule: FirewallRule) -> Instance:
-        async with self._lock(name):
-            inst = self.get(name)
-            if rule in (inst.firewall or []):
-                raise Conflict(f"instance {name!r} already has this rule", hint="vz firewall list")
-            inst = self._save(inst, firewall=[*(inst.firewall or []), rule])
-        await self._sync_network()
-        return inst
-
-    async def remove_firewall_rule(self, name: str, index: int) -> Instance:
-        async with self._lock(name):
-            inst = self.get(name)
-            rules = list(inst.firewall or [])
-            if not 0 <= index < len(rules):
-                raise NotFound(
-                    f"instance {name!r} has no firewall rule {index}",
-                    hint=f"rules are numbered from 0: vz firewall list {name}",
-                )
-            del rules[index]
-            inst = self._save(inst, firewall=rules)
-        await self._sync_network()
-        return inst
+        inst, uuid = self.guard.find(name)
+        return self.engines.of(inst.type).console_log(name, uuid)
 
     async def close(self) -> None:
-        for engine in self.engines.values():
+        for engine in self.engines.all():
             await engine.close()
 
 

@@ -1,4 +1,4 @@
-"""Snapshots and copies of instances: the operations, on top of the actions layer.
+"""Snapshots and copies of instances.
 
 Each operation holds the instance's lock. A running instance is paused around the moment
 its state is captured (disk layer frozen, memory saved, container files copied), so the
@@ -8,110 +8,109 @@ rename (vzkit.storage.snapshots), so it exists whole or not at all.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import shutil
 import uuid as uuidlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from vzkit.api.instances import (
-    Instance,
-    InstanceState,
-    InstanceType,
-    Limits,
-    StateAction,
-    StateChange,
-)
+from vzkit.api.instances import Instance, InstanceState, Limits, StateAction, StateChange
+from vzkit.api.networks import NicConfig
 from vzkit.api.snapshots import SnapshotInfo
-from vzkit.errors import Conflict, InvalidConfig, NotFound, StateError
+from vzkit.engines.base import DiskLayers, Frozen
+from vzkit.errors import Conflict, InvalidConfig, NotFound
 from vzkit.server import lifecycle
+from vzkit.server.events import EventBus
+from vzkit.server.services.guard import Engines, InstanceGuard, InstanceRecord
+from vzkit.server.services.networks import NetworkService
+from vzkit.server.services.power import Power, now
 from vzkit.storage.snapshots import SnapshotStore
 
-if TYPE_CHECKING:
-    from vzkit.server.services.instances import Actions
-
 MEMORY = "memory.state"
-_SNAPSHOTTABLE = lifecycle.ACTIVE | {InstanceState.STOPPED, InstanceState.CRASHED}
 
 
 @dataclass(frozen=True)
 class Source:
     """A stateful snapshot a new instance starts from (warm start)."""
 
-    instance: Instance
-    uuid: str
-    runtime: dict[str, Any]
+    record: InstanceRecord
     info: SnapshotInfo
     memory: Path
 
 
-class Snapshots:
-    def __init__(self, actions: Actions) -> None:
-        self.a = actions
+class SnapshotService:
+    def __init__(
+        self,
+        guard: InstanceGuard,
+        engines: Engines,
+        power: Power,
+        networks: NetworkService,
+        events: EventBus,
+    ) -> None:
+        self.guard = guard
+        self.engines = engines
+        self.power = power
+        self.networks = networks
+        self.events = events
 
     def _store(self, inst: Instance, uuid: str) -> SnapshotStore:
-        return SnapshotStore(self.a._engine(inst.type).state_dir(uuid), inst.name)
+        return SnapshotStore(self.engines.of(inst.type).state_dir(uuid), inst.name)
 
     def list(self, name: str) -> list[SnapshotInfo]:
-        inst, uuid, _ = self.a.db.get(name)
+        inst, uuid = self.guard.find(name)
         return self._store(inst, uuid).list()
 
     def get(self, name: str, snapshot: str) -> SnapshotInfo:
-        inst, uuid, _ = self.a.db.get(name)
+        inst, uuid = self.guard.find(name)
         return self._store(inst, uuid).get(snapshot)
 
+    def layers(self, inst: Instance, uuid: str) -> builtins.list[str]:
+        """The disk layers ``inst``'s snapshots keep."""
+        return [s.layer for s in self._store(inst, uuid).list() if s.layer]
+
     async def create(self, name: str, snapshot: str | None, *, stateful: bool) -> SnapshotInfo:
-        async with self.a._lock(name):
-            inst, uuid, runtime = self.a.db.get(name)
-            engine = self.a._engine(inst.type)
-            if inst.state not in _SNAPSHOTTABLE:
-                raise StateError(
-                    f"cannot snapshot {name!r}: it is {inst.state.value}",
-                    hint="wait until it is running or stopped",
+        async with self.guard.hold(name) as rec:
+            inst = rec.instance
+            caps = self.engines.caps(inst.type)
+            lifecycle.check("snapshot", name, inst.state)
+            memory = None
+            if stateful:
+                memory = lifecycle.require(
+                    "snapshot-stateful", name, inst.state, caps, caps.memory_snapshots
                 )
-            if stateful and inst.type is InstanceType.CONTAINER:
-                raise InvalidConfig(
-                    "containers have no stateful snapshots (their processes are not checkpointed)",
-                    hint="take a snapshot without --stateful: it keeps the container's files",
-                )
-            if stateful and inst.state not in lifecycle.ACTIVE:
-                raise StateError(
-                    f"a stateful snapshot needs a running instance; {name!r} is {inst.state.value}",
-                    hint=f"start it first (vz start {name}), or leave out --stateful",
-                )
-            if stateful and inst.volumes:
-                raise InvalidConfig(
-                    f"{name!r} has volumes, which a snapshot does not capture: its saved "
-                    "memory would not match their content later",
-                    hint="detach the volumes for the snapshot, or take one without --stateful",
-                )
-            store = self._store(inst, uuid)
+                if inst.volumes:
+                    raise InvalidConfig(
+                        f"{name!r} has volumes, which a snapshot does not capture: its saved "
+                        "memory would not match their content later",
+                        hint="detach the volumes for the snapshot, or take one without --stateful",
+                    )
+            engine = self.engines.of(inst.type)
+            store = self._store(inst, rec.uuid)
             snapshot = snapshot or _next_name(store)
             pause = inst.state is InstanceState.RUNNING
-            if stateful and pause:
-                await engine.quiesce(name)
+            if memory is not None and pause:
+                await memory.quiesce(name)
             with store.building(snapshot) as tmp:
                 if pause:
                     await engine.pause(name)
                 try:
-                    new_runtime, layer = await engine.snapshot_disk(inst, uuid, runtime, tmp)
-                    if new_runtime != runtime:
-                        self.a.db.set_runtime(name, new_runtime)
-                    size = await engine.save_state(name, tmp / MEMORY) if stateful else 0
+                    captured = await caps.snapshots.capture(inst, rec.uuid, rec.engine_state, tmp)
+                    if captured.state != rec.engine_state:
+                        self.guard.save_engine_state(name, captured.state)
+                    size = captured.size
+                    if memory is not None:
+                        size += await memory.save_state(name, tmp / MEMORY)
                 finally:
                     if pause:
                         with contextlib.suppress(NotFound):
                             await engine.resume(name)
-                if (tmp / "upper").exists():
-                    size += _tree_size(tmp / "upper")
                 info = SnapshotInfo(
                     name=snapshot,
                     instance=name,
-                    created_at=_now(),
+                    created_at=now(),
                     stateful=stateful,
-                    layer=layer,
+                    layer=captured.layer,
                     size=size,
                     config={
                         "limits": inst.limits.model_dump(mode="json"),
@@ -119,15 +118,16 @@ class Snapshots:
                     },
                 )
                 store.write_meta(tmp, info)
-            self.a.events.publish("snapshot-created", name, snapshot=snapshot, stateful=stateful)
+            self.events.publish("snapshot-created", name, snapshot=snapshot, stateful=stateful)
             return info
 
     async def restore(self, name: str, snapshot: str) -> Instance:
         """Put the instance back to the snapshot: its disk, and with a stateful snapshot
         its running memory (it continues where it was, no reboot)."""
-        async with self.a._lock(name):
-            inst, uuid, runtime = self.a.db.get(name)
-            engine = self.a._engine(inst.type)
+        async with self.guard.hold(name) as rec:
+            inst, uuid = rec.instance, rec.uuid
+            caps = self.engines.caps(inst.type)
+            lifecycle.check("restore", name, inst.state)
             store = self._store(inst, uuid)
             info = store.get(snapshot)
             if info.stateful and len(info.config.get("nics", [])) != len(inst.nics):
@@ -138,38 +138,37 @@ class Snapshots:
                 )
             was_active = inst.state in lifecycle.ACTIVE
             if was_active:
-                inst = await self.a._stop(
+                inst = await self.power.stop(
                     inst, StateChange(action=StateAction.STOP, force=True, timeout=5)
                 )
-            self.a.events.publish("snapshot-restored", name, snapshot=snapshot)
-            runtime = await engine.restore_disk(
-                inst, uuid, runtime, store.path(snapshot), info.layer
+            self.events.publish("snapshot-restored", name, snapshot=snapshot)
+            state = await caps.snapshots.restore(
+                inst, uuid, rec.engine_state, store.path(snapshot), info.layer
             )
-            self.a.db.set_runtime(name, runtime)
-            keep = [s.layer for s in store.list() if s.layer]
-            await engine.prune_disks(inst, uuid, runtime, keep)
+            self.guard.save_engine_state(name, state)
+            if caps.disk_layers is not None:
+                await caps.disk_layers.prune(inst, uuid, state, self.layers(inst, uuid))
             if info.stateful:
-                inst = self.a._save(inst, limits=Limits.model_validate(info.config["limits"]))
-                return await self.a._start(inst, uuid, runtime, store.path(snapshot) / MEMORY)
+                inst = self.guard.save(inst, limits=Limits.model_validate(info.config["limits"]))
+                return await self.power.start(inst, uuid, state, store.path(snapshot) / MEMORY)
             if was_active:
-                return await self.a._start(inst, uuid, runtime)
-            return self.a.get(name)
+                return await self.power.start(inst, uuid, state)
+            return self.guard.get(name)
 
     async def delete(self, name: str, snapshot: str) -> None:
-        async with self.a._lock(name):
-            inst, uuid, runtime = self.a.db.get(name)
-            engine = self.a._engine(inst.type)
+        async with self.guard.hold(name) as rec:
+            inst, uuid = rec.instance, rec.uuid
+            layers = self.engines.caps(inst.type).disk_layers
             store = self._store(inst, uuid)
             info = store.get(snapshot)
             running = inst.state in lifecycle.ACTIVE
-            if info.layer and not running:
+            if info.layer and not running and layers is not None:
                 # Its children take in its data first: nothing that depends on it breaks.
-                await engine.drop_layer(inst, uuid, runtime, info.layer)
+                await layers.drop(inst, uuid, rec.engine_state, info.layer)
             store.delete(snapshot)
-            self.a.events.publish("snapshot-deleted", name, snapshot=snapshot)
-            if not running:
-                keep = [s.layer for s in store.list() if s.layer]
-                await engine.prune_disks(inst, uuid, runtime, keep)
+            self.events.publish("snapshot-deleted", name, snapshot=snapshot)
+            if not running and layers is not None:
+                await layers.prune(inst, uuid, rec.engine_state, self.layers(inst, uuid))
 
     def source(self, spec: str) -> Source:
         """``INSTANCE/SNAPSHOT`` -> the stateful snapshot to start a new instance from."""
@@ -178,39 +177,57 @@ class Snapshots:
             raise InvalidConfig(
                 f"invalid snapshot reference {spec!r}", hint="write INSTANCE/SNAPSHOT, e.g. web/s1"
             )
-        inst, uuid, runtime = self.a.db.get(inst_name)
-        info = self._store(inst, uuid).get(snap)
+        rec = self.guard.load(inst_name)
+        store = self._store(rec.instance, rec.uuid)
+        info = store.get(snap)
         if not info.stateful:
             raise InvalidConfig(
                 f"snapshot {spec!r} holds no memory state to start from",
                 hint=f"take one with: vz snapshot create {inst_name} NAME --stateful",
             )
-        memory = self._store(inst, uuid).path(snap) / MEMORY
-        return Source(inst, uuid, runtime, info, memory)
+        return Source(rec, info, store.path(snap) / MEMORY)
+
+    async def freeze(self, rec: InstanceRecord, layers: DiskLayers) -> Frozen | None:
+        """Freeze the disk's top (pausing a running instance for the switch) and record
+        the new top; the frozen layer never changes again."""
+        live = rec.instance.state in lifecycle.ACTIVE
+        engine = self.engines.of(rec.instance.type)
+        if live:
+            await engine.pause(rec.name)
+        try:
+            frozen = await layers.freeze(rec.instance, rec.uuid, rec.engine_state)
+        finally:
+            if live:
+                await engine.resume(rec.name)
+        if frozen is not None:
+            self.guard.save_engine_state(rec.name, frozen.live)
+        return frozen
 
     async def copy(self, src: str, dst: str) -> Instance:
         """A new stopped instance with a copy-on-write copy of ``src``'s disk."""
-        if self.a.db.exists(dst):
+        if self.guard.exists(dst):
             raise Conflict(
                 f"an instance named {dst!r} already exists",
                 hint=f"choose another name, or delete it first: vz delete {dst}",
             )
-        async with self.a._lock(src):
-            inst, uuid, runtime = self.a.db.get(src)
-            engine = self.a._engine(inst.type)
+        async with self.guard.hold(src) as rec:
+            inst, uuid = rec.instance, rec.uuid
+            lifecycle.check("copy", src, inst.state)
+            engine = self.engines.of(inst.type)
+            caps = self.engines.caps(inst.type)
             new_uuid = str(uuidlib.uuid4())
             pause = inst.state is InstanceState.RUNNING
             if pause:
                 await engine.pause(src)
             try:
                 layer = None
-                if inst.type is not InstanceType.CONTAINER:
-                    # Freezing the top gives both VMs a fixed base to share; a container's
-                    # files are copied by clone_disk itself.
-                    new_runtime, layer = await engine.snapshot_disk(inst, uuid, runtime, Path())
-                    if new_runtime != runtime:
-                        self.a.db.set_runtime(src, new_runtime)
-                cloned = await engine.clone_disk(uuid, layer, new_uuid)
+                if caps.disk_layers is not None:
+                    # A frozen top gives both instances a fixed base to share.
+                    frozen = await caps.disk_layers.freeze(inst, uuid, rec.engine_state)
+                    if frozen is not None:
+                        self.guard.save_engine_state(src, frozen.live)
+                        layer = frozen.layer
+                state = await caps.snapshots.clone(uuid, rec.engine_state, layer, new_uuid)
             except BaseException:
                 shutil.rmtree(engine.state_dir(new_uuid), ignore_errors=True)
                 raise
@@ -218,25 +235,40 @@ class Snapshots:
                 if pause:
                     with contextlib.suppress(NotFound):
                         await engine.resume(src)
-            copy_runtime = {k: v for k, v in runtime.items() if k != "top"} | cloned
             try:
-                copy = self.a.copy_record(inst, dst, new_uuid)
-                self.a.db.insert(copy, new_uuid, copy_runtime)
+                copy = self.copy_record(inst, dst, new_uuid)
+                self.guard.insert(copy, new_uuid, state)
             except BaseException:
                 shutil.rmtree(engine.state_dir(new_uuid), ignore_errors=True)
                 raise
-        self.a.events.publish("instance-created", dst, type=copy.type.value, copy_of=src)
+        self.events.publish("instance-created", dst, type=copy.type.value, copy_of=src)
         if copy.nics:
-            await self.a._sync_network()
+            await self.networks.sync()
         return copy
+
+    def copy_record(self, src: Instance, name: str, uuid: str, **changes: object) -> Instance:
+        """A stopped instance like ``src`` under a new name, with NICs of its own (fresh
+        addresses and MACs) on the same networks; volumes and ports stay with ``src``."""
+        inst = Instance(
+            name=name,
+            type=src.type,
+            image=src.image,
+            image_digest=src.image_digest,
+            limits=src.limits,
+            state=InstanceState.STOPPED,
+            accel=src.accel,
+            created_at=now(),
+            firewall=src.firewall,
+        ).model_copy(update=changes)
+        wanted = [NicConfig(network=n.network) for n in src.nics]
+        inst.nics = self.networks.resolve_nics(name, uuid, wanted)
+        return inst
 
     async def reconcile(self) -> None:
         """After a daemon start: remove half-built snapshots."""
-        for inst in self.a.db.list():
-            _, uuid, _ = self.a.db.get(inst.name)
-            engine = self.a.engines.get(inst.type)
-            if engine is not None:
-                SnapshotStore(engine.state_dir(uuid), inst.name).cleanup()
+        for inst in self.guard.instances():
+            if self.engines.supports(inst.type):
+                self._store(inst, self.guard.uuid(inst.name)).cleanup()
 
 
 def _next_name(store: SnapshotStore) -> str:
@@ -245,11 +277,3 @@ def _next_name(store: SnapshotStore) -> str:
     while f"snap{n}" in taken:
         n += 1
     return f"snap{n}"
-
-
-def _tree_size(path: Path) -> int:
-    return sum(p.lstat().st_blocks * 512 for p in path.rglob("*"))
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)

@@ -8,22 +8,24 @@ containers: a bind mount into the running container); micro-VMs take it at the n
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
-from vzkit.api.instances import Instance, InstanceType
+from vzkit.api.instances import Instance
 from vzkit.api.storage import PoolConfig, PoolInfo, VolumeAttachment, VolumeConfig, VolumeInfo
 from vzkit.errors import Conflict, InvalidConfig, NotFound
 from vzkit.server import lifecycle
+from vzkit.server.events import EventBus
+from vzkit.server.services.guard import Engines, InstanceGuard
 from vzkit.storage.manager import StorageManager, VolumeMount
 
-if TYPE_CHECKING:
-    from vzkit.server.services.instances import Actions
 
-
-class Volumes:
-    def __init__(self, actions: Actions) -> None:
-        self.a = actions
-        self.storage = StorageManager(actions.settings, actions.db)
+class VolumeService:
+    def __init__(
+        self, storage: StorageManager, guard: InstanceGuard, engines: Engines, events: EventBus
+    ) -> None:
+        self.storage = storage
+        self.guard = guard
+        self.engines = engines
+        self.events = events
         self._lock = asyncio.Lock()
 
     # -- pools -----------------------------------------------------------------------------
@@ -71,27 +73,31 @@ class Volumes:
                     hint="give a size larger than the current one",
                 )
             for user in info.attached_to:
-                inst = self.a.get(user)
-                if inst.state in lifecycle.ACTIVE and info.content == "block":
+                inst = self.guard.get(user)
+                resize = self.engines.caps(inst.type).volume_resize
+                if inst.state in lifecycle.ACTIVE and info.content == "block" and resize:
                     att = next(v for v in inst.volumes if (v.pool, v.volume) == (pool, name))
-                    mount = self.storage.mount(inst, att)
-                    await self.a._engine(inst.type).resize_volume(user, mount, size)
+                    await resize.resize_volume(user, self.storage.mount(inst, att), size)
                     self.storage.record_size(name, pool, size)
                     return self.storage.volume(name, pool)
             return await asyncio.to_thread(self.storage.resize_volume, name, pool, size)
 
+    # -- what other services need ----------------------------------------------------------
+
     def mounts(self, inst: Instance) -> list[VolumeMount]:
+        """Where ``inst``'s volumes are on the host, for its engine's start."""
         return [self.storage.mount(inst, att) for att in inst.volumes]
 
     def check(self, inst: Instance, new: list[VolumeAttachment]) -> None:
         """Whether ``inst`` may have the volumes ``new`` (kind, and nobody else writing)."""
         users = {
             (a.pool, a.volume): (i.name, a.readonly)
-            for i in self.a.db.list()
+            for i in self.guard.instances()
             if i.name != inst.name
             for a in i.volumes
         }
         seen = {(a.pool, a.volume) for a in inst.volumes}
+        block = self.engines.caps(inst.type).block_volumes
         for att in new:
             self.storage.mount(inst, att)
             key = (att.pool, att.volume)
@@ -104,34 +110,38 @@ class Volumes:
                     f"volume {att.volume!r} is attached to {other[0]!r}",
                     hint="detach it there first (only read-only attachments can share)",
                 )
-            if inst.type is not InstanceType.CONTAINER and att.path is not None:
+            if block and att.path is not None:
                 raise InvalidConfig(
                     "a VM's volume has no mount path: it is a disk",
                     hint="leave out --path; inside the guest it is "
                     f"/dev/disk/by-id/virtio-{att.volume[:20]}",
                 )
 
+    # -- an instance's volumes -------------------------------------------------------------
+
     async def attach(self, name: str, att: VolumeAttachment) -> Instance:
-        async with self.a._lock(name):
-            inst = self.a.get(name)
+        async with self.guard.hold(name) as rec:
+            inst = rec.instance
             self.check(inst, [att])
-            if inst.state in lifecycle.ACTIVE:
-                mount = self.storage.mount(inst, att)
-                await self.a._engine(inst.type).attach_volume(name, mount)
-            self.a.events.publish("volume-attached", name, volume=att.volume, pool=att.pool)
-            return self.a._save(inst, volumes=[*inst.volumes, att])
+            caps = self.engines.caps(inst.type)
+            live = lifecycle.live("volume-attach", name, inst.state, caps, caps.live_volumes)
+            if live is not None:
+                await live.attach_volume(name, self.storage.mount(inst, att))
+            self.events.publish("volume-attached", name, volume=att.volume, pool=att.pool)
+            return self.guard.save(inst, volumes=[*inst.volumes, att])
 
     async def detach(self, name: str, pool: str, volume: str) -> Instance:
-        async with self.a._lock(name):
-            inst = self.a.get(name)
+        async with self.guard.hold(name) as rec:
+            inst = rec.instance
             att = next((v for v in inst.volumes if (v.pool, v.volume) == (pool, volume)), None)
             if att is None:
                 raise NotFound(
                     f"instance {name!r} has no volume {volume!r} (pool {pool!r})",
                     hint=f"see its volumes: vz info {name}",
                 )
-            if inst.state in lifecycle.ACTIVE:
-                mount = self.storage.mount(inst, att)
-                await self.a._engine(inst.type).detach_volume(name, mount)
-            self.a.events.publish("volume-detached", name, volume=volume, pool=pool)
-            return self.a._save(inst, volumes=[v for v in inst.volumes if v is not att])
+            caps = self.engines.caps(inst.type)
+            live = lifecycle.live("volume-detach", name, inst.state, caps, caps.live_volumes)
+            if live is not None:
+                await live.detach_volume(name, self.storage.mount(inst, att))
+            self.events.publish("volume-detached", name, volume=volume, pool=pool)
+            return self.guard.save(inst, volumes=[v for v in inst.volumes if v is not att])

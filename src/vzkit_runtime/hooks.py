@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from vzkit.errors import EngineError
+from vzkit_runtime.errors import EngineError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is slow to import; see spec.py
@@ -96,7 +96,7 @@ def _child(
     exe: int, stdin: int, args: list[str], env: list[str], ns: list[tuple[str, int]]
 ) -> None:
     try:
-        from vzkit.engines.container import syscalls
+        from vzkit_runtime import syscalls
 
         for _name, fd in ns:
             syscalls.setns(fd, 0)

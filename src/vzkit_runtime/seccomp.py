@@ -29,7 +29,8 @@ import ctypes
 import errno
 import os
 
-from vzkit.engines.container.syscalls import (
+from vzkit_runtime.errors import HostUnsupported, InvalidConfig
+from vzkit_runtime.syscalls import (
     CLONE_NEWCGROUP,
     CLONE_NEWIPC,
     CLONE_NEWNET,
@@ -40,7 +41,6 @@ from vzkit.engines.container.syscalls import (
     CLONE_NEWUTS,
     SyscallError,
 )
-from vzkit.errors import HostUnsupported, InvalidConfig
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~2 ms to import: mypy only

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import os
 
-from vzkit.engines.container import jsonfast as json
-from vzkit.engines.container.spec import OCI_VERSION
-from vzkit.errors import NotFound
+from vzkit_runtime import jsonfast as json
+from vzkit_runtime.errors import NotFound
+from vzkit_runtime.spec import OCI_VERSION
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is slow to import; see spec.py
     from typing import Any
 
-    from vzkit.engines.container.spec import Json
+    from vzkit_runtime.spec import Json
 
 DEFAULT_ROOT = "/run/vz-runtime"
 STATE_FILE = "state.json"
@@ -74,29 +74,13 @@ class State:
     def procs_files(self) -> list[str]:
         return [str(p) for p in self.data.get("cgroupProcs") or []]
 
-    def cgroup_pids(self) -> list[int]:
-        """Processes in the container's cgroup (any hierarchy, child cgroups included)."""
-        found: set[int] = set()
-        for procs in self.procs_files():
-            for d, _, _ in os.walk(os.path.dirname(procs)):
-                try:
-                    with open(os.path.join(d, "cgroup.procs")) as f:
-                        found.update(int(x) for x in f.read().split())
-                except OSError:
-                    continue
-        return sorted(found)
-
     def frozen(self) -> bool:
         path = self.data.get("freezer")
         if not path:
             return False
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError:
-            return False
-        # v1 freezer.state: FROZEN (FREEZING is on its way); v2 cgroup.events: "frozen 1".
-        return text.strip() == "FROZEN" if path.endswith("freezer.state") else "frozen 1" in text
+        from vzkit_runtime.cgroups import is_frozen
+
+        return is_frozen(path)
 
     def status(self) -> str:
         if not self.data.get("created"):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 
-from vzkit.engines.container import jsonfast as json
-from vzkit.errors import Conflict, InvalidConfig, NotFound
+from vzkit_runtime import jsonfast as json
+from vzkit_runtime.errors import Conflict, InvalidConfig, NotFound
 
 # typing costs milliseconds to import and vz-runtime's start-up is its main cost: the
 # names below exist for mypy only (mypy treats any TYPE_CHECKING as true).
@@ -198,6 +198,9 @@ def validate(spec: Json, bundle: str) -> str:
         raise InvalidConfig("process.args is missing or empty", hint='set e.g. ["sh"]')
     if not all(isinstance(a, str) for a in args):
         raise InvalidConfig("process.args must be strings")
+    oom = process.get("oomScoreAdj")
+    if oom is not None and (isinstance(oom, bool) or not isinstance(oom, int) or abs(oom) > 1000):
+        raise InvalidConfig(f"process.oomScoreAdj {oom!r} is not an integer in -1000..1000")
     cwd = process.get("cwd", "/")
     if not isinstance(cwd, str) or not cwd.startswith("/"):
         raise InvalidConfig(f"process.cwd {cwd!r} must be an absolute path")
@@ -216,6 +219,8 @@ def validate(spec: Json, bundle: str) -> str:
         path = ns.get("path")
         if path is not None and not os.path.exists(path):
             raise NotFound(f"namespace path {path} ({kind}) does not exist")
+    if "mount" not in seen:
+        _check_without_mount_ns(linux)
     if "user" not in seen and (linux.get("uidMappings") or linux.get("gidMappings")):
         raise InvalidConfig(
             "linux.uidMappings/gidMappings need a user namespace",
@@ -229,6 +234,28 @@ def validate(spec: Json, bundle: str) -> str:
             if not isinstance(hook, dict) or not str(hook.get("path", "")).startswith("/"):
                 raise InvalidConfig(f"hooks.{kind}: each hook needs an absolute path")
     return rootfs
+
+
+def _check_without_mount_ns(linux: Json) -> None:
+    """Without a mount namespace the container shares the runtime's mounts: what would
+    change them changes the host's (runc refuses masked and read-only paths the same way;
+    sysctls would be written through the host's /proc/sys)."""
+    for key in ("maskedPaths", "readonlyPaths", "sysctl"):
+        if linux.get(key):
+            raise InvalidConfig(
+                f"linux.{key} needs a mount namespace of the container's own",
+                hint=f'add {{"type": "mount"}} to linux.namespaces, or drop linux.{key}',
+            )
+
+
+def without_mount_ns_ignored(spec: Json) -> list[str]:
+    """What a config without a mount namespace sets that then does nothing."""
+    linux = spec.get("linux") or {}
+    found = [k for k in ("mounts",) if spec.get(k)]
+    found += [f"linux.{k}" for k in ("devices", "rootfsPropagation") if linux.get(k)]
+    if (spec.get("root") or {}).get("readonly"):
+        found.append("root.readonly")
+    return found
 
 
 def namespaces(spec: Json) -> dict[str, str | None]:
@@ -252,7 +279,7 @@ def ensure_absent(state_dir: str, container_id: str) -> None:
 
 def default_spec(*, rootless: bool = False) -> Json:
     """The config.json `vz-runtime spec` writes: runc's default, with Docker's caps."""
-    from vzkit.engines.container import seccomp
+    from vzkit_runtime import seccomp
 
     caps = list(DEFAULT_CAPS)
     mounts: list[Json] = [
@@ -343,7 +370,7 @@ def default_spec(*, rootless: bool = False) -> Json:
 
 def features() -> Json:
     """What this runtime supports, per runtime-spec features.md."""
-    from vzkit.engines.container import caps
+    from vzkit_runtime import caps
 
     return {
         "ociVersionMin": OCI_VERSION_MIN,

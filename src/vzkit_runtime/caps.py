@@ -17,8 +17,8 @@ Imports stdlib + ctypes only (through ``syscalls``): this runs in ``vz-runtime``
 
 from __future__ import annotations
 
-from vzkit.engines.container import syscalls as sc
-from vzkit.errors import InvalidConfig
+from vzkit_runtime import syscalls as sc
+from vzkit_runtime.errors import InvalidConfig
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs ~2 ms to import: mypy only

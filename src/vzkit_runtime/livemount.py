@@ -17,9 +17,7 @@ AT_RECURSIVE)``, then ``mount_setattr`` for read-only and private propagation: n
 container mounts under TARGET reaches the host), then a forked child joins the namespaces
 of the container's init (the user namespace first, the mount namespace last: the helper
 ``exec`` uses), chdirs to the container's ``/`` and attaches the clone with ``move_mount``:
-the open_tree fd outlives the setns. The child does that work and the runtime itself stays
-in the host's namespaces: once in a container's user namespace a process can never return
-to the host's mount namespace, where --log files, imports and the error report live.
+the open_tree fd outlives the setns (see nsjoin.py for why a child does it).
 
 TARGET must be absolute, without ``..``, and not ``/``; it is resolved in the container's
 root (its symlinks cannot lead out of it). Whether it is a mount point is read from the
@@ -35,27 +33,14 @@ import errno
 import os
 import stat
 
-from vzkit.engines.container import jsonfast as json
-from vzkit.engines.container import syscalls as sc
-from vzkit.engines.container.state import load
-from vzkit.engines.container.syscalls import SyscallError
-from vzkit.errors import Conflict, EngineError, InvalidConfig, NotFound, StateError, VzError
+from vzkit_runtime import syscalls as sc
+from vzkit_runtime.errors import Conflict, InvalidConfig, NotFound, StateError
+from vzkit_runtime.nsjoin import in_container, live
+from vzkit_runtime.syscalls import SyscallError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is slow to import; see spec.py
-    from collections.abc import Callable
-
-    from vzkit.engines.container.state import State
-
-#: The statuses whose init has its namespaces and its pivoted root.
-_LIVE = ("created", "running", "paused")
-#: Errors the child may report, rebuilt as the same class on the host side.
-_ERRORS: dict[str, type[VzError]] = {
-    "Conflict": Conflict,
-    "InvalidConfig": InvalidConfig,
-    "NotFound": NotFound,
-    "StateError": StateError,
-}
+    from vzkit_runtime.state import State
 
 
 def check_target(target: str) -> str:
@@ -86,7 +71,7 @@ def mount(
 ) -> None:
     """Bind-mount the host path ``source`` at ``target`` in the running container."""
     target = check_target(target)
-    st = _live(root, container_id, "mount into")
+    st = live(root, container_id, "mount into")
     source = os.path.abspath(source)
     try:
         is_dir = stat.S_ISDIR(os.stat(source).st_mode)
@@ -100,7 +85,6 @@ def mount(
     mounted = _mount_points(st)
     if target in mounted:
         raise _busy(container_id, target)
-    sc.libc()  # loaded here: after setns the host's libc.so is out of reach
     fd = sc.open_tree(
         sc.AT_FDCWD, source, sc.OPEN_TREE_CLONE | sc.OPEN_TREE_CLOEXEC | sc.AT_RECURSIVE
     )
@@ -129,7 +113,7 @@ def mount(
                 _remove_made(made)
                 raise
 
-        _in_container(st, attach)
+        in_container(st, attach)
     finally:
         # After move_mount the tree is attached and closing the fd leaves it be; before,
         # closing it dissolves the clone.
@@ -139,7 +123,7 @@ def mount(
 def umount(root: str, container_id: str, target: str) -> None:
     """Detach the mount at ``target`` in the running container (umount2 MNT_DETACH)."""
     target = check_target(target)
-    st = _live(root, container_id, "unmount in")
+    st = live(root, container_id, "unmount in")
     mounted = _mount_points(st)
 
     def detach() -> None:
@@ -151,21 +135,10 @@ def umount(root: str, container_id: str, target: str) -> None:
             )
         sc.umount2(real, sc.MNT_DETACH)
 
-    _in_container(st, detach)
+    in_container(st, detach)
 
 
 # ---------------------------------------------------------------------------- host side
-
-
-def _live(root: str, container_id: str, verb: str) -> State:
-    st = load(root, container_id)
-    status = st.status()
-    if status not in _LIVE:
-        raise StateError(
-            f"cannot {verb} container {container_id!r}: it is {status}",
-            hint="mount and umount need a live container: created, running or paused",
-        )
-    return st
 
 
 def _busy(container_id: str, target: str) -> Conflict:
@@ -179,7 +152,7 @@ def _busy(container_id: str, target: str) -> Conflict:
 def _mount_points(st: State) -> set[str]:
     """The init's mount points, as paths in the container (mountinfo shows them relative
     to the reading task's root)."""
-    from vzkit.engines.container.mounts import read_mountinfo
+    from vzkit_runtime.mounts import read_mountinfo
 
     try:
         with open(f"/proc/{st.pid}/mountinfo") as f:
@@ -189,72 +162,8 @@ def _mount_points(st: State) -> set[str]:
     return {m["mountpoint"] for m in read_mountinfo(text)}
 
 
-def _in_container(st: State, work: Callable[[], None]) -> None:
-    """Run ``work`` in a forked child joined to the init's namespaces, its cwd and root
-    the container's ``/``; an error it raises is raised again here."""
-    from vzkit.engines.container.init import _join_all
-
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            os.close(rfd)
-            _join(st, _join_all)
-            os.chdir("/")
-            work()
-            code = 0
-        except BaseException as exc:
-            _report(wfd, exc)
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    data = b""
-    try:
-        while chunk := os.read(rfd, 65536):
-            data += chunk
-    finally:
-        os.close(rfd)
-        _, status = os.waitpid(pid, 0)
-    if data:
-        msg = json.loads(data)
-        klass = _ERRORS.get(str(msg.get("class")), EngineError)
-        raise klass(str(msg.get("msg")), hint=msg.get("hint"))
-    if status:
-        raise EngineError(
-            f"the helper joined to container {st.id!r} failed without saying why "
-            f"(exit status {os.waitstatus_to_exitcode(status)})",
-            hint="rerun with --debug",
-        )
-
-
 # ---------------------------------------------------------------------------- child side
 # No imports from here on: the host's Python library is out of reach after setns.
-
-
-def _join(st: State, join_all: Callable[[int, object], None]) -> None:
-    try:
-        join_all(st.pid, sc)
-    except FileNotFoundError:
-        raise StateError(f"container {st.id!r} stopped", hint="its init exited meanwhile") from None
-    except SyscallError as exc:
-        raise EngineError(
-            f"join the namespaces of container {st.id!r}: {exc.message}", hint=exc.hint
-        ) from None
-
-
-def _report(wfd: int, exc: BaseException) -> None:
-    if isinstance(exc, VzError):
-        klass, msg, hint = type(exc).__name__, exc.message, exc.hint
-    elif isinstance(exc, OSError):
-        where = f" {exc.filename}" if exc.filename else ""
-        klass, msg, hint = "EngineError", f"{exc.strerror or exc}{where}", None
-    else:
-        klass, msg, hint = "EngineError", f"{type(exc).__name__}: {exc}", None
-    try:
-        os.write(wfd, json.dumps({"class": klass, "msg": msg, "hint": hint}).encode())
-    except OSError:
-        pass
 
 
 def _make_mount_point(path: str, *, is_dir: bool) -> list[str]:

@@ -13,7 +13,7 @@ import socket
 import struct
 import termios
 
-from vzkit.errors import EngineError, InvalidConfig
+from vzkit_runtime.errors import EngineError, InvalidConfig
 
 
 def connect(path: str) -> int:

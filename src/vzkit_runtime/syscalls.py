@@ -1,7 +1,7 @@
-"""Thin ctypes wrappers over the syscalls the container runtime needs.
+"""Thin wrappers over the syscalls the container runtime needs, through libc.
 
-Only stdlib and ctypes are imported: ``vz-runtime`` must start about as fast as runc, so
-this module must not pull in pydantic or anything heavy. libc is loaded on first use.
+``vz-runtime`` must start about as fast as runc: the C calls go through ffi.py (the part
+of ctypes needed, without ctypes' import cost), and libc is loaded on first use.
 
 Every wrapper raises :class:`SyscallError` naming the syscall and the path (or argument)
 it acted on, with a hint chosen from the errno, so a failure deep in container set-up
@@ -10,15 +10,15 @@ reads like ``mount(proc on /proc): Operation not permitted``.
 
 from __future__ import annotations
 
-import ctypes
 import errno as _errno
 import os
 
-from vzkit.errors import EngineError
+from vzkit_runtime import ffi
+from vzkit_runtime.errors import EngineError
 
 TYPE_CHECKING = False
-if TYPE_CHECKING:  # typing costs ~2 ms to import: mypy only
-    from typing import ClassVar
+if TYPE_CHECKING:  # typing is slow to import; see spec.py
+    from typing import Any
 
 # -- namespaces ----------------------------------------------------------------------------
 
@@ -185,7 +185,7 @@ def hint_for_errno(err: int, syscall: str = "") -> str:
 class SyscallError(EngineError):
     """A syscall failed; carries the syscall name, the errno and the path it acted on."""
 
-    code: ClassVar[str] = "syscall_error"
+    code = "syscall_error"
 
     def __init__(self, syscall: str, err: int, path: str | None = None) -> None:
         target = f"({path})" if path is not None else "()"
@@ -203,50 +203,45 @@ class SyscallError(EngineError):
 
 # -- libc ----------------------------------------------------------------------------------
 
-_libc: ctypes.CDLL | None = None
+
+class Libc:
+    """libc's functions the runtime calls (errno captured)."""
+
+    def __init__(self) -> None:
+        lib = ffi.Library("libc.so.6")
+        path, num, size = ffi.c_char_p, ffi.c_int, ffi.c_size_t
+        self.mount = lib.function("mount", (path, path, path, ffi.c_ulong, path))
+        self.umount2 = lib.function("umount2", (path, num))
+        self.unshare = lib.function("unshare", (num,))
+        self.setns = lib.function("setns", (num, num))
+        self.sethostname = lib.function("sethostname", (path, size))
+        self.setdomainname = lib.function("setdomainname", (path, size))
+        self.prctl = lib.function("prctl", (num,) + (ffi.c_ulong,) * 4)
+        # Buffers (struct pointers) and the variadic syscall(2): arguments as given.
+        self.capget = lib.function("capget")
+        self.capset = lib.function("capset")
+        self.syscall = lib.function("syscall", None, ffi.c_long)
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+_libc: Libc | None = None
 
 
-class _CapData(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
-
-
-def libc() -> ctypes.CDLL:
-    """The process's libc with errno capture, loaded on first use."""
+def libc() -> Libc:
+    """The process's libc, loaded on first use."""
     global _libc
     if _libc is None:
-        lib = ctypes.CDLL("libc.so.6", use_errno=True)
-        lib.mount.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_ulong,
-            ctypes.c_char_p,
-        ]
-        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        lib.unshare.argtypes = [ctypes.c_int]
-        lib.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-        lib.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-        lib.setdomainname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-        lib.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-        lib.capget.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
-        lib.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
-        lib.syscall.restype = ctypes.c_long
-        _libc = lib
+        _libc = Libc()
     return _libc
 
 
 def _check(ret: int, syscall: str, path: str | None = None) -> int:
     if ret < 0:
-        raise SyscallError(syscall, ctypes.get_errno(), path)
+        raise SyscallError(syscall, ffi.get_errno(), path)
     return ret
+
+
+def _u32(v: int) -> bytes:
+    return v.to_bytes(4, "little")
 
 
 def _b(value: str | os.PathLike[str] | None) -> bytes | None:
@@ -285,7 +280,7 @@ def mount(
     ret = libc().mount(_b(source), _b(target), _b(fstype), flags, _b(data))
     if ret < 0:
         what = os.fspath(source) if source else (fstype or "none")
-        raise SyscallError("mount", ctypes.get_errno(), f"{what} on {os.fspath(target)}")
+        raise SyscallError("mount", ffi.get_errno(), f"{what} on {os.fspath(target)}")
 
 
 def umount2(target: str | os.PathLike[str], flags: int = 0) -> None:
@@ -298,7 +293,7 @@ def pivot_root(new_root: str | os.PathLike[str], put_old: str | os.PathLike[str]
     nr = _SYS_PIVOT_ROOT.get(os.uname().machine)
     if nr is None:
         raise SyscallError("pivot_root", _errno.ENOSYS, os.fspath(new_root))
-    ret = libc().syscall(ctypes.c_long(nr), _b(new_root), _b(put_old))
+    ret = libc().syscall(ffi.c_long(nr), _b(new_root), _b(put_old))
     _check(ret, "pivot_root", f"{os.fspath(new_root)}, {os.fspath(put_old)}")
 
 
@@ -314,7 +309,7 @@ def open_tree(dirfd: int, path: str | os.PathLike[str], flags: int) -> int:
     AT_RECURSIVE) at ``path``, as an fd for move_mount. Returns the fd."""
     shown = os.fspath(path)
     nr = _nr(_SYS_OPEN_TREE, "open_tree", shown)
-    ret = libc().syscall(ctypes.c_long(nr), ctypes.c_int(dirfd), _b(path), ctypes.c_uint(flags))
+    ret = libc().syscall(ffi.c_long(nr), ffi.c_int(dirfd), _b(path), ffi.c_uint(flags))
     return _check(ret, "open_tree", shown)
 
 
@@ -329,23 +324,14 @@ def move_mount(
     shown = os.fspath(to_path)
     nr = _nr(_SYS_MOVE_MOUNT, "move_mount", shown)
     ret = libc().syscall(
-        ctypes.c_long(nr),
-        ctypes.c_int(from_dirfd),
+        ffi.c_long(nr),
+        ffi.c_int(from_dirfd),
         _b(from_path),
-        ctypes.c_int(to_dirfd),
+        ffi.c_int(to_dirfd),
         _b(to_path),
-        ctypes.c_uint(flags),
+        ffi.c_uint(flags),
     )
     _check(ret, "move_mount", shown)
-
-
-class _MountAttr(ctypes.Structure):
-    _fields_ = [
-        ("attr_set", ctypes.c_uint64),
-        ("attr_clr", ctypes.c_uint64),
-        ("propagation", ctypes.c_uint64),
-        ("userns_fd", ctypes.c_uint64),
-    ]
 
 
 def mount_setattr(
@@ -363,14 +349,15 @@ def mount_setattr(
     every mount under it). ``shown`` names the mount in errors."""
     shown = shown if shown is not None else (os.fspath(path) or f"fd {dirfd}")
     nr = _nr(_SYS_MOUNT_SETATTR, "mount_setattr", shown)
-    attr = _MountAttr(attr_set, attr_clr, propagation, 0)
+    # struct mount_attr {u64 attr_set, attr_clr, propagation, userns_fd}
+    attr = b"".join(v.to_bytes(8, "little") for v in (attr_set, attr_clr, propagation, 0))
     ret = libc().syscall(
-        ctypes.c_long(nr),
-        ctypes.c_int(dirfd),
+        ffi.c_long(nr),
+        ffi.c_int(dirfd),
         _b(path),
-        ctypes.c_uint(flags),
-        ctypes.byref(attr),
-        ctypes.c_size_t(ctypes.sizeof(attr)),
+        ffi.c_uint(flags),
+        ffi.buffer(attr),
+        ffi.c_size_t(len(attr)),
     )
     _check(ret, "mount_setattr", shown)
 
@@ -393,53 +380,109 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return _check(ret, "prctl", f"option {option}, {arg2}")
 
 
+def _cap_header(pid: int) -> Any:
+    # struct __user_cap_header_struct {u32 version; int pid}
+    return ffi.buffer(_LINUX_CAPABILITY_VERSION_3.to_bytes(4, "little") + _u32(pid))
+
+
 def capget(pid: int = 0) -> tuple[int, int, int]:
     """capget(2): (effective, permitted, inheritable) as 64-bit masks."""
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, pid)
-    data = (_CapData * 2)()
-    _check(libc().capget(ctypes.byref(header), data), "capget", f"pid {pid}")
-    return (
-        data[0].effective | (data[1].effective << 32),
-        data[0].permitted | (data[1].permitted << 32),
-        data[0].inheritable | (data[1].inheritable << 32),
-    )
+    data = ffi.buffer(24)  # struct __user_cap_data_struct[2] {u32 eff, prm, inh}
+    _check(libc().capget(_cap_header(pid), data), "capget", f"pid {pid}")
+    words = [int.from_bytes(data.raw[i : i + 4], "little") for i in range(0, 24, 4)]
+    return tuple(words[k] | (words[k + 3] << 32) for k in range(3))  # type: ignore[return-value]
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
     """capset(2) on the calling thread with 64-bit masks."""
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    for i, shift in enumerate((0, 32)):
-        data[i].effective = (effective >> shift) & 0xFFFFFFFF
-        data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
-        data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
+    data = b"".join(
+        _u32((mask >> shift) & 0xFFFFFFFF)
+        for shift in (0, 32)
+        for mask in (effective, permitted, inheritable)
+    )
     _check(
-        libc().capset(ctypes.byref(header), data),
+        libc().capset(_cap_header(0), ffi.buffer(data)),
         "capset",
         f"eff={effective:#x} prm={permitted:#x} inh={inheritable:#x}",
     )
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
 def seccomp_filter(program: bytes, flags: int = 0) -> None:
     """Install a classic-BPF seccomp program (struct sock_filter array, e.g. from
     libseccomp's seccomp_export_bpf) on the calling thread: seccomp(2) with ``flags``
     (SECCOMP_FILTER_FLAG_*), or prctl(PR_SET_SECCOMP) where no flags are needed."""
-    buf = ctypes.create_string_buffer(program, len(program))
-    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    buf = ffi.buffer(program)
+    # struct sock_fprog {unsigned short len; (padding) struct sock_filter *filter}
+    fprog = (len(program) // 8).to_bytes(8, "little") + ffi.addressof(buf).to_bytes(8, "little")
+    prog = ffi.buffer(fprog)
     nr = _SYS_SECCOMP.get(os.uname().machine)
     if nr is not None:
         ret = libc().syscall(
-            ctypes.c_long(nr),
-            ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
-            ctypes.c_uint(flags),
-            ctypes.byref(prog),
+            ffi.c_long(nr),
+            ffi.c_uint(SECCOMP_SET_MODE_FILTER),
+            ffi.c_uint(flags),
+            prog,
         )
     elif not flags:
-        ret = libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0)
+        ret = libc().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ffi.addressof(prog), 0, 0)
     else:
         raise SyscallError("seccomp", _errno.ENOSYS, "filter")
     _check(ret, "seccomp_load", f"filter of {len(program) // 8} instructions")
+
+
+# -- bpf (<linux/bpf.h>): cgroup device programs ------------------------------------------
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "i686": 357, "i386": 357}
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6
+BPF_F_ALLOW_MULTI = 2
+_BPF_LOG_SIZE = 65536
+
+
+def _bpf(cmd: int, attr: bytes, what: str) -> int:
+    nr = _nr(_SYS_BPF, "bpf", what)
+    ret = libc().syscall(ffi.c_long(nr), ffi.c_int(cmd), ffi.buffer(attr), ffi.c_uint(len(attr)))
+    return _check(ret, "bpf", what)
+
+
+def bpf_prog_load(prog_type: int, code: bytes, what: str) -> int:
+    """bpf(BPF_PROG_LOAD) of ``code`` (struct bpf_insn array); the program's fd. If the
+    verifier refuses it, the error carries the verifier's log."""
+    insns = ffi.buffer(code)
+    license = ffi.buffer(b"GPL\0")
+
+    def attr(log: Any) -> bytes:
+        # union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level,
+        # log_size, log_buf, kern_version, prog_flags, prog_name[16].
+        return (
+            _u32(prog_type)
+            + _u32(len(code) // 8)
+            + ffi.addressof(insns).to_bytes(8, "little")
+            + ffi.addressof(license).to_bytes(8, "little")
+            + _u32(1 if log is not None else 0)
+            + _u32(len(log) if log is not None else 0)
+            + (ffi.addressof(log) if log is not None else 0).to_bytes(8, "little")
+            + _u32(0)
+            + _u32(0)
+            + b"vz_devices".ljust(16, b"\0")
+        )
+
+    try:
+        return _bpf(BPF_PROG_LOAD, attr(None), what)
+    except SyscallError as exc:
+        if exc.errno != _errno.EINVAL and exc.errno != _errno.EACCES:
+            raise
+        log = ffi.buffer(_BPF_LOG_SIZE)
+        try:
+            return _bpf(BPF_PROG_LOAD, attr(log), what)
+        except SyscallError as again:
+            again.message += ": " + log.value.decode(errors="replace").strip()[-500:]
+            raise again from None
+
+
+def bpf_prog_attach(target_fd: int, prog_fd: int, attach_type: int, flags: int) -> None:
+    """bpf(BPF_PROG_ATTACH): attach program ``prog_fd`` to the cgroup open at ``target_fd``."""
+    attr = _u32(target_fd) + _u32(prog_fd) + _u32(attach_type) + _u32(flags) + _u32(0)
+    _bpf(BPF_PROG_ATTACH, attr, f"attach program to cgroup fd {target_fd}")

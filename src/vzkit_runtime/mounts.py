@@ -33,9 +33,9 @@ import errno
 import os
 import stat
 
-from vzkit.engines.container import syscalls as sc
-from vzkit.engines.container.syscalls import SyscallError
-from vzkit.errors import InvalidConfig
+from vzkit_runtime import syscalls as sc
+from vzkit_runtime.errors import InvalidConfig
+from vzkit_runtime.syscalls import SyscallError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import os
 
-from vzkit.engines.container import jsonfast as json
-from vzkit.engines.container.spec import DEFAULT_PATH
-from vzkit.errors import EngineError, InvalidConfig, VzError
+from vzkit_runtime import jsonfast as json
+from vzkit_runtime.errors import EngineError, InvalidConfig, VzRuntimeError
+from vzkit_runtime.spec import DEFAULT_PATH
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is slow to import; see spec.py
     from typing import Any, NoReturn
 
-    from vzkit.engines.container.spec import Json
+    from vzkit_runtime.spec import Json
 
 _NS_FILE = {"network": "net", "mount": "mnt"}
 # setns order: user first (it grants the rights for the others), mount last (it changes
@@ -133,7 +133,7 @@ class _Step:
 
 
 def _fail(pipe: Pipe, exc: BaseException, step: str) -> NoReturn:
-    if isinstance(exc, VzError):
+    if isinstance(exc, VzRuntimeError):
         msg, hint = exc.message, exc.hint
     elif isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
@@ -152,16 +152,18 @@ def _fail(pipe: Pipe, exc: BaseException, step: str) -> NoReturn:
 
 def middle(ctx: InitContext) -> NoReturn:
     """M: cgroup, namespaces, fork the init, report its pid, exit."""
-    from vzkit.engines.container import syscalls as sc
+    from vzkit_runtime import syscalls as sc
 
     step = _Step()
     try:
+        step.name = "set process.oomScoreAdj"
+        set_oom_score_adj(ctx.process)
         step.name = "load modules"
         preload(ctx)
         step.name = "join cgroup"
         join_cgroup(ctx.procs_files)
         if ctx.exec_mode:
-            _join_all(ctx.join_pid, sc)
+            join_all(ctx.join_pid, sc)
         else:
             _enter_namespaces(ctx, step, sc)
         step.name = "fork the container process"
@@ -179,16 +181,37 @@ def middle(ctx: InitContext) -> NoReturn:
 def container_child(ctx: InitContext) -> NoReturn:
     """I forked straight from P (no user or time namespace): P has already pointed it at
     its pid namespace. Join the cgroup and the other namespaces, then build the container."""
-    from vzkit.engines.container import syscalls as sc
+    from vzkit_runtime import syscalls as sc
 
     step = _Step()
     try:
+        step.name = "set process.oomScoreAdj"
+        set_oom_score_adj(ctx.process)
         step.name = "join cgroup"
         join_cgroup(ctx.procs_files)
         _enter_namespaces(ctx, step, sc, skip=("pid",))
     except BaseException as exc:
         _fail(ctx.pipe, exc, step.name)
     container_init(ctx)
+
+
+def set_oom_score_adj(process: Json) -> None:
+    """process.oomScoreAdj, set while the host's /proc is still in view (the container's
+    process and everything it forks inherit it)."""
+    value = process.get("oomScoreAdj")
+    if value is None:
+        return
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(int(value)).encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise EngineError(
+            f"set process.oomScoreAdj to {value}: {exc.strerror}",
+            hint="lowering an OOM score below the runtime's needs CAP_SYS_RESOURCE",
+        ) from None
 
 
 def join_cgroup(procs_files: list[str]) -> None:
@@ -216,23 +239,23 @@ def preload(ctx: InitContext) -> None:
     after pivot_root (or setns into the mount namespace) the host's Python library,
     libc.so and libseccomp.so are out of reach. P calls it before forking I, M before
     forking an exec'd process."""
-    from vzkit.engines.container import caps, syscalls
+    from vzkit_runtime import caps, syscalls
 
     syscalls.libc()
     caps.last_cap()
     if ctx.process.get("rlimits"):
         import resource  # noqa: F401
     if (ctx.spec.get("linux") or {}).get("seccomp") and ctx.seccomp_bpf is None:
-        from vzkit.engines.container import seccomp
+        from vzkit_runtime import seccomp
 
         seccomp._libseccomp()
     if ctx.process.get("terminal"):
-        from vzkit.engines.container import console  # noqa: F401
+        from vzkit_runtime import console  # noqa: F401
     if not ctx.exec_mode:
-        from vzkit.engines.container import mounts  # noqa: F401
+        from vzkit_runtime import mounts  # noqa: F401
 
         if (ctx.spec.get("hooks") or {}).get("startContainer"):
-            from vzkit.engines.container import hooks  # noqa: F401
+            from vzkit_runtime import hooks  # noqa: F401
 
 
 def _enter_namespaces(ctx: InitContext, step: _Step, sc: Any, skip: tuple[str, ...] = ()) -> None:
@@ -276,10 +299,12 @@ def _enter_namespaces(ctx: InitContext, step: _Step, sc: Any, skip: tuple[str, .
         sc.unshare(flags)
 
 
-def _join_all(pid: int, sc: Any) -> None:
-    """exec: join every namespace of ``pid`` that differs from ours."""
+def join_all(pid: int, sc: Any, kinds: tuple[str, ...] = _JOIN_ORDER) -> None:
+    """Join every namespace of ``pid`` (of ``kinds``) that differs from ours."""
     fds: list[tuple[str, int]] = []
     for kind in _JOIN_ORDER:
+        if kind not in kinds:
+            continue
         name = _NS_FILE.get(kind, kind)
         path = f"/proc/{pid}/ns/{name}"
         try:
@@ -302,7 +327,7 @@ def _join_all(pid: int, sc: Any) -> None:
 
 def container_init(ctx: InitContext) -> NoReturn:
     """I: build the container, wait for start, exec the process."""
-    from vzkit.engines.container import caps, mounts
+    from vzkit_runtime import caps, mounts
 
     spec, process = ctx.spec, ctx.process
     step = _Step()
@@ -332,21 +357,21 @@ def container_init(ctx: InitContext) -> NoReturn:
                 in_userns=in_userns,
                 before_pivot=create_container_hooks if hooks.get("createContainer") else None,
             )
-        else:
-            raise InvalidConfig(
-                "the container needs a mount namespace",
-                hint='add {"type": "mount"} to linux.namespaces',
-            )
+        elif hooks.get("createContainer"):
+            create_container_hooks()
+        # Without a mount namespace the container shares the runtime's (runtime-spec):
+        # no rootfs, no pivot_root, nothing of the host's mounted over or unmounted.
         if process.get("terminal"):
             step.name = "set up the terminal"
             slave = _terminal(ctx)
-            mounts.mount_console(slave)
+            if "mount" in ns:
+                mounts.mount_console(slave)
         hostname = spec.get("hostname")
         if hostname:
             step.name = f"set hostname {hostname!r}"
             if "uts" not in ns:
                 raise InvalidConfig("hostname is set but there is no uts namespace")
-            from vzkit.engines.container import syscalls as sc
+            from vzkit_runtime import syscalls as sc
 
             sc.sethostname(hostname)
         exe = _prepare_process(ctx, step, caps)
@@ -370,19 +395,19 @@ def container_init(ctx: InitContext) -> NoReturn:
         os.close(ctx.fifo_fd)
         start_hooks = (spec.get("hooks") or {}).get("startContainer")
         if start_hooks:
-            from vzkit.engines.container.hooks import run_hooks
+            from vzkit_runtime.hooks import run_hooks
 
             run_hooks("startContainer", start_hooks, start_state)
         _exec(ctx, exe)
     except BaseException as exc:
-        msg = exc.message if isinstance(exc, VzError) else str(exc)
+        msg = exc.message if isinstance(exc, VzRuntimeError) else str(exc)
         os.write(2, f"vz-runtime: start {process['args'][0]}: {msg}\n".encode())
         os._exit(127)
 
 
 def exec_process(ctx: InitContext) -> NoReturn:
     """An exec'd process, already in the container's namespaces and cgroup."""
-    from vzkit.engines.container import caps
+    from vzkit_runtime import caps
 
     step = _Step()
     try:
@@ -398,7 +423,7 @@ def exec_process(ctx: InitContext) -> NoReturn:
 
 
 def _terminal(ctx: InitContext) -> str:
-    from vzkit.engines.container import console
+    from vzkit_runtime import console
 
     if ctx.console_fd < 0:
         raise InvalidConfig(
@@ -410,7 +435,7 @@ def _terminal(ctx: InitContext) -> str:
 
 def _prepare_process(ctx: InitContext, step: _Step, caps: Any) -> str:
     """rlimits, user, capabilities, no_new_privs, cwd, seccomp; returns the executable."""
-    from vzkit.engines.container import syscalls as sc
+    from vzkit_runtime import syscalls as sc
 
     process = ctx.process
     seccomp_cfg = (ctx.spec.get("linux") or {}).get("seccomp")
@@ -453,11 +478,11 @@ def _prepare_process(ctx: InitContext, step: _Step, caps: Any) -> str:
 
 def _load_seccomp(ctx: InitContext, cfg: Json) -> None:
     if ctx.seccomp_bpf is not None:
-        from vzkit.engines.container import syscalls as sc
+        from vzkit_runtime import syscalls as sc
 
         sc.seccomp_filter(ctx.seccomp_bpf, ctx.seccomp_flags)
         return
-    from vzkit.engines.container import seccomp
+    from vzkit_runtime import seccomp
 
     seccomp.load_seccomp(cfg)
 
