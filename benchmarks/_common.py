@@ -27,7 +27,9 @@ def private_daemon(
     """Start vzd with its own state so a benchmark never touches the user's instances.
 
     With ``netns``, vzd runs inside the existing network namespace /var/run/netns/NETNS
-    (entered with nsenter, not ``ip netns exec``, which remounts /sys and hides cgroups).
+    (entered with nsenter, not ``ip netns exec``, which remounts /sys and hides cgroups);
+    only there may it have a default network. In the host's namespace it touches nothing of
+    the host's own vzd: its links, tables and cgroups carry its own daemon identity.
     """
     root = Path(tempfile.mkdtemp(prefix="vzb-"))
     root.chmod(0o755)  # QEMU's unprivileged user must be able to pass
@@ -42,6 +44,8 @@ def private_daemon(
     )
     env.update(extra_env)
     env.pop("VZ_SOCKET", None)
+    if netns is None and env["VZ_DEFAULT_NETWORK"].lower() != "none":
+        raise ValueError("a benchmark's vzd with a network runs in a namespace of its own: netns=")
     log = open(root / "vzd.log", "ab")  # noqa: SIM115 - the daemon keeps it
     enter = [] if netns is None else ["nsenter", f"--net=/var/run/netns/{netns}"]
     proc = subprocess.Popen(

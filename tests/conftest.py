@@ -50,6 +50,11 @@ class Daemon:
         return self.settings.socket_path
 
     def start(self) -> None:
+        if self.netns is None and self.env.get("VZ_DEFAULT_NETWORK", "").lower() != "none":
+            raise RuntimeError(
+                "a test daemon with a default network runs in a network namespace of its own "
+                "(netns.py: the netd fixture), never in the host's"
+            )
         log = open(self.root / "vzd.log", "ab")  # noqa: SIM115 - the daemon keeps it
         # nsenter, not `ip netns exec`: that also remounts /sys, hiding the cgroup mounts.
         prefix = ["nsenter", f"--net=/var/run/netns/{self.netns}"] if self.netns else []
@@ -83,10 +88,18 @@ class Daemon:
     def client(self) -> Client:
         return Client(self.socket, autostart=False)
 
-    def vz(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        """Run the `vz` CLI against this daemon."""
+    def vz(
+        self, *args: str, input: bytes | None = None, autostart: bool = False
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run the `vz` CLI against this daemon.
+
+        Without ``autostart`` the CLI fails when the daemon is down instead of starting a
+        vzd itself: that one would run in the test's own network namespace (the host's),
+        not the daemon's, with the test's networks.
+        """
+        flags = [] if autostart else ["--no-autostart"]
         return subprocess.run(
-            [sys.executable, "-m", "vzkit.cli.main", *args],
+            [sys.executable, "-m", "vzkit.cli.main", *flags, *args],
             env=self.env,
             input=input,
             capture_output=True,
@@ -136,12 +149,20 @@ def _make_daemon(root: Path, cache: Path) -> Daemon:
     return Daemon(root=root, env=env, settings=settings)
 
 
-def _cleanup(d: Daemon) -> None:
+def _cleanup(d: Daemon, cgroups: bool = True) -> None:
+    networks: list[str] = []
     with contextlib.suppress(Exception):
         c = d.client()
         for inst in c.list_instances():
             with contextlib.suppress(Exception):
                 c.delete_instance(inst.name, force=True)
+        if d.netns is None:
+            # Networks belong in a namespace of the test's own: remove any made on the
+            # host, then fail the test that made them.
+            networks = [n.name for n in c.list_networks()]
+            for name in networks:
+                with contextlib.suppress(Exception):
+                    c.delete_network(name)
     d.stop()
     pids = d.qemu_pids()
     for pid in pids:
@@ -150,7 +171,9 @@ def _cleanup(d: Daemon) -> None:
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    remove_cgroups(d.env["VZ_CGROUP_PARENT"])
+    if cgroups:
+        remove_cgroups(d.env["VZ_CGROUP_PARENT"])
+    assert not networks, f"a test daemon in the host's network namespace made networks {networks}"
 
 
 def remove_cgroups(parent: str) -> None:
@@ -183,19 +206,31 @@ def vzd(image_cache: Path) -> Iterator[Daemon]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def private_daemon(image_cache: Path) -> Iterator[Daemon]:
-    """A daemon of the test's own, not started: the test may change its env first."""
+@contextlib.contextmanager
+def new_daemon(image_cache: Path, cgroup_parent: str | None = None) -> Iterator[Daemon]:
+    """A daemon of the test's own, not started, removed with all it made at the end.
+
+    ``cgroup_parent``: share one (two daemons on one kernel); the caller removes it.
+    """
     root = Path(tempfile.mkdtemp(prefix="vzt-"))
     d = _make_daemon(root, image_cache)
+    if cgroup_parent is not None:
+        d.env["VZ_CGROUP_PARENT"] = cgroup_parent
     try:
         yield d
     finally:
-        _cleanup(d)
+        _cleanup(d, cgroups=cgroup_parent is None)
         # A daemon the CLI started on demand is not d.proc: stop it through the API.
         with contextlib.suppress(Exception):
             Client(d.socket, autostart=False).shutdown_daemon()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def private_daemon(image_cache: Path) -> Iterator[Daemon]:
+    """A daemon of the test's own, not started: the test may change its env first."""
+    with new_daemon(image_cache) as d:
+        yield d
 
 
 @pytest.fixture

@@ -1,16 +1,27 @@
 """Where vzkit keeps its files. One object, passed around; nothing else hard-codes a path.
 
 Every directory can be moved with an environment variable so tests run in temporary
-directories and several daemons can coexist.
+directories and several daemons can coexist. What a daemon makes outside its directories,
+in places the whole host shares (links, nft tables, cgroups), carries its identity
+(:attr:`Settings.daemon_id`), so that daemons never take or remove each other's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+_ID_RE = re.compile(r"[0-9a-f]{8}\Z")
+# Written next to the identity when the state dir already held a database: the daemon ran
+# before identities existed, so its older links and nft table may be claimed (once).
+_LEGACY_MARK = "legacy"
 
 
 def _env_path(name: str, default: str) -> Path:
@@ -135,6 +146,26 @@ class Settings:
     join_rate: int = field(default_factory=lambda: _env_count("VZ_JOIN_RATE", "10"))
     probe_rate: int = field(default_factory=lambda: _env_count("VZ_PROBE_RATE", "60"))
 
+    @functools.cached_property
+    def daemon_id(self) -> str:
+        """This daemon's identity: 8 hex digits made once and kept in ``<state_dir>/daemon-id``,
+        so it is stable across restarts and differs between daemons (state dirs)."""
+        return _load_identity(self.state_dir)[0]
+
+    @property
+    def predates_identity(self) -> bool:
+        """Whether this state dir was used by a daemon from before identities."""
+        return _load_identity(self.state_dir)[1]
+
+    @property
+    def daemon_cgroup(self) -> str:
+        """The cgroup all of this daemon's instances live under: two daemons on one kernel
+        may have instances of the same name."""
+        return f"{self.cgroup_parent}/{self.daemon_id}"
+
+    def instance_cgroup(self, name: str) -> str:
+        return f"{self.daemon_cgroup}/{name}"
+
     @property
     def socket_path(self) -> Path:
         return Path(os.environ.get("VZ_SOCKET", str(self.runtime_dir / "vzd.sock")))
@@ -162,3 +193,29 @@ class Settings:
     @property
     def pid_file(self) -> Path:
         return self.runtime_dir / "vzd.pid"
+
+
+def _load_identity(state_dir: Path) -> tuple[str, bool]:
+    """(id, made for a state dir from before identities), creating it on first use."""
+    path = state_dir / "daemon-id"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        legacy = (state_dir / "vzkit.db").exists()
+        tmp = path.with_name(f".daemon-id.{os.getpid()}.{secrets.token_hex(4)}")
+        tmp.write_text(secrets.token_hex(4) + (f" {_LEGACY_MARK}" if legacy else "") + "\n")
+        try:
+            # link() does not replace: of two processes starting at once, one id wins.
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            tmp.unlink()
+    fields = path.read_text().split()
+    if not fields or not _ID_RE.match(fields[0]):
+        from vzkit.errors import InvalidConfig
+
+        raise InvalidConfig(
+            f"{path} does not hold a daemon identity (8 hex digits)",
+            hint="restore it from a backup; deleting it makes the daemon a stranger to "
+            "its own bridges and nft tables",
+        )
+    return fields[0], _LEGACY_MARK in fields[1:]

@@ -1,5 +1,5 @@
 """Fixtures of the integration tests (the shared ones live in tests/conftest.py)."""
 
-from tests.integration.netns import netd
+from tests.integration.netns import daemon_pair, netd
 
-__all__ = ["netd"]
+__all__ = ["daemon_pair", "netd"]

@@ -12,14 +12,17 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, _cleanup
+from tests.conftest import Daemon, _cleanup, new_daemon, remove_cgroups
+from vzkit.network._netns import entered
 from vzkit.sdk.client import Client
 
 UPLINK = "10.255.0.1"  # the daemon namespace's end of the uplink
@@ -60,6 +63,54 @@ def sh(c: Client, name: str, script: str, timeout: float = 30) -> tuple[int, str
     return res.exit_code, (out + err).decode(errors="replace")
 
 
+def ping(c: Client, name: str, target: str, tries: int = 4) -> tuple[int, str]:
+    # dnsmasq re-reads its hosts files on SIGHUP, asynchronously: allow a moment.
+    script = (
+        f"for i in $(seq {tries}); do ping -c 1 -W 2 {target} && exit 0; sleep 0.3; done; exit 1"
+    )
+    return sh(c, name, script)
+
+
+def connect(ns: str, host: str, port: int) -> bytes:
+    # The server is an `nc -l` in a loop: between two connections it is briefly not there.
+    for _ in range(20):
+        try:
+            with entered(ns):
+                sock = socket.create_connection((host, port), timeout=5)
+        except ConnectionRefusedError:
+            time.sleep(0.1)
+            continue
+        with sock:
+            sock.sendall(b"ping\n")
+            sock.shutdown(socket.SHUT_WR)
+            return sock.recv(100)
+    raise AssertionError(f"{host}:{port} refused every connection")
+
+
+def serve(c: Client, name: str, port: int = 7000, reply: str = "hi-from-$(hostname)") -> None:
+    """A TCP server in the instance that answers every connection with ``reply``."""
+    code, out = sh(
+        c,
+        name,
+        f"(while true; do echo {reply} | nc -l -p {port}; done) >/dev/null 2>&1 &",
+    )
+    assert code == 0, out
+
+
+def own_links(ns: str, daemon: str) -> dict[str, str]:
+    """The links in ``ns`` labelled with daemon identity ``daemon``: name -> alias."""
+    found = json.loads(in_ns(ns, "ip", "-j", "link", "show"))
+    prefix = f"vzkit@{daemon}:"
+    return {x["ifname"]: x["ifalias"] for x in found if x.get("ifalias", "").startswith(prefix)}
+
+
+def cgroup_of(pid: int) -> str:
+    """The pid's cgroup path in the memory hierarchy (v1) or the unified one (v2)."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    by_ctl = {f.split(":")[1]: f.split(":", 2)[2] for f in lines}
+    return by_ctl.get("memory") or by_ctl.get("", "")
+
+
 def _kill_all(ns: str) -> None:
     for pid in ns_pids(ns):
         with contextlib.suppress(ProcessLookupError):
@@ -77,10 +128,11 @@ def namespace(name: str) -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-@pytest.fixture
-def netd(private_daemon: Daemon) -> Iterator[Daemon]:
-    """A private vzd in its own namespace, default network vzbr0, uplink to ``world``."""
-    tag = uuid.uuid4().hex[:8]
+@contextlib.contextmanager
+def uplinked(tag: str) -> Iterator[tuple[str, str]]:
+    """A namespace standing in for the host (``vzt-TAG``) with a default route into a
+    second one standing in for the internet (``vzw-TAG``); both gone at the end, with every
+    process in them (dnsmasq outlives vzd)."""
     with namespace(f"vzt-{tag}") as ns, namespace(f"vzw-{tag}") as world:
         subprocess.run(
             [
@@ -104,9 +156,20 @@ def netd(private_daemon: Daemon) -> Iterator[Daemon]:
         in_ns(ns, "ip", "route", "add", "default", "via", OUTSIDE)
         in_ns(world, "ip", "addr", "add", f"{OUTSIDE}/30", "dev", "wan0")
         in_ns(world, "ip", "link", "set", "wan0", "up")
-        private_daemon.netns = ns
-        private_daemon.world = world
-        private_daemon.env["VZ_DEFAULT_NETWORK"] = "vzbr0"
+        yield ns, world
+
+
+def _join(d: Daemon, ns: str, world: str, default_network: str = "vzbr0") -> None:
+    d.netns = ns
+    d.world = world
+    d.env["VZ_DEFAULT_NETWORK"] = default_network
+
+
+@pytest.fixture
+def netd(private_daemon: Daemon) -> Iterator[Daemon]:
+    """A private vzd in its own namespace, default network vzbr0, uplink to ``world``."""
+    with uplinked(uuid.uuid4().hex[:8]) as (ns, world):
+        _join(private_daemon, ns, world)
         try:
             private_daemon.start()
             yield private_daemon
@@ -114,3 +177,22 @@ def netd(private_daemon: Daemon) -> Iterator[Daemon]:
             # Instances first, through the daemon: containers' inits are in namespaces of
             # their own, which deleting ours would not reach.
             _cleanup(private_daemon)
+
+
+@pytest.fixture
+def daemon_pair(image_cache: Path) -> Iterator[tuple[Daemon, Daemon]]:
+    """Two daemons (state dirs) in ONE namespace and one cgroup parent, as two vzd on one
+    host would be; both want the default network vzbr0. Not started."""
+    tag = uuid.uuid4().hex[:8]
+    parent = f"vzkit-test-pair-{tag}"
+    try:
+        with (
+            uplinked(tag) as (ns, world),
+            new_daemon(image_cache, parent) as a,
+            new_daemon(image_cache, parent) as b,
+        ):
+            _join(a, ns, world)
+            _join(b, ns, world)
+            yield a, b
+    finally:
+        remove_cgroups(parent)

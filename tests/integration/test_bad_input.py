@@ -284,7 +284,7 @@ def test_qemu_failing_to_start_leaves_nothing(private_daemon: Daemon) -> None:
         c.create_instance(InstanceCreate(name="broken"))
     assert "could not load PC BIOS" in str(e.value)
     assert not list(d.settings.instance_runtime_dir.glob("*"))
-    assert cgroups.detect().open(f"{d.env['VZ_CGROUP_PARENT']}/broken") is None
+    assert cgroups.detect().open(d.settings.instance_cgroup("broken")) is None
 
 
 def test_qemu_dying_during_boot_leaves_nothing(private_daemon: Daemon) -> None:

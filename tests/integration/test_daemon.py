@@ -18,7 +18,7 @@ def test_cli_starts_the_daemon_and_stop_keeps_vms(private_daemon: Daemon) -> Non
     d = private_daemon
     r = d.vz("daemon", "status")
     assert r.returncode == 3 and b"not running" in (r.stdout + r.stderr)
-    r = d.vz("launch", "minimal", "kept")
+    r = d.vz("launch", "minimal", "kept", autostart=True)
     assert r.returncode == 0, r.stderr
     mode = os.stat(d.socket).st_mode
     assert stat.S_IMODE(mode) == 0o660 and stat.S_ISSOCK(mode)
@@ -31,7 +31,7 @@ def test_cli_starts_the_daemon_and_stop_keeps_vms(private_daemon: Daemon) -> Non
     assert not d.socket.exists()
     assert alive(pid), "stopping vzd must not stop the VMs"
     # The next command brings the daemon back, re-attached to the VM.
-    r = d.vz("exec", "kept", "--", "echo", "still here")
+    r = d.vz("exec", "kept", "--", "echo", "still here", autostart=True)
     assert (r.returncode, r.stdout) == (0, b"still here\n"), r.stderr
     inst = d.client().get_instance("kept")
     assert inst.state is InstanceState.RUNNING and inst.pid == pid

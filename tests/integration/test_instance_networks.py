@@ -9,30 +9,29 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import time
 
 import pytest
 
 from tests.conftest import Daemon
 from tests.integration.helpers import wait_for
-from tests.integration.netns import OUTSIDE, UPLINK, dnsmasq_pids, in_ns, sh, vz_links
+from tests.integration.netns import (
+    OUTSIDE,
+    UPLINK,
+    connect,
+    dnsmasq_pids,
+    in_ns,
+    ping,
+    serve,
+    sh,
+    vz_links,
+)
 from vzkit.errors import Conflict, InvalidConfig, NotFound, StateError
-from vzkit.network._netns import entered
 from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
 
 CONTAINER = {"type": "container", "image": "minimal"}
-
-
-def ping(c: Client, name: str, target: str, tries: int = 4) -> tuple[int, str]:
-    # dnsmasq re-reads its hosts files on SIGHUP, asynchronously: allow a moment.
-    script = (
-        f"for i in $(seq {tries}); do ping -c 1 -W 2 {target} && exit 0; sleep 0.3; done; exit 1"
-    )
-    return sh(c, name, script)
 
 
 def tcp_roundtrip(c: Client, server: str, client: str, target: str, port: int = 7000) -> str:
@@ -201,44 +200,19 @@ def test_attach_and_detach_running_container(netd: Daemon) -> None:
         c.detach_network("solo", "lab")
 
 
-def _connect(ns: str, host: str, port: int) -> bytes:
-    # The server is an `nc -l` in a loop: between two connections it is briefly not there.
-    for _ in range(20):
-        try:
-            with entered(ns):
-                sock = socket.create_connection((host, port), timeout=5)
-        except ConnectionRefusedError:
-            time.sleep(0.1)
-            continue
-        with sock:
-            sock.sendall(b"ping\n")
-            sock.shutdown(socket.SHUT_WR)
-            return sock.recv(100)
-    raise AssertionError(f"{host}:{port} refused every connection")
-
-
-def _serve(c: Client, name: str, port: int = 7000) -> None:
-    code, out = sh(
-        c,
-        name,
-        f"(while true; do echo hi-from-$(hostname) | nc -l -p {port}; done) >/dev/null 2>&1 &",
-    )
-    assert code == 0, out
-
-
 def test_port_forwards_and_firewall(netd: Daemon) -> None:
     c = netd.client()
     ns, world = netd.netns, netd.world
     assert ns and world
     for name in ("web", "friend", "stranger"):
         c.create_instance({**CONTAINER, "name": name})
-    _serve(c, "web")
+    serve(c, "web")
     web = c.get_instance("web")
     r = netd.vz("port", "add", "web", "8080:7000")
     assert r.returncode == 0, r.stderr
     # From the host's loopback, and from outside through the host's uplink address.
-    assert _connect(ns, "127.0.0.1", 8080) == b"hi-from-web\n"
-    assert _connect(world, UPLINK, 8080) == b"hi-from-web\n"
+    assert connect(ns, "127.0.0.1", 8080) == b"hi-from-web\n"
+    assert connect(world, UPLINK, 8080) == b"hi-from-web\n"
     r = netd.vz("port", "list", "--format", "json")
     assert json.loads(r.stdout) == [
         {
@@ -280,7 +254,8 @@ def test_port_forwards_and_firewall(netd: Daemon) -> None:
     assert r.returncode == 1 and b"no firewall rule 3" in r.stderr
 
     c.remove_port("web", 8080)
-    assert "dport 8080" not in in_ns(ns, "nft", "list", "table", "inet", "vzkit")
+    table = f"vzkit-{netd.settings.daemon_id}"
+    assert "dport 8080" not in in_ns(ns, "nft", "list", "table", "inet", table)
     for name in ("web", "friend", "stranger"):
         c.delete_instance(name, force=True)
     c.delete_network("vzbr0")

@@ -8,6 +8,7 @@ takes a few seconds) and torn down by the last test, which checks nothing is lef
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,10 +20,13 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
-from pyroute2 import netns as pr_netns  # type: ignore[import-untyped]
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
+from pyroute2 import netns as pr_netns
 
+from tests.integration.helpers import wait_for
 from vzkit._proc import alive
 from vzkit.api.networks import FirewallRule, NetworkConfig, PortForward
+from vzkit.errors import Conflict
 from vzkit.network import ipam, links, nft
 from vzkit.network._netns import entered
 from vzkit.network.dnsmasq import Dnsmasq, HostEntry
@@ -30,10 +34,18 @@ from vzkit.network.dnsmasq import Dnsmasq, HostEntry
 pytestmark = pytest.mark.integration
 
 TAG = uuid.uuid4().hex[:6]
+DAEMON = uuid.uuid4().hex[:8]  # the identity these tests' links and tables carry
 NAT = NetworkConfig.model_validate({"name": "nat", "subnet": "10.80.0.0/24", "bridge": "vzbr0"})
 ISO = NetworkConfig.model_validate(
     {"name": "iso", "subnet": "10.80.1.0/24", "bridge": "vzbr1", "isolated": True}
 )
+# The instances' own addresses (dh's is its DHCP reservation), which anti-spoofing enforces.
+ADDRESSES = {
+    "a1": IPv4Address("10.80.0.5"),
+    "a2": IPv4Address("10.80.0.6"),
+    "b1": IPv4Address("10.80.1.5"),
+    "dh": IPv4Address("10.80.0.20"),
+}
 HOST_UPLINK = IPv4Address("192.0.2.1")
 OUTSIDE = IPv4Address("192.0.2.2")
 
@@ -51,7 +63,18 @@ class World:
         return f"vzt{TAG}-{name}"
 
     def ruleset(self, *firewalls: nft.InstanceFirewall) -> nft.Ruleset:
-        return nft.Ruleset(networks=[NAT, ISO], forwards=self.forwards, firewalls=firewalls)
+        ports = [
+            nft.PortGuard(links.link_name("v", name + TAG, 0), ipam.stable_mac(name + TAG, 0), ip)
+            for name, ip in ADDRESSES.items()
+        ]
+        return nft.Ruleset(
+            daemon=DAEMON,
+            networks=[NAT, ISO],
+            forwards=self.forwards,
+            firewalls=firewalls,
+            ports=ports,
+            state_dir=str(self.state),
+        )
 
 
 def sh(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -111,6 +134,7 @@ def add_instance(w: World, name: str, net: NetworkConfig, ip: str | None) -> str
         mac=ipam.stable_mac(name + TAG, 0),
         network=net.name,
         instance=name,
+        daemon=DAEMON,
         address=IPv4Interface(f"{ip}/{net.subnet.prefixlen}") if ip else None,
         gateway=net.gateway if ip else None,
         netns=w.host,
@@ -122,8 +146,8 @@ def teardown(w: World) -> None:
     for d in w.dnsmasqs:
         d.stop()
     if w.host in pr_netns.listnetns():
-        nft.remove(w.state, netns=w.host)
-        for link in links.list_owned(w.host):
+        nft.remove(DAEMON, w.state, netns=w.host)
+        for link in links.list_owned(DAEMON, w.host):
             links.delete_link(link.name, netns=w.host)
     for ns in [*w.instances.values(), w.outside, w.host]:
         if ns in pr_netns.listnetns():
@@ -151,6 +175,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 net.bridge,
                 IPv4Interface(f"{net.gateway}/{net.subnet.prefixlen}"),
                 net.name,
+                daemon=DAEMON,
                 netns=w.host,
             )
         add_instance(w, "a1", NAT, "10.80.0.5")
@@ -167,7 +192,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 [
                     HostEntry(ipam.stable_mac("a1" + TAG, 0), "a1", IPv4Address("10.80.0.5")),
                     HostEntry(ipam.stable_mac("a2" + TAG, 0), "a2", IPv4Address("10.80.0.6")),
-                    HostEntry(ipam.stable_mac("dh" + TAG, 0), "dh"),
+                    HostEntry(ipam.stable_mac("dh" + TAG, 0), "dh", ADDRESSES["dh"]),
                 ]
                 if net is NAT
                 else []
@@ -198,9 +223,11 @@ def test_same_network_ping_and_tcp_both_ways(world: World) -> None:
 
 
 def test_ensure_functions_adopt_instead_of_duplicating(world: World) -> None:
-    before = links.list_owned(world.host)
+    before = links.list_owned(DAEMON, world.host)
     assert NAT.bridge and NAT.gateway
-    links.ensure_bridge(NAT.bridge, IPv4Interface(f"{NAT.gateway}/24"), NAT.name, netns=world.host)
+    links.ensure_bridge(
+        NAT.bridge, IPv4Interface(f"{NAT.gateway}/24"), NAT.name, daemon=DAEMON, netns=world.host
+    )
     add_again = links.link_name("v", "a1" + TAG, 0)
     links.ensure_veth(
         add_again,
@@ -209,14 +236,17 @@ def test_ensure_functions_adopt_instead_of_duplicating(world: World) -> None:
         mac=ipam.stable_mac("a1" + TAG, 0),
         network="nat",
         instance="a1",
+        daemon=DAEMON,
         netns=world.host,
     )
     tap = links.link_name("t", "vm" + TAG, 0)
     for _ in range(2):
-        links.ensure_tap(tap, bridge="vzbr0", network="nat", instance="vm", netns=world.host)
+        links.ensure_tap(
+            tap, bridge="vzbr0", network="nat", instance="vm", daemon=DAEMON, netns=world.host
+        )
     fd = links.open_tap(tap, netns=world.host)
     os.close(fd)
-    after = links.list_owned(world.host)
+    after = links.list_owned(DAEMON, world.host)
     assert sorted(x.name for x in after) == sorted([*(x.name for x in before), tap])
     assert {x.name: x.instance for x in after}[tap] == "vm"
     assert connect(world.instances["a2"], "10.80.0.5", 80) == b"a1:80"
@@ -308,14 +338,107 @@ def test_dnsmasq_is_adopted_and_restarted(world: World) -> None:
     assert "10.80.0.6" in res.stdout
 
 
+def _neighbour_mac(ns: str, ip: str) -> str | None:
+    out = sh(ns, "ip", "-j", "neigh", "show", ip).stdout
+    entries = [e for e in json.loads(out or "[]") if "lladdr" in e]
+    return str(entries[0]["lladdr"]) if entries else None
+
+
+def test_anti_spoofing_at_the_bridge(world: World) -> None:
+    """An instance cannot take another's address or MAC, nor answer ARP for it: not even
+    when the other is down, which is when taking its place in allow-lists would work."""
+    a1, a2, dh = world.instances["a1"], world.instances["a2"], world.instances["dh"]
+    a1_mac, dh_mac = ipam.stable_mac("a1" + TAG, 0), ipam.stable_mac("dh" + TAG, 0)
+    fw = nft.InstanceFirewall(
+        ADDRESSES["a2"],
+        [FirewallRule.model_validate({"source": "10.80.0.5/32", "proto": "tcp", "port": 22})],
+    )
+    nft.apply(world.ruleset(fw), world.state, netns=world.host)
+    try:
+        assert connect(a1, "10.80.0.6", 22) == b"a2:22"
+        sh(world.host, "busybox", "ping", "-c", "1", "-W", "2", "10.80.0.5")
+        assert _neighbour_mac(world.host, "10.80.0.5") == a1_mac
+        sh(a1, "ip", "link", "set", "eth0", "down")
+        # dh takes a1's address: its packets, and its ARP answers for it, are dropped.
+        sh(dh, "ip", "addr", "add", "10.80.0.5/24", "dev", "eth0")
+        sh(dh, "busybox", "arping", "-U", "-c", "2", "-I", "eth0", "-s", "10.80.0.5", "10.80.0.5")
+        assert connect(dh, "10.80.0.6", 22, timeout=2) is None
+        assert _neighbour_mac(world.host, "10.80.0.5") != dh_mac
+        # ... and with a1's MAC as well.
+        sh(dh, "ip", "link", "set", "eth0", "address", a1_mac)
+        assert connect(dh, "10.80.0.6", 22, timeout=2) is None
+        assert sh(dh, "busybox", "ping", "-c", "1", "-W", "1", "10.80.0.1", check=False).returncode
+    finally:
+        sh(dh, "ip", "link", "set", "eth0", "address", dh_mac, check=False)
+        sh(dh, "ip", "addr", "flush", "dev", "eth0", check=False)
+        sh(a1, "ip", "link", "set", "eth0", "up", check=False)
+        # The default route went with the link.
+        sh(a1, "ip", "route", "replace", "default", "via", "10.80.0.1", check=False)
+        nft.apply(world.ruleset(), world.state, netns=world.host)
+    # Its own address still works, DHCP aside (test_dhcp_gives_an_address_in_range).
+    sh(dh, "ip", "addr", "add", "10.80.0.20/24", "dev", "eth0")
+    try:
+        assert wait_for(lambda: connect(dh, "10.80.0.6", 80) == b"a2:80", 20)
+    finally:
+        sh(dh, "ip", "addr", "flush", "dev", "eth0")
+    # a1 is back (neighbours re-learn it once their stale entries are probed).
+    assert wait_for(lambda: connect(a2, "10.80.0.5", 80) == b"a1:80", 20)
+
+
+def test_a_second_daemon_takes_nothing_of_the_first(world: World) -> None:
+    """Another daemon in the same namespace: its tables come and go beside ours, and a
+    bridge name of ours is refused to it, naming whose it is."""
+    other = "feedf00d" if DAEMON != "feedf00d" else "deadbeef"
+    lab = NetworkConfig.model_validate({"name": "lab", "subnet": "10.80.9.0/24", "bridge": "vzbr9"})
+    ours = nft.listing(DAEMON, world.host)
+    with pytest.raises(Conflict) as err:
+        links.ensure_bridge(
+            "vzbr0", IPv4Interface("10.80.0.1/24"), "nat", daemon=other, netns=world.host
+        )
+    assert f"another vzkit daemon (id {DAEMON}, state dir {world.state})" in err.value.message
+    links.ensure_bridge(
+        "vzbr9", IPv4Interface("10.80.9.1/24"), "lab", daemon=other, netns=world.host
+    )
+    try:
+        nft.apply(nft.Ruleset(daemon=other, networks=[lab]), world.state / "o", netns=world.host)
+        assert nft.listing(DAEMON, world.host) == ours
+        assert not links.delete_link("vzbr0", world.host, daemon=other)
+        assert [x.name for x in links.list_owned(other, world.host)] == ["vzbr9"]
+        # Our instances still talk to each other and to the outside.
+        a1, a2 = world.instances["a1"], world.instances["a2"]
+        assert wait_for(lambda: connect(a2, "10.80.0.5", 80) == b"a1:80", 20)
+        assert wait_for(lambda: connect(a1, str(OUTSIDE), 80) == b"outside", 20)
+    finally:
+        nft.remove(other, world.state / "o", netns=world.host)
+        links.delete_link("vzbr9", world.host, daemon=other)
+    assert nft.listing(DAEMON, world.host) == ours
+    nft.apply(world.ruleset(), world.state, netns=world.host)
+
+
+def test_raw_netlink_agrees_with_pyroute2(world: World) -> None:
+    """Supervision's own netlink reads (network/_nl.py) against pyroute2's, in a namespace
+    with bridges, enslaved veths and a TAP."""
+    with entered(world.host), IPRoute() as ipr:
+        want = {
+            str(x.get_attr("IFLA_IFNAME")): (int(x["index"]), x.get_attr("IFLA_MASTER"))
+            for x in ipr.get_links()
+        }
+    got = links.list_links(world.host)
+    assert {n: (i.index, i.master) for n, i in got.items()} == want
+    assert got[links.link_name("v", "a1" + TAG, 0)].master == got["vzbr0"].index
+    before = nft.generation(world.host)
+    nft.apply(world.ruleset(), world.state, netns=world.host)
+    assert nft.generation(world.host) > before
+
+
 def test_teardown_leaves_nothing(world: World) -> None:
     pids = [d.pid for d in world.dnsmasqs]
-    nft.remove(world.state, netns=world.host)
+    nft.remove(DAEMON, world.state, netns=world.host)
     for d in world.dnsmasqs:
         d.stop()
-    for link in links.list_owned(world.host):
-        links.delete_link(link.name, netns=world.host)
-    assert links.list_owned(world.host) == []
+    for link in links.list_owned(DAEMON, world.host):
+        links.delete_link(link.name, netns=world.host, daemon=DAEMON)
+    assert links.list_owned(DAEMON, world.host) == []
     out = sh(world.host, "ip", "-o", "link").stdout
     names = [line.split(": ")[1].split("@")[0] for line in out.splitlines()]
     assert sorted(names) == ["lo", "up0"], out

@@ -25,7 +25,9 @@ def test_network_lifecycle(netd: Daemon) -> None:
     assert net.bridge
     links = json.loads(in_ns(ns, "ip", "-j", "addr", "show", net.bridge))
     assert any(a["local"] == "10.91.0.1" for a in links[0]["addr_info"])
-    assert "table inet vzkit" in in_ns(ns, "nft", "list", "tables")
+    tables = in_ns(ns, "nft", "list", "tables").split("\n")
+    own = f"vzkit-{netd.settings.daemon_id}"
+    assert f"table inet {own}" in tables and f"table bridge {own}" in tables
     assert dnsmasq_pids(netd), "dnsmasq runs in the namespace"
 
     # A second network gets a free subnet of its own; clashes are refused.

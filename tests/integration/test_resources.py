@@ -41,7 +41,8 @@ def test_qemu_gets_its_own_cgroup_with_limits(vzd: Daemon, client: Client) -> No
     assert pid
     parent = vzd.env["VZ_CGROUP_PARENT"]
     mem = cgroup_of(pid, "memory")
-    assert mem.name == "limited" and mem.parent.name == parent
+    assert mem.name == "limited" and mem.parent.name == vzd.settings.daemon_id
+    assert mem.parent.parent.name == parent
     want = qemu_memory_limit(192 * MiB, cpus=1, tb_size_mib=TCG_TB_SIZE_MIB)
     if detect_version(CG) == 2:
         assert int((mem / "memory.max").read_text()) == want

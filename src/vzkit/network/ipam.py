@@ -99,13 +99,19 @@ def allocate_subnet(
     )
 
 
-def _free_bridge(name: str, others: Iterable[NetworkConfig]) -> str:
+def _free_bridge(name: str, others: Iterable[NetworkConfig], links: Iterable[str] = ()) -> str:
     """The network's own name if it is a free ``vzbr<N>``, else the first free ``vzbr<N>``
-    from 1 on: vzbr0 stays for the default network (named vzbr0 as its bridge)."""
+    from 1 on: vzbr0 stays for the default network (named vzbr0 as its bridge).
+
+    ``links``: interfaces that exist already (another daemon's bridges): a name picked here
+    avoids them, but a network named ``vzbr<N>`` asks for that very bridge, and the daemon
+    refuses it clearly if another daemon has it.
+    """
     others = list(others)
     used = {o.bridge for o in others} | {o.name for o in others}
     if _BRIDGE_NAME_RE.match(name) and name not in used:
         return name
+    used |= set(links)
     n = 1
     while f"vzbr{n}" in used or f"vzbr{n}" == name:
         n += 1
@@ -117,11 +123,13 @@ def complete(
     others: Iterable[NetworkConfig],
     routes: Iterable[IPv4Network] | None = None,
     netns: NetnsRef = None,
+    links: Iterable[str] = (),
 ) -> NetworkConfig:
     """Fill in subnet and bridge, then check for clashes: the config the daemon stores.
 
     ``routes`` defaults to the host's routes, read from ``netns``. The routes of an existing
     vzkit bridge would always "overlap" its own network, so pass ``others`` completely.
+    ``links``: the names of the interfaces that exist, which a bridge name picked here avoids.
     """
     others = list(others)
     if routes is None:
@@ -130,7 +138,7 @@ def complete(
     foreign = [r for r in routes if r not in own]
     update: dict[str, object] = {}
     if config.bridge is None:
-        update["bridge"] = _free_bridge(config.name, others)
+        update["bridge"] = _free_bridge(config.name, others, links)
     if config.subnet is None:
         update["subnet"] = allocate_subnet([*own, *foreign])
     done = config

@@ -1,14 +1,17 @@
 """The daemon's networks: records in the database, made real on the host and kept so.
 
 Creating a network allocates its subnet and bridge name, makes the bridge, starts its
-dnsmasq and re-renders vzkit's nft table; each step is undone if a later one fails. On
-daemon start every recorded network is ensured again (bridges adopted, a dead dnsmasq
-restarted, the nft table re-applied) and links vzkit made for networks or instances that
-no longer exist are removed.
+dnsmasq and re-renders the daemon's nft tables; each step is undone if a later one fails.
+On daemon start every recorded network is ensured again (bridges adopted, a dead dnsmasq
+restarted, the nft tables re-applied) and links this daemon made for networks or
+instances that no longer exist are removed. Every link, table and cgroup carries the
+daemon's identity (``Settings.daemon_id``) and nothing of another daemon's is adopted or
+removed, so several daemons (state dirs) can share a host or a network namespace.
 
-The nft table and dnsmasq's host files are always derived from the whole database
+The nft tables and dnsmasq's host files are always derived from the whole database
 (networks, and every instance's NICs, port forwards and allow-list), never patched, so
-whatever changed, one :meth:`NetworkManager.sync` makes the host match.
+whatever changed, one :meth:`NetworkManager.sync` makes the host match; and
+:meth:`NetworkManager.supervise` (every second) puts back what vanished from outside.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from collections.abc import Sequence
 from ipaddress import IPv4Interface
 from pathlib import Path
 
-from vzkit.api.instances import Instance
+from vzkit.api.instances import Instance, InstanceType
 from vzkit.api.networks import NetworkConfig, NetworkUpdate, NicConfig, PortForward
 from vzkit.errors import Conflict, InvalidConfig, NotFound
 from vzkit.network import ipam, links, nft, nics
 from vzkit.network.dnsmasq import Dnsmasq, HostEntry
+from vzkit.network.supervisor import Supervisor
 from vzkit.server.db import Database
 from vzkit.settings import Settings
 
@@ -35,9 +39,18 @@ class NetworkManager:
     def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
         self.db = db
-        # The ruleset last applied: most instance changes (an ephemeral sandbox coming and
-        # going) do not change it, and an `nft` run costs tens of milliseconds.
+        self.daemon = settings.daemon_id
+        # The ruleset last applied ("" for no tables): most instance changes (an ephemeral
+        # sandbox coming and going) do not change it, and an `nft` run costs milliseconds.
         self._applied: str | None = None
+        # The kernel's listing of our tables right after that apply, and the ruleset
+        # generation it was taken at: supervision compares (network/supervisor.py).
+        self.listing: str | None = None
+        self.generation: int | None = None
+        self.needs_forwarding = False
+        # Set by the migration of a pre-identity state dir: drop `inet vzkit` at next apply.
+        self._drop_legacy = False
+        self.supervisor = Supervisor(self)
 
     # -- networks ------------------------------------------------------------------------
 
@@ -63,11 +76,11 @@ class NetworkManager:
                 f"a network named {config.name!r} already exists",
                 hint=f"choose another name, or delete it first: vz network delete {config.name}",
             )
-        net = ipam.complete(config, others)
+        net = ipam.complete(config, others, links=links.list_links())
         with contextlib.ExitStack() as undo:
-            self._ensure_bridge(net)
-            undo.callback(links.delete_link, str(net.bridge))
-            dns = self._dns(net)
+            self.ensure_bridge(net)
+            undo.callback(links.delete_link, str(net.bridge), daemon=self.daemon)
+            dns = self.dns(net)
             dns.write_hosts([])
             dns.start()
             undo.callback(self._remove_dns, net)
@@ -92,14 +105,14 @@ class NetworkManager:
         self.db.update_network(name, new.model_dump_json())
         try:
             self.apply_rules()
-            dns = self._dns(new)
+            dns = self.dns(new)
             # dnsmasq reads its options only at start; leases and reservations stay on disk.
             dns.stop()
             dns.start()
         except BaseException:
             self.db.update_network(name, net.model_dump_json())
             self.apply_rules()
-            self._dns(net).ensure()
+            self.dns(net).ensure()
             raise
         return new
 
@@ -115,39 +128,36 @@ class NetworkManager:
         self.apply_rules()
         self._remove_dns(net)
         if net.bridge:
-            links.delete_link(net.bridge)
+            links.delete_link(net.bridge, daemon=self.daemon)
 
     def reconcile(self) -> None:
-        """After a daemon start: make the host match the database, remove what it lacks."""
+        """After a daemon start: make the host match the database, remove what it lacks
+        (of this daemon's links only)."""
         nets = self.all()
+        if self.settings.predates_identity:
+            self._claim_legacy(nets)
         for net in nets:
             try:
-                self._ensure_bridge(net)
-                self._dns(net).ensure()
+                self.ensure_bridge(net)
+                self.dns(net).ensure()
             except Exception as exc:
                 log.warning("network %s could not be restored: %s", net.name, exc)
         known = {n.name for n in nets}
+        bridges = {n.bridge for n in nets}
         instances = {i.name for i in self.db.list()}
-        for link in links.list_owned():
+        for link in links.list_owned(self.daemon):
             gone_net = link.network is not None and link.network not in known
             gone_inst = link.instance is not None and link.instance not in instances
-            if gone_net or gone_inst or (link.network is None and link.kind != "bridge"):
+            half_made = link.network is None and link.name not in bridges
+            if gone_net or gone_inst or half_made:
                 log.info("removing %s, left by a deleted network or instance", link.name)
-                links.delete_link(link.name)
+                links.delete_link(link.name, daemon=self.daemon)
         self.sync()
 
     def supervise(self) -> list[str]:
-        """Restart the dnsmasq of any network whose dnsmasq died; returns those networks."""
-        restarted = []
-        for net in self.all():
-            try:
-                if self._dns(net).ensure():
-                    restarted.append(net.name)
-            except Exception as exc:
-                log.warning("cannot restart dnsmasq of network %s: %s", net.name, exc)
-        for name in restarted:
-            log.warning("dnsmasq of network %s had died: restarted it", name)
-        return restarted
+        """Put back what vanished from outside (bridges, instances' links, the nft tables,
+        dnsmasq); returns what was repaired, also logged."""
+        return self.supervisor.tick()
 
     # -- instances -----------------------------------------------------------------------
 
@@ -162,18 +172,18 @@ class NetworkManager:
         return nics.resolve(uuid, requested, self.by_name(), in_use, existing or [])
 
     def plan(self, inst: Instance, uuid: str, *, tap: bool) -> nics.NetPlan:
-        return nics.plan(inst.name, uuid, inst.nics, self.by_name(), tap=tap)
+        return nics.plan(inst.name, uuid, inst.nics, self.by_name(), tap=tap, daemon=self.daemon)
 
     def release(self, name: str) -> None:
         """Remove an instance's host links (the instance is already out of the database)."""
-        for link in links.list_owned():
+        for link in links.list_owned(self.daemon):
             if link.instance == name:
-                links.delete_link(link.name)
+                links.delete_link(link.name, daemon=self.daemon)
         self.sync()
 
     def unplug(self, nic: nics.NicPlan) -> None:
         """Remove a stopped instance's host link (a VM's TAP outlives its QEMU)."""
-        links.delete_link(nic.host_name)
+        links.delete_link(nic.host_name, daemon=self.daemon)
 
     def check_forward(
         self, inst: Instance, forward: PortForward, pending: Sequence[PortForward] = ()
@@ -203,10 +213,16 @@ class NetworkManager:
                 f"host port {forward.host_port}/{forward.proto} is in use by a program on the host",
                 hint="pick another host port",
             )
+        if (forward.proto.value, forward.host_port) in nft.forwarded_elsewhere(self.daemon):
+            raise Conflict(
+                f"host port {forward.host_port}/{forward.proto} is forwarded by another vzkit "
+                "daemon on this host",
+                hint="pick another host port",
+            )
         return forward.model_copy(update={"ip": targets[0].ip})
 
     def sync(self) -> None:
-        """Make dnsmasq's host files and the nft table match the database."""
+        """Make dnsmasq's host files and the nft tables match the database."""
         instances = self.db.list()
         for net in self.all():
             entries = [
@@ -215,20 +231,44 @@ class NetworkManager:
                 for nic in inst.nics
                 if nic.network == net.name
             ]
-            dns = self._dns(net)
+            dns = self.dns(net)
             if dns.write_hosts(entries) and dns.is_running():
                 dns.reload()
         self.apply_rules()
 
-    def apply_rules(self) -> None:
+    def apply_rules(self, *, force: bool = False) -> None:
+        """Apply the ruleset the database implies, unless it is the one applied last
+        (``force``: also then, after a change from outside)."""
         nets = self.all()
         state = self.settings.state_dir / "nft"
         state.mkdir(parents=True, exist_ok=True)
         if not nets:
-            nft.remove(state)
-            self._applied = None
+            if force or self._applied != "" or (state / "ip_forward.orig").exists():
+                nft.remove(self.daemon, state, drop_legacy=self._drop_legacy)
+                self._legacy_done()
+            self._applied = self.listing = ""
+            self.needs_forwarding = False
             return
+        rules = self._ruleset(nets)
+        text = nft.render(rules)
+        if text == self._applied and not force:
+            return
+        self._applied = None  # unknown if apply fails half-way
+        nft.apply(rules, state, drop_legacy=self._drop_legacy)
+        self._legacy_done()
+        self._applied = text
+        self.note_listing()
+        self.needs_forwarding = rules.needs_forwarding
+
+    def note_listing(self) -> None:
+        """Remember our tables as the kernel has them now (the generation first: a change
+        after it shows as a new generation on the next check)."""
+        self.generation = nft.generation()
+        self.listing = nft.listing(self.daemon)
+
+    def _ruleset(self, nets: list[NetworkConfig]) -> nft.Ruleset:
         instances = self.db.list()
+        uuids = self.db.uuids()
         firewalls = [
             nft.InstanceFirewall(ip=nic.ip, rules=inst.firewall)
             for inst in instances
@@ -236,34 +276,100 @@ class NetworkManager:
             for nic in inst.nics
             if nic.ip is not None
         ]
-        forwards = [pf for inst in instances for pf in inst.ports]
-        rules = nft.Ruleset(networks=nets, forwards=forwards, firewalls=firewalls)
-        text = nft.render(rules)
-        if text == self._applied:
-            return
-        self._applied = None  # unknown if apply fails half-way
-        nft.apply(rules, state)
-        self._applied = text
+        ports = [
+            nft.PortGuard(port=name, mac=str(nic.mac), ip=nic.ip)
+            for inst in instances
+            if inst.name in uuids
+            for nic in inst.nics
+            if nic.ip is not None and nic.mac is not None
+            for name in [self.port_name(inst, uuids[inst.name], nic)]
+        ]
+        return nft.Ruleset(
+            daemon=self.daemon,
+            networks=nets,
+            forwards=[pf for inst in instances for pf in inst.ports],
+            firewalls=firewalls,
+            ports=ports,
+            state_dir=str(self.settings.state_dir),
+        )
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _dns(self, net: NetworkConfig) -> Dnsmasq:
+    @staticmethod
+    def port_name(inst: Instance, uuid: str, nic: NicConfig) -> str:
+        """The host-side link of an instance's NIC: a veth end for containers, else a TAP."""
+        kind = "v" if inst.type is InstanceType.CONTAINER else "t"
+        return links.link_name(kind, uuid, str(nic.name))
+
+    def dns(self, net: NetworkConfig) -> Dnsmasq:
         return Dnsmasq.for_network(self.settings, net)
 
-    def _ensure_bridge(self, net: NetworkConfig) -> None:
+    def ensure_bridge(self, net: NetworkConfig) -> None:
         assert net.bridge and net.subnet and net.gateway
         links.ensure_bridge(
             net.bridge,
             IPv4Interface(f"{net.gateway}/{net.subnet.prefixlen}"),
             net.name,
+            daemon=self.daemon,
             mac=ipam.stable_mac(f"network/{net.name}", "bridge"),
         )
 
     def _remove_dns(self, net: NetworkConfig) -> None:
-        dns = self._dns(net)
+        dns = self.dns(net)
         dns.stop()
         shutil.rmtree(dns.state_dir, ignore_errors=True)
         shutil.rmtree(dns.run_dir, ignore_errors=True)
+
+    # -- state dirs from before daemon identities -------------------------------------------
+
+    @property
+    def _legacy_mark(self) -> Path:
+        return self.settings.state_dir / "nft" / "legacy-claimed"
+
+    def _claim_legacy(self, nets: list[NetworkConfig]) -> None:
+        """Label this daemon's pre-identity links as its own, once, and plan to drop its old
+        ``inet vzkit`` table. Proof of ownership: a bridge has the old alias naming one of
+        our networks and that network's bridge name; an instance link has the name derived
+        from one of our instances' uuids; the old table names no bridge but ours."""
+        if self._legacy_mark.exists():
+            return
+        bridges = {n.bridge: n.name for n in nets if n.bridge}
+        uuids = self.db.uuids()
+        ports = {
+            self.port_name(inst, uuids[inst.name], nic): (nic.network, inst.name)
+            for inst in self.db.list()
+            if inst.name in uuids
+            for nic in inst.nics
+        }
+        for link in links.list_vzkit():
+            if link.daemon is not None or (link.alias and not link.alias.startswith("vzkit:")):
+                continue
+            if link.kind == "bridge" and link.alias and bridges.get(link.name) == link.network:
+                links.claim(link.name, daemon=self.daemon, network=bridges[link.name])
+            elif link.name in ports and link.group == 0:
+                network, instance = ports[link.name]
+                links.claim(link.name, daemon=self.daemon, network=network, instance=instance)
+            else:
+                continue
+            log.info("%s was made by this state dir before daemon identities: claimed", link.name)
+        old = nft.legacy_bridges()
+        if old is not None and old <= set(bridges):
+            self._drop_legacy = True
+            return
+        if old is not None:
+            log.warning(
+                "table inet vzkit names %s, which are not this daemon's bridges: left alone "
+                "(another vzkit daemon from before identities may use it)",
+                ", ".join(sorted(old - set(bridges))),
+            )
+        self._legacy_mark.parent.mkdir(parents=True, exist_ok=True)
+        self._legacy_mark.touch()
+
+    def _legacy_done(self) -> None:
+        if self._drop_legacy:
+            self._drop_legacy = False
+            log.info("removed table inet vzkit, this daemon's from before daemon identities")
+            self._legacy_mark.touch()
 
 
 _PROC_NET = {"tcp": ("tcp", "tcp6"), "udp": ("udp", "udp6")}

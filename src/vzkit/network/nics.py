@@ -24,7 +24,7 @@ from vzkit.api.networks import NetworkConfig, NicConfig
 from vzkit.errors import Conflict, InvalidConfig, NotFound, ResourceExhausted
 from vzkit.network import ipam, links
 
-__all__ = ["NetPlan", "NicPlan", "plan", "resolve"]
+__all__ = ["NetPlan", "NicPlan", "plan", "plug_veth", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class NicPlan:
     bridge: str
     address: IPv4Interface
     gateway: IPv4Address | None  # the default route, on the first NIC of a NAT network
+    daemon: str  # the identity the host-side link carries (Settings.daemon_id)
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ def plan(
     nics: Sequence[NicConfig],
     networks: dict[str, NetworkConfig],
     tap: bool,
+    daemon: str,
 ) -> NetPlan:
     """What engines need to plug ``nics`` in: link names, bridges, addresses, routes."""
     out = []
@@ -207,8 +209,26 @@ def plan(
                 bridge=net.bridge,
                 address=IPv4Interface(f"{nic.ip}/{net.subnet.prefixlen}"),
                 gateway=gateway,
+                daemon=daemon,
             )
         )
     if first is None:
         return NetPlan()
     return NetPlan(tuple(out), nameserver=first.gateway, search=first.dns_domain)
+
+
+def plug_veth(pid: int, nic: NicPlan) -> None:
+    """A veth pair from the network's bridge into the network namespace of ``pid`` (a
+    container's init), addressed from the host: the image needs no network tools."""
+    links.ensure_veth(
+        nic.host_name,
+        pid,
+        bridge=nic.bridge,
+        mac=nic.mac,
+        network=nic.network,
+        instance=nic.instance,
+        daemon=nic.daemon,
+        peer_name=nic.ifname,
+        address=nic.address,
+        gateway=nic.gateway,
+    )

@@ -168,6 +168,10 @@ class Database:
         self._conn.execute("DELETE FROM instances WHERE name = ?", (name,))
         self._cached(name, None)
 
+    def uuids(self) -> dict[str, str]:
+        """Every instance's uuid by name (the network derives link names from them)."""
+        return dict(self._conn.execute("SELECT name, uuid FROM instances").fetchall())
+
     # -- networks ------------------------------------------------------------------------
     # Stored as the network's JSON; vzkit.network.models.NetworkConfig owns the schema.
 

@@ -39,7 +39,7 @@ from vzkit.settings import Settings
 log = logging.getLogger("vzd")
 
 HOUSEKEEPING_INTERVAL = 10.0
-DNS_CHECK_INTERVAL = 1.0
+NETWORK_CHECK_INTERVAL = 1.0
 
 
 def _bind(path: Path) -> socket.socket:
@@ -79,6 +79,9 @@ async def serve(settings: Settings) -> None:
     lock_fd = _lock(settings)
     for d in (settings.state_dir, settings.instances_dir, settings.instance_runtime_dir):
         d.mkdir(parents=True, exist_ok=True)
+    # Before the database is opened: a state dir that already has one is from before
+    # identities (settings.predates_identity), which the network's migration relies on.
+    log.info("daemon identity %s (state dir %s)", settings.daemon_id, settings.state_dir)
     host = await asyncio.to_thread(probe_host, settings)
     log.info("host: %d cpus, accelerator %s (%s)", host.cpus, host.accel, host.accel_reason)
     db = Database(settings.db_path)
@@ -126,10 +129,12 @@ async def serve(settings: Settings) -> None:
             qemu.trim_console_logs()
 
     async def supervise_networks() -> None:
-        # dnsmasq is not our child (it must outlive vzd), so its death is polled for; a
-        # check is a pid file and a /proc read per network.
+        # What vanishes from outside (a bridge, a TAP or veth, our nft tables, dnsmasq,
+        # which is not our child: it outlives vzd) gives no event we could wait on, so it is
+        # polled for: a healthy check is a link dump, a netlink message and a /proc read per
+        # network (network/supervisor.py).
         while True:
-            await asyncio.sleep(DNS_CHECK_INTERVAL)
+            await asyncio.sleep(NETWORK_CHECK_INTERVAL)
             try:
                 await services.networks.supervise()
             except Exception:

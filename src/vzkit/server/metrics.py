@@ -110,7 +110,7 @@ class StatsCollector:
 
     async def _read(self, inst: Instance, stats: InstanceStats) -> None:
         cg = (
-            self.cgroups.open(f"{self.settings.cgroup_parent}/{inst.name}")
+            self.cgroups.open(self.settings.instance_cgroup(inst.name))
             if self.cgroups is not None
             else None
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from ipaddress import IPv4Address, IPv4Network
@@ -21,7 +22,7 @@ from vzkit.api.networks import (
     PortForward,
 )
 from vzkit.errors import Conflict, InvalidConfig
-from vzkit.network import ipam, nft
+from vzkit.network import ipam, links, nft
 from vzkit.network.dnsmasq import Dnsmasq, HostEntry, host_upstreams
 from vzkit.network.links import link_name
 
@@ -116,8 +117,11 @@ def test_stable_mac_and_link_names() -> None:
     assert name.startswith("vzt") and len(name) <= 15 and name == link_name("t", "6f1c-uuid", 3)
 
 
+DAEMON = "0a1b2c3d"
+
 GOLDEN_NAT = """\
-table inet vzkit {
+table inet vzkit-0a1b2c3d {
+\tcomment "vzkit daemon 0a1b2c3d; state dir /var/lib/vzkit"
 \tchain prerouting {
 \t\ttype nat hook prerouting priority dstnat; policy accept;
 \t\tfib daddr type local tcp dport 8080 dnat ip to 10.80.0.5:80
@@ -149,10 +153,26 @@ table inet vzkit {
 \t\tdrop
 \t}
 }
+table bridge vzkit-0a1b2c3d {
+\tcomment "vzkit daemon 0a1b2c3d; state dir /var/lib/vzkit"
+\tchain prerouting {
+\t\ttype filter hook prerouting priority filter; policy accept;
+\t\tiifname vmap { "vzt000000000001" : jump port_vzt000000000001 }
+\t\tiifgroup 169552957 drop
+\t}
+\tchain port_vzt000000000001 {
+\t\tether saddr != 0a:76:7a:00:00:05 drop
+\t\tarp saddr ether 0a:76:7a:00:00:05 arp saddr ip { 0.0.0.0, 10.80.0.5 } accept
+\t\tip saddr 10.80.0.5 accept
+\t\tip saddr 0.0.0.0 udp sport 68 udp dport 67 accept
+\t\tdrop
+\t}
+}
 """
 
 GOLDEN_TWO = """\
-table inet vzkit {
+table inet vzkit-0a1b2c3d {
+\tcomment "vzkit daemon 0a1b2c3d"
 \tchain prerouting {
 \t\ttype nat hook prerouting priority dstnat; policy accept;
 \t}
@@ -177,11 +197,21 @@ table inet vzkit {
 \t\toifname "vzbr1" drop
 \t}
 }
+table bridge vzkit-0a1b2c3d {
+\tcomment "vzkit daemon 0a1b2c3d"
+\tchain prerouting {
+\t\ttype filter hook prerouting priority filter; policy accept;
+\t\tiifgroup 169552957 drop
+\t}
+}
 """
 
 
 def test_nft_golden_nat_forward_firewall() -> None:
     rs = nft.Ruleset(
+        daemon=DAEMON,
+        state_dir="/var/lib/vzkit",
+        ports=[nft.PortGuard("vzt000000000001", "0a:76:7a:00:00:05", IPv4Address("10.80.0.5"))],
         networks=[net("a", "10.80.0.0/24", "vzbr0")],
         forwards=[PortForward(host_port=8080, port=80, ip=IPv4Address("10.80.0.5"))],
         firewalls=[
@@ -202,22 +232,26 @@ def test_nft_golden_nat_forward_firewall() -> None:
 
 def test_nft_golden_two_networks_one_isolated() -> None:
     rs = nft.Ruleset(
+        daemon=DAEMON,
         networks=[
             net("a", "10.80.0.0/24", "vzbr0"),
             net("b", "10.80.1.0/24", "vzbr1", isolated=True),
-        ]
+        ],
     )
     assert nft.render(rs) == GOLDEN_TWO
-    only_isolated = nft.Ruleset(networks=[net("b", "10.80.1.0/24", "vzbr1", isolated=True)])
+    only_isolated = nft.Ruleset(
+        daemon=DAEMON, networks=[net("b", "10.80.1.0/24", "vzbr1", isolated=True)]
+    )
     assert not only_isolated.needs_forwarding
 
 
 def test_nft_rejects_unresolved_input() -> None:
     with pytest.raises(InvalidConfig):
-        nft.render(nft.Ruleset(networks=[NetworkConfig(name="a")]))
+        nft.render(nft.Ruleset(daemon=DAEMON, networks=[NetworkConfig(name="a")]))
     with pytest.raises(InvalidConfig, match="no vzkit network"):
         nft.render(
             nft.Ruleset(
+                daemon=DAEMON,
                 networks=[net("a", "10.80.0.0/24", "vzbr0")],
                 forwards=[PortForward(host_port=1, port=1, ip=IPv4Address("10.9.0.1"))],
             )
@@ -337,3 +371,69 @@ def test_zombie_counts_as_gone() -> None:
         child.kill()
         child.wait()
     assert not alive(child.pid)
+
+
+RULESET = """\
+table ip other {
+\tchain c {
+\t\ttcp dport 9000 dnat to 1.2.3.4
+\t}
+}
+table inet vzkit-0a1b2c3d {
+\tcomment "vzkit daemon 0a1b2c3d; state dir /srv/a"
+\tchain prerouting {
+\t\tfib daddr type local tcp dport 8080 dnat ip to 10.80.0.5:80
+\t}
+}
+table inet vzkit-feedf00d {
+\tchain prerouting {
+\t\tfib daddr type local udp dport 5353 dnat ip to 10.80.1.5:53
+\t}
+}
+table inet vzkit {
+\tchain forward {
+\t\tiifname "vzbr0" oifname "vzbr0" accept
+\t\toifname "vzbr7" drop
+\t}
+}
+"""
+
+
+def test_nft_reads_other_daemons_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nft, "list_ruleset", lambda netns=None: RULESET)
+    assert nft.listing("0a1b2c3d").startswith('table inet vzkit-0a1b2c3d {\n\tcomment "vzkit')
+    assert nft.listing("12345678") == ""
+    assert nft.describe_daemon("0a1b2c3d") == "id 0a1b2c3d, state dir /srv/a"
+    assert nft.describe_daemon("feedf00d") == "id feedf00d"
+    # Forwards of the other daemons (a pre-identity one included), not ours, not others'.
+    assert nft.forwarded_elsewhere("0a1b2c3d") == {("udp", 5353)}
+    assert nft.forwarded_elsewhere("feedf00d") == {("tcp", 8080)}
+    assert nft.legacy_bridges() == {"vzbr0", "vzbr7"}
+    monkeypatch.setattr(nft, "list_ruleset", lambda netns=None: "")
+    assert nft.legacy_bridges() is None
+
+
+def test_auto_bridge_names_avoid_existing_links() -> None:
+    # Another daemon has vzbr1 and vzbr2 in this namespace: an auto name skips them...
+    lab = ipam.complete(NetworkConfig(name="lab"), [], routes=[], links=["vzbr1", "vzbr2"])
+    assert lab.bridge == "vzbr3"
+    # ...but a network named like a bridge asks for that bridge (refused later, clearly).
+    own = ipam.complete(NetworkConfig(name="vzbr1"), [], routes=[], links=["vzbr1"])
+    assert own.bridge == "vzbr1"
+
+
+def test_link_aliases_name_their_daemon() -> None:
+    assert links.alias_for("0a1b2c3d", "lab", "web") == "vzkit@0a1b2c3d:lab:web"
+    assert links._parse_alias("vzkit@0a1b2c3d:lab:web") == ("0a1b2c3d", "lab", "web")
+    assert links._parse_alias("vzkit@0a1b2c3d:lab") == ("0a1b2c3d", "lab", None)
+    assert links._parse_alias("vzkit:lab:web") == (None, "lab", "web")  # before identities
+    assert links._parse_alias("uplink") is None
+    assert links.group_for("0a1b2c3d") == 0x0A1B2C3D and links.group_for("00000000") == 1
+
+
+def test_raw_link_dump_reads_loopback() -> None:
+    # The host's other links come and go (other tests run); test_network_stack compares
+    # whole dumps in a namespace of its own.
+    lo = links.list_links()["lo"]
+    assert lo.index == socket.if_nametoindex("lo") and lo.master is None and lo.up
+    assert nft.generation() >= 0

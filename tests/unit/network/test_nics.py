@@ -58,20 +58,20 @@ def test_resolve_rejects_clashes() -> None:
 
 def test_plan_routes_through_the_first_nat_network_only() -> None:
     resolved = nics.resolve("u1", [nic("iso"), nic("lab"), nic("lab")], NETS, [])
-    plan = nics.plan("web", "u1", resolved, NETS, tap=True)
+    plan = nics.plan("web", "u1", resolved, NETS, tap=True, daemon="0a1b2c3d")
     assert [p.gateway for p in plan.nics] == [None, LAB.gateway, None]
     assert all(p.host_name.startswith("vzt") and len(p.host_name) == 15 for p in plan.nics)
     assert plan.nics[1].address == IPv4Interface(f"{resolved[1].ip}/24")
     assert plan.resolv_conf() == f"nameserver {ISO.gateway}\nsearch vz\n"
-    assert nics.plan("web", "u1", [], NETS, tap=False).nics == ()
+    assert nics.plan("web", "u1", [], NETS, tap=False, daemon="0a1b2c3d").nics == ()
     with pytest.raises(InvalidConfig, match="no longer exists"):
-        nics.plan("web", "u1", resolved, {"lab": LAB}, tap=False)
+        nics.plan("web", "u1", resolved, {"lab": LAB}, tap=False, daemon="0a1b2c3d")
 
 
 @pytest.mark.skipif(shutil.which("busybox") is None, reason="needs busybox sh")
 def test_guest_script_is_valid_sh() -> None:
     resolved = nics.resolve("u1", [nic("lab"), nic("iso")], NETS, [])
-    script = nics.plan("web", "u1", resolved, NETS, tap=True).guest_script()
+    script = nics.plan("web", "u1", resolved, NETS, tap=True, daemon="0a1b2c3d").guest_script()
     check = subprocess.run(["busybox", "sh", "-n", "-c", script], capture_output=True)
     assert check.returncode == 0, check.stderr
     for n in resolved:

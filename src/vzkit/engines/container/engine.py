@@ -54,7 +54,7 @@ from vzkit.host import safefs
 from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
 from vzkit.images.store import ImageStore
-from vzkit.network import links
+from vzkit.network import links, nics
 from vzkit.network.nics import NetPlan, NicPlan
 from vzkit.settings import Settings
 from vzkit.storage.manager import VolumeMount
@@ -345,7 +345,7 @@ class ContainerEngine(ProcessEngine):
         return ContainerState.model_validate_json(data)
 
     def _cgroup_path(self, name: str) -> str:
-        return f"{self.settings.cgroup_parent}/{name}"
+        return self.settings.instance_cgroup(name)
 
     # -- the runtime -------------------------------------------------------------------
 
@@ -778,19 +778,7 @@ class ContainerEngine(ProcessEngine):
 
 
 def _plug_veth(pid: int, nic: NicPlan) -> None:
-    """A veth pair from the network's bridge into the container's network namespace,
-    addressed from the host: the image needs no network tools."""
-    links.ensure_veth(
-        nic.host_name,
-        pid,
-        bridge=nic.bridge,
-        mac=nic.mac,
-        network=nic.network,
-        instance=nic.instance,
-        peer_name=nic.ifname,
-        address=nic.address,
-        gateway=nic.gateway,
-    )
+    nics.plug_veth(pid, nic)
 
 
 def _write_resolv_conf(upper: Path, text: str) -> None:

@@ -236,7 +236,7 @@ class QemuEngine(ProcessEngine):
         try:
             if self.cgroups is not None:
                 cgroup = self.cgroups.create(
-                    f"{self.settings.cgroup_parent}/{inst.name}",
+                    self.settings.instance_cgroup(inst.name),
                     self._cgroup_limits(inst, inst.limits),
                 )
             for nic in net.nics:
@@ -405,7 +405,7 @@ class QemuEngine(ProcessEngine):
                 pid = int(safefs.read_text(self.runtime_dir(uuid), "qemu.pid", 64).strip())
         if pid is None or not process.is_our_qemu(pid, uuid):
             if self.cgroups is not None:
-                cg = self.cgroups.open(f"{self.settings.cgroup_parent}/{inst.name}")
+                cg = self.cgroups.open(self.settings.instance_cgroup(inst.name))
                 if cg is not None:
                     # Whatever is left in it is ours and unwanted (a launcher shell).
                     await asyncio.to_thread(cg.kill)
@@ -414,7 +414,7 @@ class QemuEngine(ProcessEngine):
             return None
         cgroup = None
         if self.cgroups is not None:
-            cgroup = self.cgroups.open(f"{self.settings.cgroup_parent}/{inst.name}")
+            cgroup = self.cgroups.open(self.settings.instance_cgroup(inst.name))
         live = _Live(inst.name, uuid, pid, self.runtime_dir(uuid), cgroup=cgroup, type=inst.type)
         self._live[inst.name] = live
         try:
@@ -706,7 +706,12 @@ async def _run(*argv: str) -> None:
 
 def _ensure_tap(nic: NicPlan, owner: int | None = None) -> None:
     links.ensure_tap(
-        nic.host_name, bridge=nic.bridge, network=nic.network, instance=nic.instance, owner=owner
+        nic.host_name,
+        bridge=nic.bridge,
+        network=nic.network,
+        instance=nic.instance,
+        daemon=nic.daemon,
+        owner=owner,
     )
 
 
