@@ -97,6 +97,8 @@ class _Live:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     cgroup: Cgroup | None = None
     type: InstanceType = InstanceType.MICROVM
+    # When quiesce() last prepared a memory snapshot: its disk then needs no freeze.
+    memory_snapshot_at: float = 0.0
 
 
 class _UnixConsole:
@@ -491,9 +493,21 @@ class QemuEngine(ProcessEngine):
         """Make the memory cheap to save: migration sends a zero page as one flag, but the
         pages a booted kernel has freed still hold their old bytes (~70 MB of a 256 MiB
         micro-VM). The guest drops its caches and writes zeros over its free memory."""
-        agent = await self._agent(self._get(name))
+        live = self._get(name)
+        agent = await self._agent(live)
         with contextlib.suppress(AgentError):
             await agent.run(["/bin/sh", "-c", guest.ZERO_FREE_MEMORY], timeout=60)
+        live.memory_snapshot_at = time.monotonic()
+
+    def memory_snapshot_started(self, name: str) -> bool:
+        """Whether quiesce() has just prepared a memory snapshot of ``name`` (the mark is
+        consumed): its disk is captured with the memory and needs no freeze."""
+        live = self._live.get(name)
+        if live is None:
+            return False
+        at, live.memory_snapshot_at = live.memory_snapshot_at, 0.0
+        # A mark older than this is from a snapshot that failed before its capture.
+        return time.monotonic() - at < 120.0
 
     async def save_state(self, name: str, dest: Path) -> int:
         live = self._get(name)
