@@ -42,51 +42,60 @@ def listen_unix(path: Path) -> socket.socket:
     return sock
 
 
+# The host's system, read-only, as QEMU and its libraries need it (a symlink such as
+# /bin -> usr/bin stays a symlink), and the only devices it opens.
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+DEVICES = ("null", "zero", "full", "random", "urandom", "kvm", "net/tun")
+
+
 @dataclass(frozen=True)
 class Jail:
-    """What QEMU sees of vzkit's directories: ``hide`` are covered with empty tmpfs, then
-    ``keep`` (path, read-only) are mounted back at their own paths, so the command line's
-    paths still work and nothing else of vzkit's state is visible: not another instance's
-    disks or sockets, not the database."""
+    """What QEMU sees: a root of its own (an empty tmpfs) holding the host's system
+    directories and a few devices read-only, and ``keep`` (path, read-only) at their own
+    paths, so the command line's paths still work. Nothing else of the host is there: not
+    another instance's disks or sockets, not vzkit's database, not a volume pool (volumes
+    come as descriptors), not another daemon's state, not /proc (through which a process
+    reaches the files of another running as the same user)."""
 
-    hide: tuple[Path, ...]
     keep: tuple[tuple[Path, bool], ...]
     # Run QEMU as this user (uid, gid), its supplementary groups included, no capabilities.
     user: tuple[int, int] | None = None
+    system: tuple[str, ...] = SYSTEM_DIRS
+    devices: tuple[str, ...] = DEVICES
 
 
 # Joins the cgroups (before exec, so every byte QEMU allocates is accounted); then, in the
-# private mount namespace `unshare` made, parks what the jail keeps on a scratch directory
-# (bind mounts, taken while the paths are still visible), covers the hidden directories
-# and moves the parked mounts back into place.
+# private mount namespace `unshare` made, builds the jail's root on a tmpfs from bind
+# mounts, pivots into it and drops the host's root from the namespace.
 _LAUNCH = r"""
 set -e
 n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done
-[ "$1" = 0 ] && { shift; exec "$@"; }
-stage=$(mktemp -d /dev/shm/.vz-jail.XXXXXX)
-trap 'rm -rf "$stage"' EXIT
-hides=$1; shift; i=0; set -- "$@"
-while [ "$i" -lt "$hides" ]; do eval "hide_$i=\$1"; shift; i=$((i+1)); done
-keeps=$1; shift; i=0
-while [ "$i" -lt "$keeps" ]; do
-  eval "path_$i=\$1 ro_$i=\$2"; shift 2
-  if [ -d "$(eval echo \"\$path_$i\")" ]; then mkdir "$stage/$i"; else : > "$stage/$i"; fi
-  eval mount --bind \"\$path_$i\" \"$stage/$i\"
-  i=$((i+1))
+[ "$1" = - ] && { shift; exec "$@"; }
+umask 022
+root=$(mktemp -d /dev/shm/.vz-jail.XXXXXX)
+trap 'umount -l "$root" 2>/dev/null; rmdir "$root" || :' EXIT
+mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev vz-jail "$root"
+bind() {  # bind SOURCE READ-ONLY: SOURCE at the same path in the jail
+  if [ -d "$1" ]; then mkdir -p "$root$1"; else mkdir -p "$root${1%/*}"; : > "$root$1"; fi
+  mount --bind "$1" "$root$1"
+  [ "$2" = 0 ] || mount -o remount,bind,ro "$root$1"
+}
+n=$1; shift
+while [ "$n" -gt 0 ]; do
+  if [ -L "$1" ]; then ln -s "$(readlink "$1")" "$root$1"; elif [ -d "$1" ]; then bind "$1" 1; fi
+  shift; n=$((n-1))
 done
-i=0
-while [ "$i" -lt "$hides" ]; do
-  eval mount -t tmpfs -o mode=0755,size=1m vz-jail \"\$hide_$i\"; i=$((i+1))
-done
-i=0
-while [ "$i" -lt "$keeps" ]; do
-  eval "target=\$path_$i ro=\$ro_$i"
-  if [ -d "$stage/$i" ]; then mkdir -p "$target"; else mkdir -p "${target%/*}"; : > "$target"; fi
-  mount --move "$stage/$i" "$target"
-  [ "$ro" = 1 ] && mount -o remount,bind,ro "$target"
-  i=$((i+1))
-done
-rm -rf "$stage"; trap - EXIT
+n=$1; shift
+while [ "$n" -gt 0 ]; do [ ! -e "/dev/$1" ] || bind "/dev/$1" 0; shift; n=$((n-1)); done
+n=$1; shift
+while [ "$n" -gt 0 ]; do bind "$1" "$2"; shift 2; n=$((n-1)); done
+# umount reads /proc/self/mountinfo: the host's /proc stays for the next few steps only.
+mkdir "$root/proc"; mount --rbind /proc "$root/proc"
+cd "$root"; mkdir .old; pivot_root . .old; cd /
+rmdir "/.old$root"; trap - EXIT
+umount -l /.old; rmdir /.old
+umount -l /proc; rmdir /proc
+mount -o remount,bind,ro /
 exec "$@"
 """
 
@@ -96,8 +105,9 @@ def _wrapper(procs_files: Sequence[Path], jail: Jail | None, argv: Sequence[str]
         return list(argv)
     args = [str(len(procs_files)), *map(str, procs_files)]
     if jail is None:
-        return ["/bin/sh", "-c", _LAUNCH, "vz-launch", *args, "0", *argv]
-    args += [str(len(jail.hide)), *map(str, jail.hide), str(len(jail.keep))]
+        return ["/bin/sh", "-c", _LAUNCH, "vz-launch", *args, "-", *argv]
+    args += [str(len(jail.system)), *jail.system, str(len(jail.devices)), *jail.devices]
+    args.append(str(len(jail.keep)))
     for path, ro in jail.keep:
         args += [str(path), "1" if ro else "0"]
     if jail.user is not None:
