@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import time
@@ -43,9 +44,10 @@ def listen_unix(path: Path) -> socket.socket:
 
 
 # The host's system, read-only, as QEMU and its libraries need it (a symlink such as
-# /bin -> usr/bin stays a symlink), and the only devices it opens.
+# /bin -> usr/bin stays a symlink), and the only devices it opens: stdio of a daemon, the
+# TAP device, KVM.
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-DEVICES = ("null", "zero", "full", "random", "urandom", "kvm", "net/tun")
+DEVICES = ("null", "zero", "urandom", "kvm", "net/tun")
 
 
 @dataclass(frozen=True)
@@ -64,40 +66,57 @@ class Jail:
     devices: tuple[str, ...] = DEVICES
 
 
-# Joins the cgroups (before exec, so every byte QEMU allocates is accounted); then, in the
-# private mount namespace `unshare` made, builds the jail's root on a tmpfs from bind
-# mounts, pivots into it and drops the host's root from the namespace.
+# Joins the cgroups (before exec, so every byte QEMU allocates is accounted), then runs the
+# jail's commands (jail_script) and QEMU.
 _LAUNCH = r"""
 set -e
 n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done
-[ "$1" = - ] && { shift; exec "$@"; }
-umask 022
-root=$(mktemp -d /dev/shm/.vz-jail.XXXXXX)
-trap 'umount -l "$root" 2>/dev/null; rmdir "$root" || :' EXIT
-mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev vz-jail "$root"
-bind() {  # bind SOURCE READ-ONLY: SOURCE at the same path in the jail
-  if [ -d "$1" ]; then mkdir -p "$root$1"; else mkdir -p "$root${1%/*}"; : > "$root$1"; fi
-  mount --bind "$1" "$root$1"
-  [ "$2" = 0 ] || mount -o remount,bind,ro "$root$1"
-}
-n=$1; shift
-while [ "$n" -gt 0 ]; do
-  if [ -L "$1" ]; then ln -s "$(readlink "$1")" "$root$1"; elif [ -d "$1" ]; then bind "$1" 1; fi
-  shift; n=$((n-1))
-done
-n=$1; shift
-while [ "$n" -gt 0 ]; do [ ! -e "/dev/$1" ] || bind "/dev/$1" 0; shift; n=$((n-1)); done
-n=$1; shift
-while [ "$n" -gt 0 ]; do bind "$1" "$2"; shift 2; n=$((n-1)); done
-# umount reads /proc/self/mountinfo: the host's /proc stays for the next few steps only.
-mkdir "$root/proc"; mount --rbind /proc "$root/proc"
-cd "$root"; mkdir .old; pivot_root . .old; cd /
-rmdir "/.old$root"; trap - EXIT
-umount -l /.old; rmdir /.old
-umount -l /proc; rmdir /proc
-mount -o remount,bind,ro /
-exec "$@"
 """
+
+
+def jail_script(jail: Jail) -> str:
+    """Shell commands run in the private mount namespace `unshare` made: build the jail's
+    root on a tmpfs from bind mounts, pivot into it and drop the host's root. Paths are
+    quoted here, so any path works; every command is a fork, so there are few."""
+    q = shlex.quote
+    links = [d for d in jail.system if os.path.islink(d)]
+    dirs = [d for d in jail.system if os.path.isdir(d) and not os.path.islink(d)]
+    devices = [f"/dev/{d}" for d in jail.devices if os.path.exists(f"/dev/{d}")]
+    keep = [(str(path), ro, path.is_dir()) for path, ro in jail.keep]
+    mountpoints = [*dirs, "/dev", "/proc", "/.old"]
+    mountpoints += [path if is_dir else os.path.dirname(path) for path, _, is_dir in keep]
+    lines = [
+        "umask 022",
+        "root=$(mktemp -d /dev/shm/.vz-jail.XXXXXX)",
+        """trap 'umount -l "$root" 2>/dev/null; rmdir "$root" || :' EXIT""",
+        'mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev vz-jail "$root"',
+        'cd "$root"',
+        "mkdir -p " + " ".join(q("." + m) for m in mountpoints),
+    ]
+    if links:
+        lines.append("cp -P " + " ".join(map(q, links)) + " .")
+    lines += [f"mount -o bind,ro {q(d)} {q('.' + d)}" for d in dirs]
+    lines.append("mount -t tmpfs -o mode=0755,size=64k,nosuid vz-dev ./dev")
+    subdirs = sorted({os.path.dirname(d) for d in devices} - {"/dev"})
+    if subdirs:
+        lines.append("mkdir " + " ".join(q("." + d) for d in subdirs))
+    for dev in devices:
+        lines.append(f": > {q('.' + dev)}; mount --bind {q(dev)} {q('.' + dev)}")
+    for path, ro, is_dir in keep:
+        if not is_dir:
+            lines.append(f": > {q('.' + path)}")
+        lines.append(f"mount -o bind{',ro' if ro else ''} {q(path)} {q('.' + path)}")
+    lines += [
+        # umount reads /proc/self/mountinfo: the host's /proc stays for the next steps only.
+        "mount --rbind /proc ./proc",
+        "pivot_root . .old",
+        "cd /",
+        'rmdir "/.old$root"; trap - EXIT',
+        "umount -l /.old /proc",
+        "rmdir /.old /proc",
+        "mount -o remount,bind,ro /",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _wrapper(procs_files: Sequence[Path], jail: Jail | None, argv: Sequence[str]) -> list[str]:
@@ -105,18 +124,15 @@ def _wrapper(procs_files: Sequence[Path], jail: Jail | None, argv: Sequence[str]
         return list(argv)
     args = [str(len(procs_files)), *map(str, procs_files)]
     if jail is None:
-        return ["/bin/sh", "-c", _LAUNCH, "vz-launch", *args, "-", *argv]
-    args += [str(len(jail.system)), *jail.system, str(len(jail.devices)), *jail.devices]
-    args.append(str(len(jail.keep)))
-    for path, ro in jail.keep:
-        args += [str(path), "1" if ro else "0"]
+        return ["/bin/sh", "-c", _LAUNCH + 'exec "$@"\n', "vz-launch", *args, *argv]
     if jail.user is not None:
         uid, gid = jail.user
         argv = [
             "setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--", *argv,
         ]  # fmt: skip
-    shell = ["/bin/sh", "-c", _LAUNCH, "vz-launch", *args, *argv]
+    script = _LAUNCH + jail_script(jail) + 'exec "$@"\n'
+    shell = ["/bin/sh", "-c", script, "vz-launch", *args, *argv]
     return ["unshare", "--mount", "--propagation", "private", *shell]
 
 
