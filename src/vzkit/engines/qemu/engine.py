@@ -511,7 +511,7 @@ class QemuEngine(ProcessEngine):
             return False
         at, live.memory_snapshot_at = live.memory_snapshot_at, 0.0
         # A mark older than this is from a snapshot that failed before its capture.
-        return time.monotonic() - at < 120.0
+        return at > 0.0 and time.monotonic() - at < 120.0
 
     async def save_state(self, name: str, dest: Path) -> int:
         live = self._get(name)
