@@ -20,6 +20,11 @@ class SnapshotInfo(Strict):
     stateful: bool = Field(False, description="Holds the running memory and device state")
     layer: str | None = Field(None, description="The frozen disk layer (VMs with a disk)")
     size: int = Field(0, description="Bytes of memory state and copied files")
+    warning: str | None = Field(
+        None,
+        description="Why the snapshot is less than consistent, e.g. a running VM's file "
+        "systems could not be frozen (it is then crash-consistent, as after a power cut)",
+    )
     config: dict[str, Any] = Field(
         default_factory=dict, description="The instance's limits and NICs when it was taken"
     )

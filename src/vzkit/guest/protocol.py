@@ -1,4 +1,4 @@
-"""The vzkit guest agent wire protocol, version 1 (see agent/PROTOCOL.md).
+"""The vzkit guest agent wire protocol, version 1, revision 2 (see agent/PROTOCOL.md).
 
 Pure data: constants, frame encoding with a resynchronising decoder, and one codec per
 payload type. No I/O happens here, so both ends (the host client, and fake agents in
@@ -48,12 +48,24 @@ class MsgType(IntEnum):
     DATA = 0x22
     OK = 0x24
     POWEROFF = 0x30
+    FSFREEZE = 0x40
+    FSTHAW = 0x41
 
 
 class ExecFlags(IntFlag):
     NONE = 0
     TTY = 0x1
     STDIN = 0x2
+
+
+class Features(IntFlag):
+    """HELLO.features: what an agent understands beyond revision 1."""
+
+    NONE = 0
+    FSFREEZE = 0x1
+
+
+_KNOWN_FEATURES = Features.FSFREEZE
 
 
 class PutFlags(IntFlag):
@@ -221,16 +233,20 @@ class Hello:
     proto_version: int
     agent_version: str
     kernel_release: str
+    features: Features = Features.NONE
 
     def encode(self) -> bytes:
         w = _Writer().u16(self.proto_version).string(self.agent_version).string(self.kernel_release)
-        return w.build()
+        return w.u32(int(self.features)).build()
 
     @classmethod
     def decode(cls, data: bytes) -> Hello:
         r = _Reader(data, "HELLO")
-        # A later protocol version may append fields: ignore what follows.
-        return cls(r.u16(), r.string(), r.string())
+        version, agent, kernel = r.u16(), r.string(), r.string()
+        # Revision 1 agents stop here; a later revision may append more: ignore it.
+        features = r.u32() if len(data) - r.off >= 4 else 0
+        # Bits this host does not know stay out: the host asks only for what it knows.
+        return cls(version, agent, kernel, Features(features & _KNOWN_FEATURES))
 
 
 @dataclass(frozen=True)
@@ -402,6 +418,57 @@ class Poweroff:
         return cls(bool(mode))
 
 
+@dataclass(frozen=True)
+class FsFreeze:
+    """FSFREEZE: the agent thaws by itself after ``timeout_ms`` (0: its default)."""
+
+    timeout_ms: int = 0
+
+    def encode(self) -> bytes:
+        return _U32.pack(self.timeout_ms)
+
+    @classmethod
+    def decode(cls, data: bytes) -> FsFreeze:
+        r = _Reader(data, "FSFREEZE")
+        ms = r.u32()
+        r.end()
+        return cls(ms)
+
+
+@dataclass(frozen=True)
+class FsFrozen:
+    """The OK reply to FSFREEZE: the mount points frozen, in freeze order."""
+
+    mountpoints: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        return _Writer().strlist(self.mountpoints).build()
+
+    @classmethod
+    def decode(cls, data: bytes) -> FsFrozen:
+        r = _Reader(data, "FSFREEZE reply")
+        mounts = r.strlist()
+        r.end()
+        return cls(tuple(mounts))
+
+
+@dataclass(frozen=True)
+class FsThawed:
+    """The OK reply to FSTHAW: how many file systems were thawed."""
+
+    count: int = 0
+
+    def encode(self) -> bytes:
+        return _U32.pack(self.count)
+
+    @classmethod
+    def decode(cls, data: bytes) -> FsThawed:
+        r = _Reader(data, "FSTHAW reply")
+        count = r.u32()
+        r.end()
+        return cls(count)
+
+
 def chunks(data: bytes, size: int = CHUNK) -> list[bytes]:
     """Split ``data`` into pieces of at most ``size`` bytes (none for empty data)."""
     if not 0 < size <= MAX_PAYLOAD:
@@ -420,11 +487,15 @@ __all__ = [
     "ExecFlags",
     "ExecRequest",
     "Exit",
+    "Features",
     "FileGet",
     "FileInfo",
     "FilePut",
     "Frame",
     "FrameDecoder",
+    "FsFreeze",
+    "FsFrozen",
+    "FsThawed",
     "Hello",
     "MsgType",
     "Poweroff",

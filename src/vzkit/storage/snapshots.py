@@ -26,11 +26,13 @@ from vzkit.api.snapshots import SnapshotInfo
 from vzkit.errors import Conflict, InvalidConfig, NotFound
 from vzkit.host import safefs
 
-__all__ = ["SnapshotStore"]
+__all__ = ["SnapshotStore", "leave_warning"]
 
 _TMP = ".tmp-"
 META = "meta.json"
 META_MAX = 1 << 20
+_WARNING = "warning.txt"
+_WARNING_MAX = 64 << 10
 
 
 class SnapshotStore:
@@ -128,6 +130,11 @@ class SnapshotStore:
 
     @staticmethod
     def write_meta(directory: Path, info: SnapshotInfo) -> None:
+        """Write ``meta.json``; a warning the engine left while capturing (see
+        :func:`leave_warning`) is recorded in ``info`` too, so the caller returns it."""
+        if safefs.exists(directory, _WARNING):
+            info.warning = safefs.read_text(directory, _WARNING, _WARNING_MAX)
+            safefs.unlink(directory, _WARNING)
         safefs.replace_bytes(directory, META, info.model_dump_json(indent=1).encode(), 0o600)
 
     def delete(self, name: str) -> None:
@@ -156,3 +163,10 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def leave_warning(directory: Path, text: str) -> None:
+    """Note why the snapshot being built in ``directory`` (by :meth:`SnapshotStore.building`)
+    is less than it should be (a live disk captured crash-consistent);
+    :meth:`SnapshotStore.write_meta` records it."""
+    safefs.replace_bytes(directory, _WARNING, text.encode(), 0o600)

@@ -10,11 +10,15 @@ from vzkit.guest.protocol import (
     ExecFlags,
     ExecRequest,
     Exit,
+    Features,
     FileGet,
     FileInfo,
     FilePut,
     Frame,
     FrameDecoder,
+    FsFreeze,
+    FsFrozen,
+    FsThawed,
     Hello,
     MsgType,
     Poweroff,
@@ -52,11 +56,25 @@ def test_header_layout() -> None:
         FileGet("/etc/hostname"),
         FileInfo(0o644, 5 * 1024**3),
         Poweroff(reboot=True),
+        Hello(1, "1.1.0", "6.1.0", Features.FSFREEZE),
+        FsFreeze(60_000),
+        FsFrozen(("/mnt/data", "/")),
+        FsFrozen(),
+        FsThawed(2),
     ],
 )
 def test_payload_round_trip(payload: object) -> None:
     encoded = payload.encode()  # type: ignore[attr-defined]
     assert type(payload).decode(encoded) == payload  # type: ignore[attr-defined]
+
+
+def test_hello_of_a_revision_1_agent_has_no_features() -> None:
+    # A 1.0.0 agent's HELLO ends after kernel_release: no freeze to ask it for.
+    old = Hello(1, "1.0.0", "6.1.0").encode()[: -len(b"\0\0\0\0")]
+    assert Hello.decode(old) == Hello(1, "1.0.0", "6.1.0", Features.NONE)
+    # Bits of later revisions are dropped (never asked for), trailing fields ignored.
+    later = Hello(1, "9", "k").encode()[:-4] + b"\xff\xff\xff\xff" + b"more"
+    assert Hello.decode(later).features == Features.FSFREEZE
 
 
 def test_exec_encoding_is_exact() -> None:

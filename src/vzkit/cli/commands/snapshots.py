@@ -48,6 +48,9 @@ def cmd_snapshot_create(args: argparse.Namespace, client: Client) -> int:
     snap = checks.check_name(args.snapshot, "snapshot") if args.snapshot else None
     info = client.create_snapshot(name, snap, stateful=args.stateful)
     kind = "stateful snapshot" if info.stateful else "snapshot"
+    if info.warning:
+        # On stderr, so it is seen with --format json too.
+        sys.stderr.write(f"warning: {info.warning}\n")
     return show(args, info, f"{name}: {kind} {info.name} taken ({format_size(info.size)})")
 
 

@@ -29,11 +29,15 @@ from vzkit.guest.protocol import (
     ExecFlags,
     ExecRequest,
     Exit,
+    Features,
     FileGet,
     FileInfo,
     FilePut,
     Frame,
     FrameDecoder,
+    FsFreeze,
+    FsFrozen,
+    FsThawed,
     Hello,
     MsgType,
     Poweroff,
@@ -66,6 +70,7 @@ class AgentHello:
     proto_version: int
     agent_version: str
     kernel_release: str
+    features: Features = Features.NONE
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,8 @@ class AgentClient:
         # reconnect, streams of the previous connection may still be alive there.
         self._next_id = secrets.randbelow(0xFFFFFFFF)
         self._write_lock = asyncio.Lock()
+        # Set by every HELLO that arrives: ping() waits for the next one.
+        self._hello_seen = asyncio.Event()
         self._reader_task = asyncio.create_task(self._read_loop(pending))
 
     # -- connecting ---------------------------------------------------------------------
@@ -339,7 +346,9 @@ class AgentClient:
             if frame.type == MsgType.HELLO:
                 hello = _parse_hello(frame)
                 if hello is not None:
+                    # A restarted agent (maybe another version) says hello again.
                     self.hello = hello
+                    self._hello_seen.set()
             elif frame.type == MsgType.ERROR:
                 try:
                     err = Error.decode(frame.payload)
@@ -499,19 +508,61 @@ class AgentClient:
 
     async def poweroff(self, *, reboot: bool = False) -> None:
         """Asks the guest to power off (or reboot); returns once the agent agreed."""
-        stream_id, stream = self._register()
-        try:
-            await self._send(MsgType.POWEROFF, stream_id, Poweroff(reboot).encode())
-            reply = await stream.get()
-        finally:
-            self._unregister(stream_id)
+        reply = await self._request(MsgType.POWEROFF, Poweroff(reboot).encode())
         if reply.type == MsgType.ERROR:
             err = Error.decode(reply.payload)
             raise AgentError(f"the guest refused to power off: {err.message}", hint=_HINT)
-        if reply.type != MsgType.OK:
-            raise ProtocolError(
-                f"the guest agent answered POWEROFF with frame type {reply.type:#x}"
+
+    async def ping(self, timeout: float) -> AgentHello:
+        """A HELLO round trip: proves the agent is there and answering now (a guest's
+        agent may have died or been replaced since the connection opened)."""
+        self._hello_seen.clear()
+        await self._send(MsgType.HELLO, 0)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._hello_seen.wait()
+        except TimeoutError as exc:
+            raise AgentError(
+                f"the guest agent did not answer within {timeout:g} s", hint=_HINT
+            ) from exc
+        self._check_open()
+        return self.hello
+
+    async def fsfreeze(self, timeout_ms: int) -> tuple[str, ...]:
+        """Freezes the guest's writable block-backed file systems (PROTOCOL.md); the
+        agent thaws them by itself after ``timeout_ms``. Returns the mount points."""
+        reply = await self._request(MsgType.FSFREEZE, FsFreeze(timeout_ms).encode())
+        if reply.type == MsgType.ERROR:
+            err = Error.decode(reply.payload)
+            raise AgentError(
+                f"the guest could not freeze its file systems: {err.message}",
+                hint="see the guest's kernel log",
+                errno=err.errno,
+                agent_message=err.message,
             )
+        return FsFrozen.decode(reply.payload).mountpoints
+
+    async def fsthaw(self) -> int:
+        """Thaws what fsfreeze froze; returns how many file systems were thawed."""
+        reply = await self._request(MsgType.FSTHAW)
+        if reply.type == MsgType.ERROR:
+            err = Error.decode(reply.payload)
+            raise AgentError(f"the guest could not thaw its file systems: {err.message}")
+        return FsThawed.decode(reply.payload).count
+
+    async def _request(self, type: MsgType, payload: bytes = b"") -> Frame:
+        """One request on a fresh stream, answered by one OK or ERROR frame."""
+        stream_id, stream = self._register()
+        try:
+            await self._send(type, stream_id, payload)
+            reply = await stream.get()
+        finally:
+            self._unregister(stream_id)
+        if reply.type not in (MsgType.OK, MsgType.ERROR):
+            raise ProtocolError(
+                f"the guest agent answered {type.name} with frame type {reply.type:#x}"
+            )
+        return reply
 
     async def close(self) -> None:
         """Closes the connection; pending sessions fail with AgentError."""
@@ -538,11 +589,15 @@ def _parse_hello(frame: Frame) -> AgentHello | None:
         return None
     if h.proto_version != VERSION:
         log.warning("guest agent speaks protocol %d, expected %d", h.proto_version, VERSION)
-    return AgentHello(h.proto_version, h.agent_version, h.kernel_release)
+    return AgentHello(h.proto_version, h.agent_version, h.kernel_release, h.features)
 
 
 def _file_error(verb: str, path: str, err: Error) -> VzError:
     reason = os.strerror(err.errno) if err.errno > 0 else err.message
+    hint = "check the path and its permissions inside the guest"
+    if err.errno == errno.EBUSY:
+        # The guest is frozen for a snapshot for a moment (PROTOCOL.md, FSFREEZE).
+        reason, hint = "its file systems are frozen for a snapshot", "retry in a moment"
     # A path that is not there, or a directory given for a file, is the caller's mistake
     # (a 4xx), not the agent failing.
     kind: type[VzError] = {
@@ -552,7 +607,7 @@ def _file_error(verb: str, path: str, err: Error) -> VzError:
     }.get(err.errno, AgentError)
     return kind(
         f"cannot {verb} {path} in the guest: {reason}",
-        hint="check the path and its permissions inside the guest",
+        hint=hint,
         errno=err.errno,
         agent_message=err.message,
     )

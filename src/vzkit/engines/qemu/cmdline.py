@@ -23,6 +23,9 @@ class Disk:
     read_only: bool = False
     # Volumes: the guest finds them as /dev/disk/by-id/virtio-<serial>.
     serial: str | None = None
+    # An inherited descriptor QEMU opens the disk through (an fd set; ``path`` unused):
+    # a jailed QEMU cannot see volume pools.
+    fd: int | None = None
 
 
 # Spare PCIe root ports of a q35 VM, for volumes and NICs plugged in while it runs (the
@@ -133,8 +136,13 @@ def build_argv(binary: str, spec: MachineSpec) -> list[str]:
     if spec.type is InstanceType.VM:
         for i in range(len(volumes) + HOTPLUG_PORTS):
             argv += ["-device", f"pcie-root-port,id={hotplug_port(i)},chassis={i + 1}"]
-    for disk in spec.disks:
+    for fdset, disk in enumerate(spec.disks, start=1):
         ro = ",read-only=on" if disk.read_only else ""
+        filename = str(disk.path)
+        if disk.fd is not None:
+            # opaque: hot-unplug finds the set by it and removes it (hotplug.py).
+            argv += ["-add-fd", f"fd={disk.fd},set={fdset},opaque={disk.node}"]
+            filename = f"/dev/fdset/{fdset}"
         device = f"virtio-blk-{bus},drive={disk.node}"
         if disk.serial is not None:
             device += f",id={disk.node},serial={disk.serial}"
@@ -142,7 +150,7 @@ def build_argv(binary: str, spec: MachineSpec) -> list[str]:
                 device += f",bus={hotplug_port(volumes.index(disk))}"
         argv += [
             "-blockdev",
-            f"driver=file,filename={disk.path},node-name={disk.node}-file,cache.direct=off{ro}",
+            f"driver=file,filename={filename},node-name={disk.node}-file,cache.direct=off{ro}",
             "-blockdev",
             f"driver={disk.format},file={disk.node}-file,node-name={disk.node}{ro}",
             "-device",

@@ -40,7 +40,7 @@ from vzkit.engines.qemu import guest, process, savestate
 from vzkit.engines.qemu.agent import AgentClient
 from vzkit.engines.qemu.cmdline import Disk, MachineSpec, Nic, build_argv, kernel_cmdline
 from vzkit.engines.qemu.disks import QemuState
-from vzkit.engines.qemu.hotplug import QemuVolumes
+from vzkit.engines.qemu.hotplug import QemuVolumes, opened_volumes
 from vzkit.engines.qemu.layers import QemuDisks
 from vzkit.engines.qemu.transfer import QemuExport
 from vzkit.errors import AgentError, EngineError, NotFound, StateError
@@ -97,6 +97,8 @@ class _Live:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     cgroup: Cgroup | None = None
     type: InstanceType = InstanceType.MICROVM
+    # When quiesce() last prepared a memory snapshot: its disk then needs no freeze.
+    memory_snapshot_at: float = 0.0
 
 
 class _UnixConsole:
@@ -337,22 +339,25 @@ class QemuEngine(ProcessEngine):
         sdir, rdir = self.state_dir(spec.uuid), self.runtime_dir(spec.uuid)
         socks = [process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock", "console.sock")]
         state_fd = safefs.open_file(restore.parent, restore.name) if restore else None
-        jail = self._jail(sdir, rdir, volumes) if self.settings.jail else None
-        with process.closing_all(socks), _closing_fd(state_fd):
+        jail = self._jail(sdir, rdir) if self.settings.jail else None
+        with process.closing_all(socks), _closing_fd(state_fd), opened_volumes(volumes) as vols:
             spec = dataclasses.replace(
                 spec,
                 qmp_fd=socks[0].fileno(),
                 agent_fd=socks[1].fileno(),
                 console_fd=socks[2].fileno(),
+                disks=tuple(dataclasses.replace(d, fd=vols.get(d.node)) for d in spec.disks),
                 extra=tuple(savestate.incoming_args(state_fd) if state_fd else ()),
             )
             # A fresh boot starts a fresh console log.
             # (emptied in place, never through a link, and handed to QEMU's user)
             safefs.truncate(sdir, spec.console_log.name, 0o600, owner=self.user)
-            self._give(rdir, *(d.path for d in spec.disks if not d.read_only))
+            self._give(rdir, *(d.path for d in spec.disks if d.fd is None))
             return await process.launch(
                 build_argv(self.settings.qemu_binary, spec),
-                pass_fds=[s.fileno() for s in socks] + ([state_fd] if state_fd else []),
+                pass_fds=[s.fileno() for s in socks]
+                + ([state_fd] if state_fd else [])
+                + list(vols.values()),
                 procs_files=cgroup.procs_files() if cgroup else [],
                 pid_file=spec.pid_file,
                 log_file=sdir / "qemu.log",
@@ -382,14 +387,15 @@ class QemuEngine(ProcessEngine):
             )
         return agent
 
-    def _jail(self, sdir: Path, rdir: Path, volumes: Sequence[VolumeMount]) -> process.Jail:
-        """QEMU sees the images, its own instance directories and its own volumes; the
-        rest of vzkit's state (other instances' disks and sockets, the database) is
-        covered."""
+    def _jail(self, sdir: Path, rdir: Path) -> process.Jail:
+        """QEMU sees the images and its own instance directories, nothing else of vzkit's
+        (its volumes come as descriptors)."""
         s = self.settings
         keep = [(s.images_dir, True), (sdir, False), (rdir, False)]
-        keep += [(v.host_path, v.readonly) for v in volumes]
-        return process.Jail(hide=(s.state_dir, s.runtime_dir), keep=tuple(keep), user=self.user)
+        qemu = shutil.which(s.qemu_binary)
+        if qemu and not any(Path(qemu).is_relative_to(d) for d in process.SYSTEM_DIRS):
+            keep.append((Path(qemu), True))
+        return process.Jail(keep=tuple(keep), user=self.user)
 
     def _give(self, *paths: Path) -> None:
         """Hand files QEMU writes to its user (created by vzd, as root)."""
@@ -491,9 +497,21 @@ class QemuEngine(ProcessEngine):
         """Make the memory cheap to save: migration sends a zero page as one flag, but the
         pages a booted kernel has freed still hold their old bytes (~70 MB of a 256 MiB
         micro-VM). The guest drops its caches and writes zeros over its free memory."""
-        agent = await self._agent(self._get(name))
+        live = self._get(name)
+        agent = await self._agent(live)
         with contextlib.suppress(AgentError):
             await agent.run(["/bin/sh", "-c", guest.ZERO_FREE_MEMORY], timeout=60)
+        live.memory_snapshot_at = time.monotonic()
+
+    def memory_snapshot_started(self, name: str) -> bool:
+        """Whether quiesce() has just prepared a memory snapshot of ``name`` (the mark is
+        consumed): its disk is captured with the memory and needs no freeze."""
+        live = self._live.get(name)
+        if live is None:
+            return False
+        at, live.memory_snapshot_at = live.memory_snapshot_at, 0.0
+        # A mark older than this is from a snapshot that failed before its capture.
+        return at > 0.0 and time.monotonic() - at < 120.0
 
     async def save_state(self, name: str, dest: Path) -> int:
         live = self._get(name)

@@ -1,6 +1,9 @@
 """Volumes given to and taken from a running QEMU: q35 VMs have spare ``pcie-root-port``s
 (see ``cmdline.HOTPLUG_PORTS``); a micro-VM's virtio-mmio has no hot-plug, so the engine
 does not declare this capability for it. A grown volume is announced to any running VM.
+
+QEMU gets every volume as a descriptor vzd opened (an fd set: ``add-fd`` here, ``-add-fd``
+at start), never by path: its jail holds no volume pool.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vzkit.engines.qemu import guest
@@ -29,8 +33,7 @@ class QemuVolumes:
         qmp = self.engine.qmp(name)
         node = volume.device_id
         try:
-            # By descriptor: the jailed QEMU cannot see the pool.
-            fd = os.open(volume.host_path, os.O_RDONLY if volume.readonly else os.O_RDWR)
+            fd = open_volume(volume)
             try:
                 qmp.send_fd_scm(fd)
                 added: Any = await qmp.execute("add-fd", {"opaque": node})
@@ -126,3 +129,29 @@ class QemuVolumes:
             await qmp.execute("block_resize", {"node-name": volume.device_id, "size": size})
         except Exception as exc:
             raise EngineError(f"resizing volume {volume.name!r} failed: {exc}") from exc
+
+
+def open_volume(volume: VolumeMount) -> int:
+    """The descriptor QEMU opens ``volume`` through (read-only if it is attached so)."""
+    mode = os.O_RDONLY if volume.readonly else os.O_RDWR
+    return os.open(volume.host_path, mode | os.O_CLOEXEC)
+
+
+@contextlib.contextmanager
+def opened_volumes(volumes: Sequence[VolumeMount]) -> Iterator[dict[str, int]]:
+    """Descriptors of ``volumes`` by device id, for QEMU to inherit at start; closed after
+    (QEMU holds its own copies by then)."""
+    fds: dict[str, int] = {}
+    try:
+        for volume in volumes:
+            try:
+                fds[volume.device_id] = open_volume(volume)
+            except OSError as exc:
+                raise EngineError(
+                    f"cannot open volume {volume.name!r}: {exc.strerror}",
+                    hint=f"check {volume.host_path} in pool {volume.pool!r}",
+                ) from exc
+        yield fds
+    finally:
+        for fd in fds.values():
+            os.close(fd)

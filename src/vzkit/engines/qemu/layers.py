@@ -4,13 +4,14 @@ and a disk flattened into an image. The chain itself is managed in ``disks``."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vzkit.api.instances import Instance
 from vzkit.engines.base import Captured, EngineState, Frozen
-from vzkit.engines.qemu import disks
+from vzkit.engines.qemu import disks, fsfreeze
 from vzkit.engines.qemu.disks import QemuState
 from vzkit.errors import InvalidConfig
 from vzkit.host import safefs
@@ -26,22 +27,29 @@ class QemuDisks:
     def __init__(self, engine: QemuEngine) -> None:
         self.engine = engine
 
-    async def freeze(self, inst: Instance, uuid: str, state: EngineState) -> Frozen | None:
-        """Freeze the disk's top as a layer (a running VM must be paused)."""
+    async def freeze(
+        self, inst: Instance, uuid: str, state: EngineState, dest: Path | None = None
+    ) -> Frozen | None:
+        """Freeze the disk's top as a layer (a running VM must be paused), with the
+        guest's file systems frozen around it (``fsfreeze``; a warning about a snapshot
+        built in ``dest`` is left there)."""
         st = QemuState.of(state)
         sdir = self.engine.state_dir(uuid)
         if not safefs.exists(sdir, st.disk):
             return None  # a micro-VM booted from its initramfs has no disk
         qmp = self.engine.running_qmp(inst.name)
         if qmp is not None:
-            new = await disks.freeze_live(qmp, sdir, st.disk, self.engine.user)
+            memory = self.engine.memory_snapshot_started(inst.name)
+            agent = functools.partial(self.engine.agent, inst.name)
+            async with fsfreeze.quiesced(qmp, agent, inst, dest, memory=memory):
+                new = await disks.freeze_live(qmp, sdir, st.disk, self.engine.user)
         else:
             new = await disks.freeze_offline(sdir, st.disk)
         return Frozen(live=QemuState(top=new), fixed=st, layer=st.disk)
 
     async def capture(self, inst: Instance, uuid: str, state: EngineState, dest: Path) -> Captured:
         """A snapshot's disk is the frozen top; nothing is copied into ``dest``."""
-        frozen = await self.freeze(inst, uuid, state)
+        frozen = await self.freeze(inst, uuid, state, dest)
         if frozen is None:
             return Captured(state)
         return Captured(frozen.live, frozen.layer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import time
@@ -42,53 +43,80 @@ def listen_unix(path: Path) -> socket.socket:
     return sock
 
 
+# The host's system, read-only, as QEMU and its libraries need it (a symlink such as
+# /bin -> usr/bin stays a symlink), and the only devices it opens: stdio of a daemon, the
+# TAP device, KVM.
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+DEVICES = ("null", "zero", "urandom", "kvm", "net/tun")
+
+
 @dataclass(frozen=True)
 class Jail:
-    """What QEMU sees of vzkit's directories: ``hide`` are covered with empty tmpfs, then
-    ``keep`` (path, read-only) are mounted back at their own paths, so the command line's
-    paths still work and nothing else of vzkit's state is visible: not another instance's
-    disks or sockets, not the database."""
+    """What QEMU sees: a root of its own (an empty tmpfs) holding the host's system
+    directories and a few devices read-only, and ``keep`` (path, read-only) at their own
+    paths, so the command line's paths still work. Nothing else of the host is there: not
+    another instance's disks or sockets, not vzkit's database, not a volume pool (volumes
+    come as descriptors), not another daemon's state, not /proc (through which a process
+    reaches the files of another running as the same user)."""
 
-    hide: tuple[Path, ...]
     keep: tuple[tuple[Path, bool], ...]
     # Run QEMU as this user (uid, gid), its supplementary groups included, no capabilities.
     user: tuple[int, int] | None = None
+    system: tuple[str, ...] = SYSTEM_DIRS
+    devices: tuple[str, ...] = DEVICES
 
 
-# Joins the cgroups (before exec, so every byte QEMU allocates is accounted); then, in the
-# private mount namespace `unshare` made, parks what the jail keeps on a scratch directory
-# (bind mounts, taken while the paths are still visible), covers the hidden directories
-# and moves the parked mounts back into place.
+# Joins the cgroups (before exec, so every byte QEMU allocates is accounted), then runs the
+# jail's commands (jail_script) and QEMU.
 _LAUNCH = r"""
 set -e
 n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done
-[ "$1" = 0 ] && { shift; exec "$@"; }
-stage=$(mktemp -d /dev/shm/.vz-jail.XXXXXX)
-trap 'rm -rf "$stage"' EXIT
-hides=$1; shift; i=0; set -- "$@"
-while [ "$i" -lt "$hides" ]; do eval "hide_$i=\$1"; shift; i=$((i+1)); done
-keeps=$1; shift; i=0
-while [ "$i" -lt "$keeps" ]; do
-  eval "path_$i=\$1 ro_$i=\$2"; shift 2
-  if [ -d "$(eval echo \"\$path_$i\")" ]; then mkdir "$stage/$i"; else : > "$stage/$i"; fi
-  eval mount --bind \"\$path_$i\" \"$stage/$i\"
-  i=$((i+1))
-done
-i=0
-while [ "$i" -lt "$hides" ]; do
-  eval mount -t tmpfs -o mode=0755,size=1m vz-jail \"\$hide_$i\"; i=$((i+1))
-done
-i=0
-while [ "$i" -lt "$keeps" ]; do
-  eval "target=\$path_$i ro=\$ro_$i"
-  if [ -d "$stage/$i" ]; then mkdir -p "$target"; else mkdir -p "${target%/*}"; : > "$target"; fi
-  mount --move "$stage/$i" "$target"
-  [ "$ro" = 1 ] && mount -o remount,bind,ro "$target"
-  i=$((i+1))
-done
-rm -rf "$stage"; trap - EXIT
-exec "$@"
 """
+
+
+def jail_script(jail: Jail) -> str:
+    """Shell commands run in the private mount namespace `unshare` made: build the jail's
+    root on a tmpfs from bind mounts, pivot into it and drop the host's root. Paths are
+    quoted here, so any path works; every command is a fork, so there are few."""
+    q = shlex.quote
+    links = [d for d in jail.system if os.path.islink(d)]
+    dirs = [d for d in jail.system if os.path.isdir(d) and not os.path.islink(d)]
+    devices = [f"/dev/{d}" for d in jail.devices if os.path.exists(f"/dev/{d}")]
+    keep = [(str(path), ro, path.is_dir()) for path, ro in jail.keep]
+    mountpoints = [*dirs, "/dev", "/proc", "/.old"]
+    mountpoints += [path if is_dir else os.path.dirname(path) for path, _, is_dir in keep]
+    lines = [
+        "umask 022",
+        "root=$(mktemp -d /dev/shm/.vz-jail.XXXXXX)",
+        """trap 'umount -l "$root" 2>/dev/null; rmdir "$root" || :' EXIT""",
+        'mount -t tmpfs -o mode=0755,size=1m,nosuid,nodev vz-jail "$root"',
+        'cd "$root"',
+        "mkdir -p " + " ".join(q("." + m) for m in mountpoints),
+    ]
+    if links:
+        lines.append("cp -P " + " ".join(map(q, links)) + " .")
+    lines += [f"mount -o bind,ro {q(d)} {q('.' + d)}" for d in dirs]
+    lines.append("mount -t tmpfs -o mode=0755,size=64k,nosuid vz-dev ./dev")
+    subdirs = sorted({os.path.dirname(d) for d in devices} - {"/dev"})
+    if subdirs:
+        lines.append("mkdir " + " ".join(q("." + d) for d in subdirs))
+    for dev in devices:
+        lines.append(f": > {q('.' + dev)}; mount --bind {q(dev)} {q('.' + dev)}")
+    for path, ro, is_dir in keep:
+        if not is_dir:
+            lines.append(f": > {q('.' + path)}")
+        lines.append(f"mount -o bind{',ro' if ro else ''} {q(path)} {q('.' + path)}")
+    lines += [
+        # umount reads /proc/self/mountinfo: the host's /proc stays for the next steps only.
+        "mount --rbind /proc ./proc",
+        "pivot_root . .old",
+        "cd /",
+        'rmdir "/.old$root"; trap - EXIT',
+        "umount -l /.old /proc",
+        "rmdir /.old /proc",
+        "mount -o remount,bind,ro /",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _wrapper(procs_files: Sequence[Path], jail: Jail | None, argv: Sequence[str]) -> list[str]:
@@ -96,17 +124,15 @@ def _wrapper(procs_files: Sequence[Path], jail: Jail | None, argv: Sequence[str]
         return list(argv)
     args = [str(len(procs_files)), *map(str, procs_files)]
     if jail is None:
-        return ["/bin/sh", "-c", _LAUNCH, "vz-launch", *args, "0", *argv]
-    args += [str(len(jail.hide)), *map(str, jail.hide), str(len(jail.keep))]
-    for path, ro in jail.keep:
-        args += [str(path), "1" if ro else "0"]
+        return ["/bin/sh", "-c", _LAUNCH + 'exec "$@"\n', "vz-launch", *args, *argv]
     if jail.user is not None:
         uid, gid = jail.user
         argv = [
             "setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--", *argv,
         ]  # fmt: skip
-    shell = ["/bin/sh", "-c", _LAUNCH, "vz-launch", *args, *argv]
+    script = _LAUNCH + jail_script(jail) + 'exec "$@"\n'
+    shell = ["/bin/sh", "-c", script, "vz-launch", *args, *argv]
     return ["unshare", "--mount", "--propagation", "private", *shell]
 
 

@@ -3,7 +3,8 @@
  *
  * Runs inside every guest (as PID 1 in the minimal initramfs image, as a service in
  * disk images) and serves the vzkit wire protocol (PROTOCOL.md, version 1) over one
- * virtio-serial port: command execution, file transfer and power-off.
+ * virtio-serial port: command execution, file transfer, power-off and file system
+ * freeze (quiescing the disks for a snapshot).
  *
  * One process, one thread, one poll() loop: every child pipe is non-blocking so a
  * slow consumer of one stream never stalls the others. Writes to the port may block
@@ -36,8 +37,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#define AGENT_VERSION "1.0.0"
+#define AGENT_VERSION "1.1.0"
 #define PROTO_VERSION 1
+/* HELLO feature bits (PROTOCOL.md): what this agent understands beyond revision 1. */
+#define FEATURE_FSFREEZE 0x1u
 #define MAGIC 0x565A
 #define HDR 12
 #define MAX_PAYLOAD (1u << 20)
@@ -65,6 +68,8 @@ enum {
     T_DATA = 0x22,
     T_OK = 0x24,
     T_POWEROFF = 0x30,
+    T_FSFREEZE = 0x40,
+    T_FSTHAW = 0x41,
 };
 
 #define EXEC_TTY 0x1u
@@ -129,6 +134,15 @@ static uint8_t *obuf; /* scratch for outgoing payloads read from children/files 
 static struct exec_s *execs;
 static struct put_s *puts_;
 static struct get_s *gets;
+
+/* File systems this agent froze (FSFREEZE), in freeze order. */
+struct frozen_fs {
+    int fd;
+    char *path;
+};
+static struct frozen_fs *frozen; /* in freeze order */
+static size_t nfrozen;
+static int64_t freeze_deadline; /* 0 = nothing frozen */
 
 /* ------------------------------------------------------------------------------ */
 /* Utilities                                                                        */
@@ -425,6 +439,7 @@ static void send_hello(void)
     pb_u16(&b, PROTO_VERSION);
     pb_str(&b, AGENT_VERSION, strlen(AGENT_VERSION));
     pb_str(&b, rel, strlen(rel));
+    pb_u32(&b, FEATURE_FSFREEZE);
     send_frame(T_HELLO, 0, b.p, b.len);
     free(b.p);
 }
@@ -979,6 +994,13 @@ static void handle_file_put(uint32_t id, const uint8_t *p, uint32_t len)
     f->path = path;
     f->next = puts_;
     puts_ = f;
+    if (freeze_deadline) {
+        /* Writing now would block this thread on a frozen file system. */
+        send_error(id, EBUSY, "cannot write %s: the guest's file systems are frozen for a snapshot",
+                   path);
+        f->failed = 1;
+        return;
+    }
 
     /* Failures are answered now; the DATA frames the host already sent are swallowed. */
     if ((flags & PUT_PARENTS) && mkdir_parents(path) < 0) {
@@ -1140,6 +1162,246 @@ static void pump_gets(void)
     }
 }
 
+/* ------------------------------------------------------------------------------ */
+/* File system freeze                                                               */
+/*
+ * FSFREEZE quiesces the guest's disks for a snapshot: sync(), then FIFREEZE on every
+ * writable, block-backed file system, the last mounted first (one mounted inside
+ * another is frozen before its parent). What has no block device behind it (tmpfs,
+ * proc, sysfs, devtmpfs, the initramfs root) is skipped, and so is what refuses
+ * (EOPNOTSUPP: no freeze support; EBUSY: frozen by someone else, who thaws it). A
+ * freeze belongs to the connection that asked for it: FSTHAW, the host going away,
+ * POWEROFF or the freeze's own deadline thaws it, so a guest whose host died never
+ * stays frozen (as qemu-guest-agent's fsfreeze timeout).
+ *
+ * While frozen the agent must never write to a frozen file system itself: the write
+ * would block this single thread for good, and nothing could thaw. FILE_PUT is
+ * refused until the thaw; commands may run (their writes wait for the thaw).
+ */
+#ifndef FIFREEZE
+#define FIFREEZE _IOWR('X', 119, int)
+#define FITHAW _IOWR('X', 120, int)
+#endif
+#define FREEZE_DEFAULT_MS 60000u
+#define FREEZE_MAX_MS 600000u
+
+/* Thaws in the reverse order of the freeze; returns how many were thawed. */
+static uint32_t thaw_all(const char *why)
+{
+    uint32_t n = 0;
+    while (nfrozen > 0) {
+        struct frozen_fs *f = &frozen[--nfrozen];
+        if (ioctl(f->fd, FITHAW, 0) == 0)
+            n++;
+        else
+            logmsg("thawing %s: %s", f->path, strerror(errno));
+        close(f->fd);
+        free(f->path);
+    }
+    freeze_deadline = 0;
+    if (why && n)
+        logmsg("thawed %u file system(s): %s", n, why);
+    return n;
+}
+
+/* mountinfo escapes space, tab, newline and backslash as \ooo. */
+static void unescape_octal(char *s)
+{
+    char *w = s;
+    for (char *r = s; *r; r++) {
+        if (r[0] == '\\' && r[1] >= '0' && r[1] <= '3' && r[2] >= '0' && r[2] <= '7' &&
+            r[3] >= '0' && r[3] <= '7') {
+            *w++ = (char)((r[1] - '0') * 64 + (r[2] - '0') * 8 + (r[3] - '0'));
+            r += 3;
+        } else {
+            *w++ = *r;
+        }
+    }
+    *w = 0;
+}
+
+static int has_option(const char *opts, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *o = opts; o; o = strchr(o, ',')) {
+        if (*o == ',')
+            o++;
+        if (strncmp(o, name, n) == 0 && (o[n] == ',' || o[n] == 0))
+            return 1;
+    }
+    return 0;
+}
+
+struct mount_ent {
+    char *path;
+    unsigned maj, min;
+};
+
+/* One /proc/self/mountinfo line: "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...]
+ * - FSTYPE SOURCE SUPEROPTIONS". Returns 1 for a writable, block-backed mount. */
+static int parse_mount(char *line, struct mount_ent *m)
+{
+    char *sep = strstr(line, " - ");
+    if (!sep)
+        return 0;
+    *sep = 0;
+    char *f[6];
+    char *save = NULL;
+    char *tok = strtok_r(line, " ", &save);
+    for (int i = 0; i < 6; i++, tok = strtok_r(NULL, " ", &save)) {
+        if (!tok)
+            return 0;
+        f[i] = tok;
+    }
+    save = NULL;
+    char *fstype = strtok_r(sep + 3, " ", &save);
+    char *source = strtok_r(NULL, " ", &save);
+    char *superopts = strtok_r(NULL, " \n", &save);
+    if (!fstype || !source || !superopts)
+        return 0;
+    if (sscanf(f[2], "%u:%u", &m->maj, &m->min) != 2)
+        return 0;
+    if (has_option(f[5], "ro") || has_option(superopts, "ro"))
+        return 0;
+    unescape_octal(f[4]);
+    unescape_octal(source);
+    /* Block-backed: a real device number, or (btrfs, whose mounts carry anonymous
+     * numbers) a block device as the source. */
+    int block = m->maj != 0;
+    struct stat st;
+    if (!block && source[0] == '/' && stat(source, &st) == 0 && S_ISBLK(st.st_mode))
+        block = 1;
+    if (!block)
+        return 0;
+    m->path = xstrdup(f[4]);
+    return 1;
+}
+
+/* The writable, block-backed mounts in mount order. 0, or an errno. */
+static int writable_block_mounts(struct mount_ent **out, size_t *count)
+{
+    *out = NULL;
+    *count = 0;
+    FILE *mi = fopen("/proc/self/mountinfo", "re");
+    if (!mi)
+        return errno;
+    size_t cap = 0;
+    char *line = NULL;
+    size_t linecap = 0;
+    while (getline(&line, &linecap, mi) > 0) {
+        struct mount_ent m;
+        if (!parse_mount(line, &m))
+            continue;
+        if (*count == cap) {
+            cap = cap ? cap * 2 : 16;
+            *out = xrealloc(*out, cap * sizeof **out);
+        }
+        (*out)[(*count)++] = m;
+    }
+    free(line);
+    fclose(mi);
+    return 0;
+}
+
+/* Freezes what writable_block_mounts found, last first. 0, or an errno (all thawed). */
+static int freeze_mounts(struct mount_ent *v, size_t n, char *failed, size_t failed_len)
+{
+    for (size_t i = n; i-- > 0;) {
+        int seen = 0;
+        for (size_t j = i + 1; j < n && !seen; j++)
+            seen = v[j].maj == v[i].maj && v[j].min == v[i].min;
+        if (seen)
+            continue; /* the same file system mounted twice: frozen once */
+        int fd = open(v[i].path, O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+        if (fd < 0) {
+            logmsg("freeze: skipping %s: %s", v[i].path, strerror(errno));
+            continue;
+        }
+        if (ioctl(fd, FIFREEZE, 0) < 0) {
+            int err = errno;
+            close(fd);
+            if (err == EOPNOTSUPP || err == EBUSY)
+                continue;
+            snprintf(failed, failed_len, "%s", v[i].path);
+            thaw_all(NULL);
+            return err;
+        }
+        frozen = xrealloc(frozen, (nfrozen + 1) * sizeof *frozen);
+        frozen[nfrozen].fd = fd;
+        frozen[nfrozen].path = xstrdup(v[i].path);
+        nfrozen++;
+    }
+    return 0;
+}
+
+static void handle_fsfreeze(uint32_t id, const uint8_t *p, uint32_t len)
+{
+    struct rd r = {p, len, 0, 0};
+    uint32_t ms = rd_u32(&r);
+    if (r.bad || r.off != len) {
+        send_error(id, EINVAL, "malformed FSFREEZE payload");
+        return;
+    }
+    if (freeze_deadline) {
+        send_error(id, EBUSY, "the file systems are frozen already: thaw them first");
+        return;
+    }
+    if (ms == 0)
+        ms = FREEZE_DEFAULT_MS;
+    if (ms > FREEZE_MAX_MS)
+        ms = FREEZE_MAX_MS;
+    sync();
+    size_t n;
+    struct mount_ent *v;
+    int err = writable_block_mounts(&v, &n);
+    if (err) {
+        send_error(id, err, "cannot read /proc/self/mountinfo: %s", strerror(err));
+        return;
+    }
+    char failed[512] = "";
+    err = freeze_mounts(v, n, failed, sizeof failed);
+    for (size_t i = 0; i < n; i++)
+        free(v[i].path);
+    free(v);
+    if (err) {
+        send_error(id, err, "cannot freeze %s: %s", failed, strerror(err));
+        return;
+    }
+    if (nfrozen)
+        freeze_deadline = now_ms() + ms;
+    struct pbuf b = {0};
+    pb_u32(&b, (uint32_t)nfrozen);
+    for (size_t i = 0; i < nfrozen; i++)
+        pb_str(&b, frozen[i].path, strlen(frozen[i].path));
+    send_frame(T_OK, id, b.p, b.len);
+    free(b.p);
+}
+
+static void handle_fsthaw(uint32_t id, const uint8_t *p, uint32_t len)
+{
+    (void)p;
+    if (len != 0) {
+        send_error(id, EINVAL, "malformed FSTHAW payload");
+        return;
+    }
+    uint8_t pay[4];
+    put32(pay, thaw_all(NULL));
+    send_frame(T_OK, id, pay, sizeof pay);
+}
+
+/* Called from the main loop: the host did not thaw in time. Returns the poll timeout
+ * (ms) until the deadline, or -1 when nothing is frozen. */
+static int check_freeze(void)
+{
+    if (!freeze_deadline)
+        return -1;
+    int64_t left = freeze_deadline - now_ms();
+    if (left > 0)
+        return left > INT32_MAX ? INT32_MAX : (int)left;
+    thaw_all("the host did not thaw them in time");
+    return -1;
+}
+
 static void shutdown_agent(void);
 
 /* ------------------------------------------------------------------------------ */
@@ -1153,6 +1415,7 @@ static void handle_poweroff(uint32_t id, const uint8_t *p, uint32_t len)
         send_error(id, EINVAL, "malformed POWEROFF payload");
         return;
     }
+    thaw_all("powering off");
     sync();
     send_frame(T_OK, id, NULL, 0);
     /* PID 1 must never exit (the kernel would panic), so it ignores --no-poweroff. */
@@ -1194,6 +1457,12 @@ static void handle_frame(uint8_t type, uint32_t stream, const uint8_t *p, uint32
         break;
     case T_POWEROFF:
         handle_poweroff(stream, p, len);
+        break;
+    case T_FSFREEZE:
+        handle_fsfreeze(stream, p, len);
+        break;
+    case T_FSTHAW:
+        handle_fsthaw(stream, p, len);
         break;
     default:
         send_error(stream, EINVAL, "unknown frame type 0x%02x", type);
@@ -1286,6 +1555,7 @@ static void reap_children(void)
 static void shutdown_agent(void)
 {
     drop_all_sessions();
+    thaw_all("the agent is stopping");
     int64_t end = now_ms() + 500;
     while (now_ms() < end) {
         pid_t pid = waitpid(-1, NULL, WNOHANG);
@@ -1423,6 +1693,7 @@ static void disconnect(void)
 {
     connected = 0;
     drop_all_sessions();
+    thaw_all("the host went away");
 }
 
 /* ------------------------------------------------------------------------------ */
@@ -1799,6 +2070,9 @@ int main(int argc, char **argv)
             wait_connected();
 
         int timeout = check_sessions();
+        int thaw_in = check_freeze();
+        if (thaw_in >= 0 && (timeout < 0 || thaw_in < timeout))
+            timeout = thaw_in;
         if (lost)
             continue;
 

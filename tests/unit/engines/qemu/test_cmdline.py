@@ -42,7 +42,8 @@ def _spec(name: str, kind: InstanceType, **kw: object) -> MachineSpec:
 SPECS = {
     # A micro-VM booting its initramfs: no disk, no NIC.
     "microvm": _spec("tiny", InstanceType.MICROVM),
-    # A q35 VM with its root disk, two volumes (one read-only) and two NICs, on KVM.
+    # A q35 VM with its root disk, two volumes (one read-only, both as inherited
+    # descriptors) and two NICs, on KVM.
     "q35-volumes-nics": _spec(
         "web",
         InstanceType.VM,
@@ -52,8 +53,14 @@ SPECS = {
         cmdline=kernel_cmdline(hostname="web", tsc_khz=None, root="/dev/vda"),
         disks=(
             Disk(STATE / "disk-0a1b2c3d4e5f.qcow2"),
-            Disk(Path("/srv/pool/data.qcow2"), node="vol-default-data", serial="data"),
-            Disk(Path("/srv/pool/ro.qcow2"), node="vol-default-ro", read_only=True, serial="ro"),
+            Disk(Path("/srv/pool/data.qcow2"), node="vol-default-data", serial="data", fd=14),
+            Disk(
+                Path("/srv/pool/ro.qcow2"),
+                node="vol-default-ro",
+                read_only=True,
+                serial="ro",
+                fd=15,
+            ),
         ),
         nics=(Nic("vzt1a2b3c4d0", "52:54:00:12:34:56"), Nic("vzt1a2b3c4d1", "52:54:00:12:34:57")),
     ),
