@@ -12,8 +12,12 @@ import argparse
 import asyncio
 import os
 import pwd
+import sys
 import tempfile
 from pathlib import Path
+
+# Run as a file (python benchmarks/jail.py): the imports below need the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import median
 from vzkit.engines.qemu import process
