@@ -322,6 +322,7 @@ class ContainerEngine(ProcessEngine):
         self.cgroups = cgroups
         self.root = settings.runtime_dir / "containers"
         self._live: dict[str, _Live] = {}
+        self._spec: dict[str, Any] | None = None
         files = ContainerFiles(self)
         # Live volumes are bind mounts (vz-runtime mount); NICs are veths plugged live.
         self._caps = Capabilities(
@@ -333,7 +334,6 @@ class ContainerEngine(ProcessEngine):
 
     def load_state(self, data: str) -> EngineState:
         return ContainerState.model_validate_json(data)
-        self._spec: dict[str, Any] | None = None
 
     def _cgroup_path(self, name: str) -> str:
         return f"{self.settings.cgroup_parent}/{name}"
