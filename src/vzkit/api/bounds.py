@@ -44,6 +44,12 @@ _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*\Z")
 # Sizes are 64-bit signed integers wherever they go (SQLite, qemu-img, the kernel).
 MAX_SIZE = 2**63 - 1
 
+# limits.processes: a container's processes and threads (its cgroup's pids.max). The
+# default is podman's; the floor leaves room for the init, an exec and its shell; the
+# ceiling is the kernel's largest pid_max.
+PROCESSES = (16, 4_194_304)
+DEFAULT_PROCESSES = 2048
+
 
 def parse_size(value: str | int, *, default_unit: str = "") -> int:
     """Parse '512MiB', '1G', '1.5GiB' or a plain byte count into bytes."""

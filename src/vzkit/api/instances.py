@@ -7,10 +7,18 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from vzkit.api.base import Strict
-from vzkit.api.bounds import MAX_SIZE, NAME_PATTERN, NAME_RE, NAME_RULE, parse_size
+from vzkit.api.bounds import (
+    DEFAULT_PROCESSES,
+    MAX_SIZE,
+    NAME_PATTERN,
+    NAME_RE,
+    NAME_RULE,
+    PROCESSES,
+    parse_size,
+)
 from vzkit.api.networks import FirewallRule, NicConfig, PortForward
 from vzkit.api.storage import VolumeAttachment
 
@@ -30,6 +38,16 @@ MemoryBytes = Annotated[int, Field(gt=0, le=MAX_SIZE), BeforeValidator(_memory)]
 # A host CPU number (as in /sys/devices/system/cpu/cpuN); whether the host has it is
 # checked when the instance starts.
 CpuNumber = Annotated[int, Field(ge=0)]
+Processes = Annotated[
+    StrictInt,
+    Field(
+        ge=PROCESSES[0],
+        le=PROCESSES[1],
+        description="Processes and threads a container may have at once (its cgroup's "
+        "pids limit; a fork bomb stops there). VMs: not applied, a guest's processes are "
+        "its own kernel's",
+    ),
+]
 
 
 def validate_name(name: str, what: str = "instance") -> str:
@@ -71,6 +89,7 @@ class Limits(Strict):
     cpu_pin: list[CpuNumber] | None = Field(
         None, description="Host CPUs the instance may run on (default: any)"
     )
+    processes: Processes = DEFAULT_PROCESSES
 
 
 class LimitsUpdate(Strict):
@@ -80,6 +99,24 @@ class LimitsUpdate(Strict):
     memory: MemoryBytes | None = None
     cpu_weight: int | None = Field(None, ge=1, le=10000)
     cpu_pin: list[CpuNumber] | None = None
+    processes: Processes | None = None
+
+
+class Security(Strict):
+    """How an instance is isolated beyond its type's defaults."""
+
+    privileged: StrictBool = Field(
+        False,
+        description="Containers only: run without a user namespace, as host root (its root "
+        "is the host's, and files it writes are owned by host root). The default maps the "
+        "container's root to an unprivileged host id",
+    )
+
+
+PRIVILEGED_WARNING = (
+    "privileged container: its root is host root (no user namespace), so a process that "
+    "escapes its other namespaces owns the host"
+)
 
 
 class InstanceUpdate(Strict):
@@ -118,6 +155,7 @@ class InstanceCreate(Strict):
         description="INSTANCE/SNAPSHOT: start from that stateful snapshot's memory instead of "
         "booting (warm start); type, image and limits are the snapshot's",
     )
+    security: Security = Field(default_factory=Security)
 
     @field_validator("name")
     @classmethod
@@ -150,6 +188,27 @@ class Instance(Strict):
         description="Ingress allow-list: None lets everything in; a list (even empty) drops "
         "what it does not allow",
     )
+    security: Security = Field(default_factory=Security)
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the user should know about this instance's configuration (read "
+        "only: derived from it by the daemon)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_privileged(cls, data: Any) -> Any:
+        # A container recorded before user namespaces existed (a database row, an export
+        # archive) ran as host root: it keeps that mode, since its files are host root's.
+        if isinstance(data, dict) and data.get("type") == "container" and "security" not in data:
+            data = {**data, "security": {"privileged": True}}
+        return data
+
+    @model_validator(mode="after")
+    def _warnings(self) -> Instance:
+        privileged = self.type is InstanceType.CONTAINER and self.security.privileged
+        self.warnings = [PRIVILEGED_WARNING] if privileged else []
+        return self
 
 
 class StateAction(StrEnum):

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from vzkit.api.bounds import NAME_RE, NAME_RULE, parse_size
+from vzkit.api.bounds import NAME_RE, NAME_RULE, PROCESSES, parse_size
 from vzkit.errors import InvalidConfig
 
 
@@ -57,6 +57,16 @@ def check_cpus_text(value: str) -> int:
 
 def check_cpu_weight_text(value: str) -> int:
     return check_cpu_weight(_int(value, "limits.cpu_weight"))
+
+
+def check_processes_text(value: str) -> int:
+    n = _int(value, "limits.processes")
+    if not PROCESSES[0] <= n <= PROCESSES[1]:
+        raise UsageError(
+            f"limits.processes {value} is out of range",
+            hint=f"use {PROCESSES[0]} to {PROCESSES[1]} (2048 by default)",
+        )
+    return n
 
 
 def check_cpu_weight(value: int) -> int:

@@ -163,7 +163,7 @@ def cmd_run(args: argparse.Namespace, client: Client) -> int:
     created = False
     try:
         try:
-            client.create_instance(body)
+            _warn(client.create_instance(body))
         except VzError as exc:
             # The daemon answered with an error: nothing was made (unless we lost it mid-way).
             created = isinstance(exc, DaemonUnavailable)
@@ -206,7 +206,14 @@ def _create_body(args: argparse.Namespace, image: str, name: str | None) -> dict
         body["ports"] = [checks.parse_port(spec) for spec in args.port]
     if args.volume:
         body["volumes"] = [storecmds.parse_volume(spec) for spec in args.volume]
+    if args.privileged:
+        body["security"] = {"privileged": True}
     return body
+
+
+def _warn(inst: Instance) -> None:
+    for warning in inst.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
 
 
 def _ensure_image(client: Client, image: str) -> None:
@@ -252,6 +259,7 @@ def cmd_launch(args: argparse.Namespace, client: Client) -> int:
     body = _create_body(args, image, name)
     _ensure_image(client, image)
     inst = client.create_instance(body)
+    _warn(inst)
     if _json_mode(args):
         _out().write(inst.model_dump_json(indent=2) + "\n")
     else:
@@ -295,6 +303,8 @@ def instance_pairs(i: Instance) -> list[tuple[str, object]]:
         ("memory", format_size(i.limits.memory)),
         ("cpu weight", i.limits.cpu_weight),
         ("cpu pin", ",".join(map(str, i.limits.cpu_pin)) if i.limits.cpu_pin else "any"),
+        ("processes", i.limits.processes),
+        ("privileged", "yes" if i.security.privileged else "no"),
         ("accel", i.accel.value if i.accel else None),
         ("ephemeral", "yes" if i.ephemeral else "no"),
         ("pid", i.pid),
@@ -543,6 +553,7 @@ _CONFIG_KEYS = {
     "limits.memory": checks.check_memory,
     "limits.cpu_weight": checks.check_cpu_weight_text,
     "limits.cpu_pin": checks.parse_cpu_list,
+    "limits.processes": checks.check_processes_text,
 }
 
 

@@ -94,6 +94,11 @@ def _instance_opts(p: argparse.ArgumentParser) -> None:
         metavar="HOSTPORT:PORT[/PROTO]",
         help="forward a host port to the instance (repeatable)",
     )
+    p.add_argument(
+        "--privileged",
+        action="store_true",
+        help="containers: run as host root, without a user namespace (not recommended)",
+    )
 
 
 def _exec_opts(p: argparse.ArgumentParser) -> None:
@@ -186,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "settings",
         nargs="+",
         metavar="KEY=VALUE",
-        help="limits.cpus, limits.memory, limits.cpu_weight, limits.cpu_pin",
+        help="limits.cpus, limits.memory, limits.cpu_weight, limits.cpu_pin, limits.processes",
     )
 
     p = add("network", "manage virtual networks")

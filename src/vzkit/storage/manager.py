@@ -21,6 +21,7 @@ from vzkit.api.storage import (
     VolumeInfo,
 )
 from vzkit.errors import Conflict, InvalidConfig, NotFound
+from vzkit.host import perms
 from vzkit.server.db import Database
 from vzkit.settings import Settings
 from vzkit.storage.pool import DirPool, PoolDriver
@@ -72,7 +73,7 @@ class StorageManager:
 
     def driver(self, pool: PoolConfig) -> PoolDriver:
         assert pool.path is not None
-        return DirPool(pool.path)
+        return DirPool(pool.path, perms.qemu_gid(self.settings))
 
     def pool_info(self, name: str) -> PoolInfo:
         pool = self.pool(name)

@@ -26,6 +26,7 @@ from vzkit.errors import (
     NotFound,
     ResourceExhausted,
 )
+from vzkit.host import perms
 from vzkit.storage import qcow2
 
 __all__ = ["DirPool", "PoolDriver"]
@@ -96,12 +97,15 @@ class DirPool:
     daemon keeps it as the volume's config and can compare :meth:`used_bytes` with it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, group: int | None = None) -> None:
         self.path = path
         self.volumes_dir = path / "volumes"
+        # QEMU's group: it passes the pool's directories and reads block volumes (vzd
+        # hands a volume QEMU writes to its user); no one else enters a pool.
+        self.group = group
 
     def setup(self) -> None:
-        self.volumes_dir.mkdir(parents=True, exist_ok=True)
+        perms.secure_pool(self.path, self.group)
         # Only at start-up: a ".tmp" is a copy or a delete that a crash interrupted.
         for entry in self.volumes_dir.glob("*.tmp"):
             _remove(entry)
@@ -125,10 +129,12 @@ class DirPool:
 
     def create_volume(self, name: str, size: int, content: Content) -> Path:
         self._free(name)
-        self.volumes_dir.mkdir(parents=True, exist_ok=True)
+        if not self.volumes_dir.is_dir():
+            perms.secure_pool(self.path, self.group)
         path = self.volume_path(name, content)
         if content == "block":
             qcow2.create(path, size)
+            perms.share_file(path, self.group, perms.DISK)
         else:
             try:
                 path.mkdir()
@@ -177,6 +183,7 @@ class DirPool:
         target = self.volume_path(dst, content)
         if content == "block":
             qcow2.convert(source, target, progress=progress)
+            perms.share_file(target, self.group, perms.DISK)
         else:
             _copy_tree(source, target)
             if progress is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -36,9 +35,13 @@ from vzkit.engines.base import (
     Started,
 )
 from vzkit.engines.common import ProcessEngine
+from vzkit.engines.container import idmap as ids
 from vzkit.engines.container.files import WORK_DIRS, ContainerFiles, ContainerState
+from vzkit.engines.container.idmap import IdMap
+from vzkit.engines.container.inroot import replace_file
 from vzkit.engines.container.sessions import LogConsole, Proc, TtyProc, receive_fd, set_winsize
 from vzkit.errors import AgentError, EngineError, InvalidConfig, NotFound, StateError
+from vzkit.host import perms
 from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
 from vzkit.images.store import ImageStore
@@ -61,6 +64,9 @@ RUNTIME = _runtime_command()
 INIT = ["/sbin/vz-agent", "--reaper"]
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CPU_PERIOD_US = 100_000
+# As podman: no raw sockets (packet forging, ARP spoofing on the bridge); ping works through
+# ICMP datagram sockets, which the ping group range opens to every group of the container.
+DROPPED_CAPS = ("CAP_NET_RAW",)
 
 # What containers cannot do, and what a request for it is told.
 REFUSALS = {
@@ -87,6 +93,7 @@ class _Live:
     name: str
     uuid: str
     pid: int
+    idmap: IdMap | None  # None: privileged (no user namespace)
     stop_requested: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -99,7 +106,9 @@ class ContainerEngine(ProcessEngine):
         self.root = settings.runtime_dir / "containers"
         self._live: dict[str, _Live] = {}
         self._spec: dict[str, Any] | None = None
-        files = ContainerFiles(self)
+        self._idmap: IdMap | None = None
+        self._userns: dict[IdMap, int] = {}  # a user namespace per map, kept for idmapped mounts
+        files = ContainerFiles(self, self.make_dirs, self.host_idmap)
         # Live volumes are bind mounts (vz-runtime mount); NICs are veths plugged live.
         self._caps = Capabilities(
             snapshots=files, export=files, live_volumes=self, nic_hotplug=self, refusals=REFUSALS
@@ -138,12 +147,33 @@ class ContainerEngine(ProcessEngine):
 
     async def create(self, inst: Instance, uuid: str) -> EngineState:
         image = self.images.get(inst.image)
+        idmap = None if inst.security.privileged else self.host_idmap()
         lower = await asyncio.to_thread(container_rootfs, self.settings, image)
-        sdir = self.state_dir(uuid)
+        state = ContainerState(lower=str(lower), idmap=idmap)
+        await asyncio.to_thread(self.make_dirs, self.state_dir(uuid), state)
+        return state
+
+    def host_idmap(self) -> IdMap:
+        """The map of new unprivileged containers (HostUnsupported without subordinate ids)."""
+        if self._idmap is None:
+            self._idmap = ids.host_idmap()
+        return self._idmap
+
+    @staticmethod
+    def make_dirs(sdir: Path, state: ContainerState) -> None:
+        """The instance directory (closed to everyone but root) and its layers, the upper
+        one and the overlay's work directory owned by the container's root."""
+        perms.make_dir(sdir, perms.PRIVATE)
         for d in ("upper", *WORK_DIRS):
-            (sdir / d).mkdir(parents=True, exist_ok=True)
-        await self._write_bundle(inst, sdir)
-        return ContainerState(lower=str(lower))
+            (sdir / d).mkdir(exist_ok=True)
+        if state.idmap is not None:
+            for d in ("upper", "work"):
+                os.chown(sdir / d, *state.idmap.root)
+
+    def _run_dir(self, uuid: str) -> Path:
+        """Where the container's root is mounted: entered by vz-runtime as the container's
+        root (so owned by it), closed to everyone else."""
+        return self.settings.instance_runtime_dir / uuid
 
     async def _base_spec(self) -> dict[str, Any]:
         """The runtime's own default config.json (``vz-runtime spec``), read once: each
@@ -157,7 +187,7 @@ class ContainerEngine(ProcessEngine):
         return spec
 
     async def _write_bundle(
-        self, inst: Instance, sdir: Path, volumes: Sequence[VolumeMount] = ()
+        self, inst: Instance, sdir: Path, rootfs: Path, idmap: IdMap | None
     ) -> None:
         spec = await self._base_spec()
         process = spec["process"]
@@ -167,7 +197,9 @@ class ContainerEngine(ProcessEngine):
             cwd="/",
             env=[f"PATH={DEFAULT_PATH}", "TERM=xterm", "container=vz"],
         )
-        spec["root"] = {"path": str(sdir / "rootfs"), "readonly": False}
+        for kind, caps in process["capabilities"].items():
+            process["capabilities"][kind] = [c for c in caps if c not in DROPPED_CAPS]
+        spec["root"] = {"path": str(rootfs), "readonly": False}
         spec["hostname"] = inst.name
         limits = inst.limits
         cpu: dict[str, Any] = {
@@ -182,29 +214,51 @@ class ContainerEngine(ProcessEngine):
         # Merged, not replaced: the spec's device rules (deny all, then the runtime's
         # default allow-list) must survive, or a container with CAP_MKNOD opens any device.
         resources = linux.setdefault("resources", {})
-        resources.update(memory={"limit": limits.memory}, cpu=cpu)
-        for v in volumes:
-            spec["mounts"].append(
-                {
-                    "destination": v.target,
-                    "type": "bind",
-                    "source": str(v.host_path),
-                    "options": ["rbind", "ro" if v.readonly else "rw", "nosuid", "nodev"],
-                }
-            )
+        resources.update(memory={"limit": limits.memory}, cpu=cpu, pids={"limit": limits.processes})
+        # The range is of the writer's user namespace: an unprivileged container's groups
+        # end at its map's size (a gid outside it makes the kernel refuse the whole range).
+        top = idmap.size - 1 if idmap is not None else 2**31 - 1
+        linux.setdefault("sysctl", {})["net.ipv4.ping_group_range"] = f"0 {top}"
+        if idmap is not None:
+            linux["namespaces"].append({"type": "user"})
+            linux.update(idmap.oci())
         (sdir / "bundle" / "config.json").write_text(json.dumps(spec, indent=1))
 
-    def _mount_rootfs(self, sdir: Path, lower: str) -> None:
-        target = sdir / "rootfs"
-        if os.path.ismount(target):
-            return
-        options = f"lowerdir={lower},upperdir={sdir / 'upper'},workdir={sdir / 'work'}"
-        _mount("overlay", target, "overlay", options)
+    def _mount_rootfs(self, uuid: str, state: ContainerState, userns_fd: int | None) -> Path:
+        """The overlay (the image's tree below, idmapped for an unprivileged container)
+        mounted at the run directory; returns where (blocking)."""
+        sdir, rdir = self.state_dir(uuid), self._run_dir(uuid)
+        uid, gid = state.idmap.root if state.idmap is not None else (0, 0)
+        perms.make_dir(rdir, perms.PRIVATE, group=gid, owner=uid)
+        target = rdir / "rootfs"
+        target.mkdir(mode=0o700, exist_ok=True)
+        if not os.path.ismount(target):
+            ids.mount_overlay(
+                target,
+                Path(state.lower),
+                sdir / "upper",
+                sdir / "work",
+                userns_fd=userns_fd,
+                scratch=rdir / "lower",
+            )
+        return target
 
-    def _unmount_rootfs(self, sdir: Path) -> None:
-        target = sdir / "rootfs"
-        if os.path.ismount(target):
-            _unmount(target)
+    def _unmount_rootfs(self, uuid: str) -> None:
+        rdir = self._run_dir(uuid)
+        # The state dir's rootfs: where containers started before the run directory were.
+        for target in (rdir / "rootfs", self.state_dir(uuid) / "rootfs"):
+            if os.path.ismount(target):
+                ids.unmount(target)
+        for d in (rdir / "rootfs", rdir / "lower", rdir):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # never rmtree: a mount left there would lose the container's files
+
+    async def _userns_fd(self, idmap: IdMap | None) -> int | None:
+        if idmap is None:
+            return None
+        if idmap not in self._userns:
+            self._userns[idmap] = await asyncio.to_thread(ids.make_userns, idmap)
+        return self._userns[idmap]
 
     async def start(
         self,
@@ -217,10 +271,27 @@ class ContainerEngine(ProcessEngine):
         if inst.name in self._live:
             raise EngineError(f"container {inst.name!r} is already running")
         sdir = self.state_dir(uuid)
-        await self._write_bundle(inst, sdir, volumes)  # limits and volumes may have changed
-        if net.nics:
-            _write_resolv_conf(sdir / "upper", net.resolv_conf())
-        self._mount_rootfs(sdir, ContainerState.of(state).lower)
+        cstate = ContainerState.of(state)
+        userns_fd = await self._userns_fd(cstate.idmap)
+        rootfs = await asyncio.to_thread(self._mount_rootfs, uuid, cstate, userns_fd)
+        try:
+            await self._write_bundle(inst, sdir, rootfs, cstate.idmap)
+            if net.nics:
+                await asyncio.to_thread(_write_resolv_conf, rootfs, net.resolv_conf(), cstate)
+            return await self._create_and_start(inst, uuid, cstate, net, volumes)
+        except BaseException:
+            await asyncio.to_thread(self._unmount_rootfs, uuid)
+            raise
+
+    async def _create_and_start(
+        self,
+        inst: Instance,
+        uuid: str,
+        state: ContainerState,
+        net: NetPlan,
+        volumes: Sequence[VolumeMount],
+    ) -> Started:
+        sdir = self.state_dir(uuid)
         log_path = sdir / "console.log"
         error_log = sdir / "runtime.log"
         pid_file = sdir / "init.pid"
@@ -228,7 +299,9 @@ class ContainerEngine(ProcessEngine):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         try:
-            with open(log_path, "ab") as console:
+            with open(
+                os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab"
+            ) as console:
                 # The init inherits these as its stdio, so no pipe may be among them (it
                 # would never reach EOF); the runtime's own errors go to its --log file.
                 proc = await asyncio.create_subprocess_exec(
@@ -255,9 +328,13 @@ class ContainerEngine(ProcessEngine):
                 raise EngineError(
                     f"creating container {inst.name!r} failed: {why or 'see ' + str(log_path)}"
                 )
+            # Volumes as live attaches do it, before the init runs: vz-runtime clones them
+            # on the host, so the container's root never needs to pass the pool's directories.
+            for volume in volumes:
+                await self._mount_volume(uuid, state.idmap, volume)
             await self._runtime("start", uuid)
             pid = int(pid_file.read_text())
-            live = _Live(inst.name, uuid, pid)
+            live = _Live(inst.name, uuid, pid, state.idmap)
             self._live[inst.name] = live
             self._watch(live)
             for nic in net.nics:
@@ -265,7 +342,6 @@ class ContainerEngine(ProcessEngine):
         except BaseException:
             self._live.pop(inst.name, None)
             await self._runtime("delete", "--force", uuid, check=False)
-            self._unmount_rootfs(sdir)
             raise
         return Started(pid=pid)
 
@@ -275,7 +351,7 @@ class ContainerEngine(ProcessEngine):
         if status not in ("running", "paused") or inst.pid is None or not alive(inst.pid):
             await self._cleanup(uuid)
             return None
-        live = _Live(inst.name, uuid, inst.pid)
+        live = _Live(inst.name, uuid, inst.pid, ContainerState.of(state).idmap)
         self._live[inst.name] = live
         self._watch(live)
         return str(status)
@@ -309,18 +385,22 @@ class ContainerEngine(ProcessEngine):
         ]
         if limits.cpu_pin:
             args += ["--cpuset-cpus", ",".join(map(str, limits.cpu_pin))]
+        args += ["--pids-limit", str(limits.processes)]
+        # The bundle is written anew at the next start, from the stored limits.
         await self._runtime(*args, live.uuid)
-        await self._write_bundle(
-            inst.model_copy(update={"limits": limits}), self.state_dir(live.uuid)
-        )
 
     async def io_stats(self, name: str) -> tuple[int, int] | None:
         return None  # the block layer is the host's; cgroup io accounting is not read yet
 
     async def attach_volume(self, name: str, volume: VolumeMount) -> None:
+        live = self._get(name)
+        await self._mount_volume(live.uuid, live.idmap, volume)
+
+    async def _mount_volume(self, uuid: str, idmap: IdMap | None, volume: VolumeMount) -> None:
         assert volume.target is not None
+        if idmap is not None:
+            await asyncio.to_thread(_hand_over, volume.host_path, idmap)
         ro = ["--readonly"] if volume.readonly else []
-        uuid = self._get(name).uuid
         await self._runtime("mount", *ro, uuid, str(volume.host_path), volume.target)
 
     async def detach_volume(self, name: str, volume: VolumeMount) -> None:
@@ -348,16 +428,19 @@ class ContainerEngine(ProcessEngine):
             await self._runtime("kill", "--all", uuid, "KILL", check=False)
             await live.exited.wait()
         await self._cleanup(uuid)
-        shutil.rmtree(self.state_dir(uuid), ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, self.state_dir(uuid), ignore_errors=True)
 
     async def _cleanup(self, uuid: str) -> None:
         await self._runtime("delete", "--force", uuid, check=False)
-        await asyncio.to_thread(self._unmount_rootfs, self.state_dir(uuid))
+        await asyncio.to_thread(self._unmount_rootfs, uuid)
 
     async def close(self) -> None:
         for live in self._live.values():
             self.unwatch_exit(live.pid)
         self._live.clear()
+        for fd in self._userns.values():
+            os.close(fd)
+        self._userns.clear()
 
     # -- guest access ------------------------------------------------------------------
 
@@ -559,14 +642,22 @@ def _plug_veth(pid: int, nic: NicPlan) -> None:
     )
 
 
-def _write_resolv_conf(upper: Path, text: str) -> None:
-    """Put /etc/resolv.conf into the overlay's upper layer before it is mounted."""
-    etc = upper / "etc"
-    etc.mkdir(parents=True, exist_ok=True)
-    target = etc / "resolv.conf"
-    if target.is_symlink():
-        target.unlink()
-    target.write_text(text)
+def _write_resolv_conf(rootfs: Path, text: str, state: ContainerState) -> None:
+    """/etc/resolv.conf as the container resolves it (its symlinks stay inside it), owned
+    by its root. A container that broke its own /etc keeps it broken: that is logged."""
+    owner = state.idmap.root if state.idmap is not None else (0, 0)
+    try:
+        replace_file(rootfs, "/etc/resolv.conf", text.encode(), mode=0o644, owner=owner)
+    except EngineError as exc:
+        log.warning("resolv.conf not written: %s", exc.message)
+
+
+def _hand_over(volume: Path, idmap: IdMap) -> None:
+    """A fresh filesystem volume (empty, host root's) becomes the container's root's, so
+    that it can write to it; a used one keeps its owners (see the README: volumes)."""
+    st = volume.lstat()
+    if (st.st_uid, st.st_gid) == (0, 0) and not any(volume.iterdir()):
+        os.lchown(volume, *idmap.root)
 
 
 def _runtime_error(stderr: bytes) -> str:
@@ -576,19 +667,3 @@ def _runtime_error(stderr: bytes) -> str:
         if line.startswith("error: "):
             return line[len("error: ") :]
     return text[-2000:] or "vz-runtime failed without saying why"
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_MNT_DETACH = 2
-
-
-def _mount(source: str, target: Path, fstype: str, options: str) -> None:
-    if _libc.mount(source.encode(), bytes(target), fstype.encode(), 0, options.encode()) < 0:
-        err = ctypes.get_errno()
-        raise EngineError(f"mount {fstype} on {target}: {os.strerror(err)}")
-
-
-def _unmount(target: Path) -> None:
-    if _libc.umount2(bytes(target), _MNT_DETACH) < 0:
-        err = ctypes.get_errno()
-        raise EngineError(f"unmount {target}: {os.strerror(err)}")
