@@ -7,7 +7,10 @@ Local users are played by ``setpriv`` as nobody, with no groups.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -309,3 +312,97 @@ def _no_stray_userns_helpers() -> Iterator[None]:
             with contextlib.suppress(OSError):
                 cmd = (proc / "cmdline").read_bytes()
                 assert not cmd.startswith(b"unshare\0--user\0--\0sh"), cmd
+
+
+# A raw socket, then an ICMP echo to argv[1] over a datagram socket (what iputils' ping
+# does without CAP_NET_RAW), as root and again as nobody:nogroup. Debian's busybox 1.35
+# ping in the minimal image has no datagram fallback, so the test brings its own.
+ICMP_PROBE = """
+#include <arpa/inet.h>
+#include <errno.h>
+#include <grp.h>
+#include <netinet/in.h>
+#include <netinet/ip_icmp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+static const char *echo(const char *to) {
+    int s = socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP);
+    if (s < 0) return errno == EACCES ? "EACCES" : strerror(errno);
+    struct sockaddr_in dst = {.sin_family = AF_INET};
+    inet_pton(AF_INET, to, &dst.sin_addr);
+    struct icmphdr req = {.type = ICMP_ECHO};
+    req.un.echo.sequence = htons(1);
+    if (sendto(s, &req, sizeof req, 0, (struct sockaddr *)&dst, sizeof dst) < 0)
+        return strerror(errno);
+    struct pollfd p = {.fd = s, .events = POLLIN};
+    if (poll(&p, 1, 10000) != 1) return "timeout";
+    struct icmphdr rep;
+    if (recv(s, &rep, sizeof rep, 0) < (int)sizeof rep) return strerror(errno);
+    return rep.type == ICMP_ECHOREPLY ? "reply" : "other";
+}
+
+int main(int argc, char **argv) {
+    int raw = socket(AF_INET, SOCK_RAW, IPPROTO_ICMP);
+    printf("raw=%s\\n", raw >= 0 ? "ok" : errno == EPERM ? "EPERM" : strerror(errno));
+    printf("root=%s\\n", echo(argv[1]));
+    if (setgroups(0, NULL) || setgid(65534) || setuid(65534)) return 2;
+    printf("nobody=%s\\n", echo(argv[1]));
+    return 0;
+}
+"""
+
+
+def test_no_raw_sockets_but_ping_works(netd: Daemon, tmp_path: Path) -> None:
+    """CAP_NET_RAW is gone (raw sockets: EPERM); an ICMP echo to the gateway still works
+    through a datagram socket, which net.ipv4.ping_group_range opens to every group of the
+    container. Unprivileged (the default) and privileged containers alike."""
+    c = netd.client()
+    probe = compile_static(tmp_path, "icmpprobe", ICMP_PROBE)
+    for name, privileged in (("pinger", False), ("ppinger", True)):
+        c.create_instance(
+            InstanceCreate.model_validate(
+                {"name": name, "type": "container", "security": {"privileged": privileged}}
+            )
+        )
+        gateway = c.get_network("vzbr0").gateway
+        c.push_file(name, "/icmpprobe", probe.read_bytes(), mode=0o755)
+        out = sh(c, name, f"/icmpprobe {gateway}").split()
+        assert out == ["raw=EPERM", "root=reply", "nobody=reply"], (name, out)
+        cap_eff = int(sh(c, name, "grep CapEff /proc/self/status").split()[1], 16)
+        assert not cap_eff & (1 << 13), "CAP_NET_RAW must be dropped"
+
+
+def test_resolv_conf_is_written_inside_the_container(netd: Daemon) -> None:
+    """A container whose /etc is a symlink to a path that exists on the host, and whose
+    resolv.conf is a symlink climbing out with ../..: vzd writes resolv.conf in the
+    container's own tree, and the host's files stay untouched."""
+    c = netd.client()
+    host_dir = Path(tempfile.mkdtemp(prefix="vzt-resolv-"))
+    try:
+        (host_dir / "x").write_text("host file\n")
+        (host_dir / "resolv.conf").symlink_to("x")
+        c.create_instance(InstanceCreate.model_validate({"name": "trap", "type": "container"}))
+        t = str(host_dir)
+        sh(
+            c,
+            "trap",
+            f"mkdir -p {t} && cp -a /etc/. {t}/ && rm -rf /etc && ln -s {t} /etc && "
+            f"rm -f {t}/resolv.conf && ln -s ../../../../{t.lstrip('/')}/x {t}/resolv.conf && "
+            f"echo container file > {t}/x",
+        )
+        c.restart("trap")
+        assert (host_dir / "x").read_text() == "host file\n"
+        assert os.readlink(host_dir / "resolv.conf") == "x"
+        assert sorted(p.name for p in host_dir.iterdir()) == ["resolv.conf", "x"]
+        gateway = str(c.get_network("vzbr0").gateway)
+        assert f"nameserver {gateway}" in sh(c, "trap", "cat /etc/resolv.conf")
+        # The container's own x is its own business: untouched as well.
+        assert sh(c, "trap", f"cat {t}/x") == "container file\n"
+    finally:
+        with contextlib.suppress(NotFound):
+            c.delete_instance("trap", force=True)
+        shutil.rmtree(host_dir, ignore_errors=True)
