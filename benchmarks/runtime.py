@@ -8,6 +8,11 @@ Measured from one busybox bundle, each runtime with its own --root, median of N 
 - crun run, inside ``unshare -m`` with /sys/fs/cgroup/unified unmounted: crun refuses the
   hybrid cgroup layout of this host otherwise (the unshare+umount cost is included, so
   crun's number is a little pessimistic).
+- vz-runtime run and runc run of the same container in a user namespace (as the container
+  engine runs them by default: root mapped to 1000000, a rootfs owned by that id), beside
+  their runs without one.
+
+Every bundle has the default device cgroup rules (deny all, then the OCI allow-list).
 
 Needs root, /bin/busybox, runc and crun (scripts/setup installs them). vz-runtime is the
 launcher scripts/setup writes to .venv/bin (python -IS), the way an engine would run it.
@@ -47,6 +52,24 @@ def make_bundle(root: Path) -> Path:
     return bundle
 
 
+USERNS_BASE = 1000000
+
+
+def make_userns_bundle(root: Path, bundle: Path) -> Path:
+    """The same container with a user namespace, its rootfs owned by the mapped root."""
+    dest = root / "bundle-userns"
+    shutil.copytree(bundle, dest, symlinks=True)
+    for path in [dest / "rootfs", *(dest / "rootfs").rglob("*")]:
+        os.lchown(path, USERNS_BASE, USERNS_BASE)
+    config = json.loads((dest / "config.json").read_text())
+    linux = config["linux"]
+    linux["namespaces"].append({"type": "user"})
+    mapping = [{"containerID": 0, "hostID": USERNS_BASE, "size": 65536}]
+    linux["uidMappings"] = linux["gidMappings"] = mapping
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    return dest
+
+
 def timed(fn: Callable[[str], None], runs: int, warmup: int = 3) -> float:
     """Median seconds of ``fn(container_id)``."""
     times: list[float] = []
@@ -77,6 +100,8 @@ def main() -> None:
     try:
         bundle = make_bundle(work)
         b = str(bundle)
+        work.chmod(0o711)  # the mapped root passes on its way to the rootfs
+        b_userns = str(make_userns_bundle(work, bundle))
         vz_root = str(work / "vz")
         results: dict[str, float] = {}
 
@@ -100,6 +125,10 @@ def main() -> None:
             return run
 
         results["vz-runtime run"] = timed(vz_run, args.runs)
+        results["vz-runtime run, user namespace"] = timed(
+            lambda cid: sh(VZ_RUNTIME, "--root", vz_root, "run", "--bundle", b_userns, cid),
+            args.runs,
+        )
         results["vz-runtime create+start+state+delete"] = timed(
             four([VZ_RUNTIME, "--root", vz_root]), args.runs
         )
@@ -111,6 +140,10 @@ def main() -> None:
             )
             results["runc create+start+state+delete"] = timed(
                 four([runc, "--root", runc_root]), args.runs
+            )
+            results["runc run, user namespace"] = timed(
+                lambda cid: sh(runc, "--root", runc_root, "run", "--bundle", b_userns, cid),
+                args.runs,
             )
         crun = shutil.which("crun")
         if crun:
@@ -134,6 +167,10 @@ def main() -> None:
         four_runc = results.get("runc create+start+state+delete")
         if four_runc:
             print(f"  four commands, like for like: {four_vz / four_runc:.2f}x runc")
+        userns_runc = results.get("runc run, user namespace")
+        if userns_runc:
+            vz_userns = results["vz-runtime run, user namespace"]
+            print(f"  user namespace, like for like: {vz_userns / userns_runc:.2f}x runc")
         print("targets: vz-runtime run <= 1.0x runc and <= 2.0x crun")
     finally:
         for rt_root in (work / "vz", work / "runc", work / "crun"):

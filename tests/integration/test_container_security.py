@@ -293,6 +293,8 @@ def test_fresh_volume_is_handed_to_the_container_root(vzd: Daemon, client: Clien
             )
         )
         sh(client, "vol", "echo hi > /data/f && stat -c %u /data/f | grep -x 0")
+        options = sh(client, "vol", "grep ' /data ' /proc/mounts").split()[3].split(",")
+        assert "nosuid" in options and "nodev" in options
         host_file = Path(client.get_volume("shared").path) / "f"
         assert host_file.stat().st_uid > 0
         r = as_nobody("cat", str(host_file))
