@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -165,10 +166,13 @@ class ContainerEngine(ProcessEngine):
         one and the overlay's work directory owned by the container's root."""
         perms.make_dir(sdir, perms.PRIVATE)
         for d in ("upper", *WORK_DIRS):
-            (sdir / d).mkdir(exist_ok=True)
-        if state.idmap is not None:
-            for d in ("upper", "work"):
-                os.chown(sdir / d, *state.idmap.root)
+            with contextlib.suppress(FileExistsError):
+                (sdir / d).mkdir()
+            # An imported archive's "upper" may be anything: chown must not follow a link.
+            if not stat.S_ISDIR(os.lstat(sdir / d).st_mode):
+                raise InvalidConfig(f"the container's {d!r} is not a directory")
+            if state.idmap is not None and d in ("upper", "work"):
+                os.lchown(sdir / d, *state.idmap.root)
 
     def _run_dir(self, uuid: str) -> Path:
         """Where the container's root is mounted: entered by vz-runtime as the container's

@@ -12,7 +12,9 @@ import pytest
 
 from vzkit.api.instances import Instance
 from vzkit.engines.container.engine import ContainerEngine
+from vzkit.engines.container.files import ContainerState
 from vzkit.engines.container.idmap import IdMap
+from vzkit.errors import InvalidConfig
 from vzkit.images.store import ImageStore
 from vzkit.settings import Settings
 
@@ -64,3 +66,18 @@ def test_privileged_config(tmp_path: Path, processes: int | None) -> None:
     assert {"type": "user"} not in linux["namespaces"] and "uidMappings" not in linux
     assert linux["sysctl"]["net.ipv4.ping_group_range"] == "0 2147483647"
     assert linux["resources"]["pids"] == {"limit": processes or 2048}
+
+
+def test_make_dirs_refuses_a_linked_upper_layer(tmp_path: Path) -> None:
+    """An imported archive's instance/upper as a symlink: never followed, refused."""
+    sdir, target = tmp_path / "sdir", tmp_path / "elsewhere"
+    sdir.mkdir()
+    target.mkdir(mode=0o755)
+    (sdir / "upper").symlink_to(target)
+    with pytest.raises(InvalidConfig, match="'upper' is not a directory"):
+        ContainerEngine.make_dirs(sdir, ContainerState(lower="/x", idmap=None))
+    assert target.stat().st_mode & 0o777 == 0o755 and list(target.iterdir()) == []
+    (sdir / "upper").unlink()
+    ContainerEngine.make_dirs(sdir, ContainerState(lower="/x", idmap=None))
+    assert sorted(p.name for p in sdir.iterdir()) == ["bundle", "upper", "work"]
+    assert sdir.stat().st_mode & 0o777 == 0o700
