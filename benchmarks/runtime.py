@@ -1,18 +1,17 @@
 """vz-runtime against runc and crun: create+start+wait+delete of /bin/true, whole processes.
 
-Measured from one busybox bundle, each runtime with its own --root, median of N runs:
+Measured from busybox bundles made by ``vz-runtime spec`` (its default config: namespaces,
+seccomp, masked paths, and the default device rules, which vz-runtime applies: deny all
+but null, zero, full, random, urandom, tty, console, ptmx and pts), each runtime with its
+own --root, median of N runs:
 
 - vz-runtime run                     (one process: the fast path)
 - vz-runtime create/start/(wait)/delete   (four processes, as a container engine drives it)
-- runc run
+- vz-runtime run, user namespace     (uid/gid maps: the user-namespace path)
+- runc run, and runc run with the same user-namespace bundle
 - crun run, inside ``unshare -m`` with /sys/fs/cgroup/unified unmounted: crun refuses the
   hybrid cgroup layout of this host otherwise (the unshare+umount cost is included, so
   crun's number is a little pessimistic).
-- vz-runtime run and runc run of the same container in a user namespace (as the container
-  engine runs them by default: root mapped to 1000000, a rootfs owned by that id), beside
-  their runs without one.
-
-Every bundle has the default device cgroup rules (deny all, then the OCI allow-list).
 
 Needs root, /bin/busybox, runc and crun (scripts/setup installs them). vz-runtime is the
 launcher scripts/setup writes to .venv/bin (python -IS), the way an engine would run it.
@@ -24,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -33,13 +31,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 VZ_RUNTIME = shutil.which("vz-runtime", path=str(Path(sys.executable).parent)) or "vz-runtime"
 
 
-def make_bundle(root: Path) -> Path:
-    bundle = root / "bundle"
+def make_bundle(root: Path, name: str = "bundle", userns: bool = False) -> Path:
+    bundle = root / name
     rootfs = bundle / "rootfs"
     for d in ("bin", "proc", "dev", "sys", "tmp", "etc"):
         (rootfs / d).mkdir(parents=True)
@@ -50,54 +48,111 @@ def make_bundle(root: Path) -> Path:
     config = json.loads((bundle / "config.json").read_text())
     config["process"]["terminal"] = False
     config["process"]["args"] = ["/bin/true"]
+    if userns:
+        _user_namespace(config)
     (bundle / "config.json").write_text(json.dumps(config, indent=2))
     return bundle
 
 
-USERNS_BASE = 1000000
-
-
-def make_userns_bundle(root: Path, bundle: Path) -> Path:
-    """The same container with a user namespace, its rootfs owned by the mapped root."""
-    dest = root / "bundle-userns"
-    shutil.copytree(bundle, dest, symlinks=True)
-    for path in [dest / "rootfs", *(dest / "rootfs").rglob("*")]:
-        os.lchown(path, USERNS_BASE, USERNS_BASE)
-    config = json.loads((dest / "config.json").read_text())
+def _user_namespace(config: dict[str, Any]) -> None:
+    """Root of the container mapped to host uid/gid 100000 (65536 ids)."""
     linux = config["linux"]
     linux["namespaces"].append({"type": "user"})
-    mapping = [{"containerID": 0, "hostID": USERNS_BASE, "size": 65536}]
-    linux["uidMappings"] = linux["gidMappings"] = mapping
-    (dest / "config.json").write_text(json.dumps(config, indent=2))
-    return dest
+    for key in ("uidMappings", "gidMappings"):
+        linux[key] = [{"containerID": 0, "hostID": 100_000, "size": 65_536}]
+    # As runc's rootless spec: the host's /sys bound, no cgroupfs, no gid=5 devpts.
+    for m in config["mounts"]:
+        if m["destination"] == "/sys":
+            m.update(type="none", source="/sys", options=["rbind", "nosuid", "noexec", "ro"])
+        if m["destination"] == "/dev/pts":
+            m["options"] = [o for o in m["options"] if o != "gid=5"]
+    config["mounts"] = [m for m in config["mounts"] if m["destination"] != "/sys/fs/cgroup"]
 
 
-class Timing(NamedTuple):
-    wall: float  # median seconds
-    cpu: float  # mean CPU seconds (user + system) of the processes the run waited for
-
-
-def timed(fn: Callable[[str], None], runs: int, warmup: int = 3) -> Timing:
-    """Median wall time of ``fn(container_id)``, and its mean CPU time: on a loaded
-    machine the wall time says more about the neighbours than about the runtime. (CPU
-    counts reaped processes: an init that ``create`` reparents away is not among them.)"""
-    times: list[float] = []
-    cpu = 0.0
+def timed(fns: dict[str, Callable[[str], None]], runs: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of each ``fn(container_id)``. The runtimes take turns, one run each
+    per round (in reverse order every other round), so that a load that comes and goes on
+    a shared machine falls on all of them alike instead of on whichever ran then."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + runs):
-        cid = f"bench-{os.getpid()}-{i}"
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        fn(cid)
-        elapsed = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if i >= warmup:
-            times.append(elapsed)
-            cpu += after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return Timing(statistics.median(times), cpu / runs)
+        order = list(fns.items())
+        for k, (name, fn) in enumerate(order if i % 2 else order[::-1]):
+            cid = f"bench-{os.getpid()}-{i}-{k if i % 2 else len(order) - 1 - k}"
+            start = time.perf_counter()
+            fn(cid)
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, stdin=subprocess.DEVNULL)
+
+
+def _four(base: list[str], bundle: str) -> Callable[[str], None]:
+    def run(cid: str) -> None:
+        sh(*base, "create", "--bundle", bundle, cid)
+        sh(*base, "start", cid)
+        # The init is not our child: wait as an engine would, by polling the state.
+        while (
+            '"stopped"'
+            not in subprocess.run(
+                [*base, "state", cid], capture_output=True, text=True, check=True
+            ).stdout
+        ):
+            time.sleep(0.0005)
+        sh(*base, "delete", cid)
+
+    return run
+
+
+def _run(base: list[str], bundle: str) -> Callable[[str], None]:
+    return lambda cid: sh(*base, "run", "--bundle", bundle, cid)
+
+
+def _commands(work: Path, b: str, b_userns: str) -> dict[str, Callable[[str], None]]:
+    vz = [VZ_RUNTIME, "--root", str(work / "vz")]
+    fns: dict[str, Callable[[str], None]] = {
+        "vz-runtime run": _run(vz, b),
+        "vz-runtime run, user namespace": _run(vz, b_userns),
+        "vz-runtime create+start+state+delete": _four(vz, b),
+    }
+    runc = shutil.which("runc")
+    if runc:
+        runc_cmd = [runc, "--root", str(work / "runc")]
+        fns["runc run"] = _run(runc_cmd, b)
+        fns["runc run, user namespace"] = _run(runc_cmd, b_userns)
+        fns["runc create+start+state+delete"] = _four(runc_cmd, b)
+    crun = shutil.which("crun")
+    if crun:
+        script = f"umount /sys/fs/cgroup/unified; exec {crun} --root {work / 'crun'} run"
+        fns["crun run"] = lambda cid: sh(
+            "unshare", "-m", "sh", "-c", f"{script} --bundle {b} {cid}"
+        )
+    return fns
+
+
+def _report(results: dict[str, float], runs: int) -> None:
+    base_runc = results.get("runc run")
+    base_crun = results.get("crun run")
+    print(f"create+start+wait+delete of /bin/true, median of {runs}")
+    for name, t in results.items():
+        ratios = []
+        if base_runc:
+            ratios.append(f"{t / base_runc:.2f}x runc")
+        if base_crun:
+            ratios.append(f"{t / base_crun:.2f}x crun")
+        print(f"  {name:<40} {t * 1000:7.1f} ms   {'  '.join(ratios)}")
+    four_runc = results.get("runc create+start+state+delete")
+    if four_runc:
+        four_vz = results["vz-runtime create+start+state+delete"]
+        print(f"  four commands, like for like: {four_vz / four_runc:.2f}x runc")
+    userns_runc = results.get("runc run, user namespace")
+    if userns_runc:
+        vz_userns = results["vz-runtime run, user namespace"]
+        print(f"  user namespace, like for like: {vz_userns / userns_runc:.2f}x runc")
+    print("targets: vz-runtime run <= 1.0x runc and <= 2.0x crun")
 
 
 def main() -> None:
@@ -107,86 +162,14 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("benchmarks/runtime.py needs root")
     work = Path(tempfile.mkdtemp(prefix="vz-runtime-bench-"))
+    work.chmod(0o755)  # the user namespace's root (host uid 100000) must reach its rootfs
     # vz-runtime's default cgroup parent: removed after if this run made it (and it is
     # empty: rmdir refuses a cgroup something else still uses).
     parents_before = set(Path("/sys/fs/cgroup").glob("*/vz-runtime"))
     try:
-        bundle = make_bundle(work)
-        b = str(bundle)
-        work.chmod(0o711)  # the mapped root passes on its way to the rootfs
-        b_userns = str(make_userns_bundle(work, bundle))
-        vz_root = str(work / "vz")
-        results: dict[str, Timing] = {}
-
-        def vz_run(cid: str) -> None:
-            sh(VZ_RUNTIME, "--root", vz_root, "run", "--bundle", b, cid)
-
-        def four(base: list[str]) -> Callable[[str], None]:
-            def run(cid: str) -> None:
-                sh(*base, "create", "--bundle", b, cid)
-                sh(*base, "start", cid)
-                # The init is not our child: wait as an engine would, by polling the state.
-                while (
-                    '"stopped"'
-                    not in subprocess.run(
-                        [*base, "state", cid], capture_output=True, text=True, check=True
-                    ).stdout
-                ):
-                    time.sleep(0.0005)
-                sh(*base, "delete", cid)
-
-            return run
-
-        results["vz-runtime run"] = timed(vz_run, args.runs)
-        results["vz-runtime run, user namespace"] = timed(
-            lambda cid: sh(VZ_RUNTIME, "--root", vz_root, "run", "--bundle", b_userns, cid),
-            args.runs,
-        )
-        results["vz-runtime create+start+state+delete"] = timed(
-            four([VZ_RUNTIME, "--root", vz_root]), args.runs
-        )
-        runc = shutil.which("runc")
-        if runc:
-            runc_root = str(work / "runc")
-            results["runc run"] = timed(
-                lambda cid: sh(runc, "--root", runc_root, "run", "--bundle", b, cid), args.runs
-            )
-            results["runc create+start+state+delete"] = timed(
-                four([runc, "--root", runc_root]), args.runs
-            )
-            results["runc run, user namespace"] = timed(
-                lambda cid: sh(runc, "--root", runc_root, "run", "--bundle", b_userns, cid),
-                args.runs,
-            )
-        crun = shutil.which("crun")
-        if crun:
-            crun_root = str(work / "crun")
-            script = f"umount /sys/fs/cgroup/unified; exec {crun} --root {crun_root} run"
-            results["crun run"] = timed(
-                lambda cid: sh("unshare", "-m", "sh", "-c", f"{script} --bundle {b} {cid}"),
-                args.runs,
-            )
-        base_runc = results.get("runc run")
-        base_crun = results.get("crun run")
-        print(f"create+start+wait+delete of /bin/true, median of {args.runs} (CPU: mean)")
-        for name, t in results.items():
-            ratios = []
-            if base_runc:
-                ratios.append(f"{t.wall / base_runc.wall:.2f}x runc")
-            if base_crun:
-                ratios.append(f"{t.wall / base_crun.wall:.2f}x crun")
-            print(f"  {name:<40} {t.wall * 1000:7.1f} ms   {'  '.join(ratios):<24}"
-                  f"CPU {t.cpu * 1000:6.1f} ms")  # fmt: skip
-        pairs = {
-            "four commands": "create+start+state+delete",
-            "user namespace": "run, user namespace",
-        }
-        for label, row in pairs.items():
-            vz, peer = results[f"vz-runtime {row}"], results.get(f"runc {row}")
-            if peer:
-                print(f"  {label}, like for like: {vz.wall / peer.wall:.2f}x runc "
-                      f"(CPU {vz.cpu / peer.cpu:.2f}x)")  # fmt: skip
-        print("targets: vz-runtime run <= 1.0x runc and <= 2.0x crun")
+        b = str(make_bundle(work))
+        b_userns = str(make_bundle(work, "bundle-userns", userns=True))
+        _report(timed(_commands(work, b, b_userns), args.runs), args.runs)
     finally:
         for rt_root in (work / "vz", work / "runc", work / "crun"):
             if rt_root.is_dir():

@@ -18,9 +18,9 @@ and unit tests can use a plain directory laid out like cgroupfs.
 from __future__ import annotations
 
 import errno
-import os
 import time
 
+from vzkit_runtime import _os as os
 from vzkit_runtime.errors import Conflict, EngineError, HostUnsupported, InvalidConfig
 
 TYPE_CHECKING = False

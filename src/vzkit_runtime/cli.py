@@ -14,9 +14,9 @@ binaries (files.py).
 
 from __future__ import annotations
 
-import os
 import sys
 
+from vzkit_runtime import _os as os
 from vzkit_runtime import jsonfast as json
 from vzkit_runtime.errors import HostUnsupported, InvalidConfig, VzRuntimeError
 from vzkit_runtime.state import DEFAULT_ROOT

@@ -8,11 +8,11 @@ name as the payload. The caller then owns the terminal; the runtime keeps nothin
 from __future__ import annotations
 
 import fcntl
-import os
 import socket
 import struct
 import termios
 
+from vzkit_runtime import _os as os
 from vzkit_runtime.errors import EngineError, InvalidConfig
 
 

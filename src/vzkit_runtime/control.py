@@ -7,12 +7,10 @@ cannot outrun the kill: a frozen task cannot fork, and it dies once thawed.
 
 from __future__ import annotations
 
-import os
-
+from vzkit_runtime import _os as os
 from vzkit_runtime import cgroups
-from vzkit_runtime import jsonfast as json
 from vzkit_runtime.errors import EngineError, InvalidConfig, NotFound, StateError
-from vzkit_runtime.runtime import kill_and_reap, noop, stored_hooks
+from vzkit_runtime.runtime import noop, remove, stored_hooks
 from vzkit_runtime.state import State, container_dir, load, remove_tree
 
 TYPE_CHECKING = False
@@ -95,35 +93,6 @@ def delete(root: str, container_id: str, *, force: bool = False, warn: Warn = no
             hint="stop it first (kill), or use delete --force",
         )
     remove(st, status, stored_hooks(st), warn)
-
-
-def remove(st: State, status: str, hooks: Json, warn: Warn) -> None:
-    """Kill what still runs, remove the cgroup and the state, run the poststop hooks."""
-    state_json = json.dumps(st.oci("stopped")).encode() if hooks.get("poststop") else b""
-    group = cgroups.Cgroup.from_record(st.data)
-    if status != "stopped" and st.pid:
-        if group is not None:
-            # Frozen while signalled (a paused container included), then thawed to die.
-            cgroups.kill_all(group)
-        kill_and_reap(st.pid)
-    elif st.pid:
-        # Under run, the init is our child: reap it so no zombie outlives us.
-        try:
-            os.waitpid(st.pid, os.WNOHANG)
-        except (ChildProcessError, OSError):
-            pass
-    # rmdir alone on the fast path; processes the init left (the kernel kills them with
-    # it, but they may still be exiting) or child cgroups need the full removal.
-    if group is not None and not cgroups.remove(group):
-        cgroups.destroy(group)
-    remove_tree(st.cdir)
-    for hook in hooks.get("poststop") or []:
-        from vzkit_runtime.hooks import run_hooks
-
-        try:
-            run_hooks("poststop", [hook], state_json)
-        except EngineError as exc:
-            warn(exc.message)
 
 
 def pause(root: str, container_id: str, frozen: bool = True) -> None:

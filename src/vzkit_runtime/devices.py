@@ -25,8 +25,7 @@ exception may deny any of it.
 
 from __future__ import annotations
 
-import os
-
+from vzkit_runtime import _os as os
 from vzkit_runtime.errors import EngineError, HostUnsupported, InvalidConfig
 
 TYPE_CHECKING = False

@@ -4,8 +4,7 @@ process settings unless overridden."""
 
 from __future__ import annotations
 
-import os
-
+from vzkit_runtime import _os as os
 from vzkit_runtime import jsonfast as json
 from vzkit_runtime.errors import EngineError, InvalidConfig, StateError
 from vzkit_runtime.runtime import Reader, kill_and_reap, seccomp_program, spawn, wait_child

@@ -23,9 +23,9 @@ the helper is not limited by the container's device cgroup, so it opens none). W
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found,unused-ignore]  # signal's enums cost ms
-import os
-import stat
+import _stat as stat
 
+from vzkit_runtime import _os as os
 from vzkit_runtime import jsonfast as json
 from vzkit_runtime.errors import InvalidConfig, NotFound, StateError
 from vzkit_runtime.nsjoin import in_container, live

@@ -7,9 +7,9 @@ namespaces between fork and exec, which subprocess cannot do.
 
 from __future__ import annotations
 
-import os
 import time
 
+from vzkit_runtime import _os as os
 from vzkit_runtime.errors import EngineError
 
 TYPE_CHECKING = False

@@ -23,8 +23,7 @@ returns to the caller: every path ends in execve or os._exit.
 
 from __future__ import annotations
 
-import os
-
+from vzkit_runtime import _os as os
 from vzkit_runtime import jsonfast as json
 from vzkit_runtime.errors import EngineError, InvalidConfig, VzRuntimeError
 from vzkit_runtime.spec import DEFAULT_PATH
@@ -243,8 +242,6 @@ def preload(ctx: InitContext) -> None:
 
     syscalls.libc()
     caps.last_cap()
-    if ctx.process.get("rlimits"):
-        import resource  # noqa: F401
     if (ctx.spec.get("linux") or {}).get("seccomp") and ctx.seccomp_bpf is None:
         from vzkit_runtime import seccomp
 
@@ -532,32 +529,23 @@ def find_executable(name: str, path: str) -> str:
     )
 
 
-_RLIM_INFINITY_OCI = 2**64 - 1
-
-
 def set_rlimit(rl: dict[str, Any]) -> None:
-    import resource
+    from vzkit_runtime import syscalls as sc
 
     name = str(rl.get("type", ""))
-    num = getattr(resource, name, None) if name.startswith("RLIMIT_") else None
-    if not isinstance(num, int):
+    num = sc.RLIMITS.get(name)
+    if num is None:
         raise InvalidConfig(f"unknown rlimit type {name!r}", hint="use names like RLIMIT_NOFILE")
-
-    def conv(v: Any) -> int:
-        v = int(v)
-        return resource.RLIM_INFINITY if v >= 2**63 else v
-
-    soft, hard = conv(rl.get("soft", 0)), conv(rl.get("hard", 0))
     try:
-        resource.setrlimit(num, (soft, hard))
-    except (ValueError, OSError) as exc:
-        cur_hard = resource.getrlimit(num)[1]
-        shown = "unlimited" if cur_hard == resource.RLIM_INFINITY else str(cur_hard)
+        sc.setrlimit(num, int(rl.get("soft", 0)), int(rl.get("hard", 0)), name)
+    except sc.SyscallError as exc:
+        cur_hard = sc.getrlimit(num)[1]
+        shown = "unlimited" if cur_hard == sc.RLIM_INFINITY else str(cur_hard)
         raise EngineError(
             f"setrlimit {name} soft={rl.get('soft')} hard={rl.get('hard')}: "
-            f"{getattr(exc, 'strerror', None) or exc}",
+            f"{os.strerror(exc.errno)}",
             hint=(
-                f"raising a hard limit needs CAP_SYS_RESOURCE, which this host lacks; "
+                "raising a hard limit needs CAP_SYS_RESOURCE, which this host lacks; "
                 f"keep the hard limit <= the current {shown}"
             ),
         ) from None

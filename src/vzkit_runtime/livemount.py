@@ -30,10 +30,10 @@ Imports stdlib + ctypes only, and only ``mount``/``umount`` import this module.
 
 from __future__ import annotations
 
+import _stat as stat
 import errno
-import os
-import stat
 
+from vzkit_runtime import _os as os
 from vzkit_runtime import syscalls as sc
 from vzkit_runtime.errors import Conflict, InvalidConfig, NotFound, StateError
 from vzkit_runtime.nsjoin import in_container, live

@@ -29,10 +29,10 @@ Imports stdlib + ctypes only: this runs in ``vz-runtime``'s container init.
 
 from __future__ import annotations
 
+import _stat as stat
 import errno
-import os
-import stat
 
+from vzkit_runtime import _os as os
 from vzkit_runtime import syscalls as sc
 from vzkit_runtime.errors import InvalidConfig
 from vzkit_runtime.syscalls import SyscallError
@@ -125,7 +125,6 @@ _DEV_TMPFS = {
     "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
 }
 
-_MAX_SYMLINKS = 255
 
 #: /proc/self/mountinfo as prepare_rootfs found it (the init runs it once).
 _host_mounts: list[dict[str, str]] | None = None
@@ -197,39 +196,10 @@ def resolve_in_root(root: str | os.PathLike[str], path: str) -> str:
     reach the host. Components that do not exist are kept as written.
     """
     base = os.path.abspath(root)
-    pending = path.split("/")
-    pending.reverse()
-    parts: list[str] = []
-    links = 0
-    while pending:
-        name = pending.pop()
-        if name in ("", "."):
-            continue
-        if name == "..":
-            if parts:
-                parts.pop()
-            continue
-        full = os.path.join(base, *parts, name)
-        try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            parts.append(name)
-            continue
-        except NotADirectoryError:
-            raise SyscallError("resolve", errno.ENOTDIR, f"{path} in {base}") from None
-        if not stat.S_ISLNK(st.st_mode):
-            parts.append(name)
-            continue
-        links += 1
-        if links > _MAX_SYMLINKS:
-            raise SyscallError("resolve", errno.ELOOP, f"{path} in {base}")
-        target = os.readlink(full)
-        if target.startswith("/"):
-            parts.clear()
-        more = target.split("/")
-        more.reverse()
-        pending.extend(more)
-    return os.path.join(base, *parts)
+    try:
+        return os.resolve(base, path, strict=True)
+    except OSError as exc:
+        raise SyscallError("resolve", exc.errno or errno.EIO, f"{path} in {base}") from None
 
 
 def _within(root: str, path: str) -> bool:

@@ -14,8 +14,7 @@ cannot lead back to the host.
 
 from __future__ import annotations
 
-import os
-
+from vzkit_runtime import _os as os
 from vzkit_runtime import jsonfast as json
 from vzkit_runtime.errors import EngineError, StateError, VzRuntimeError
 from vzkit_runtime.state import load

@@ -15,8 +15,7 @@ does. Device rules are :mod:`devices`' business.
 
 from __future__ import annotations
 
-import os
-
+from vzkit_runtime import _os as os
 from vzkit_runtime.cgroups import read, write
 from vzkit_runtime.errors import HostUnsupported, InvalidConfig
 

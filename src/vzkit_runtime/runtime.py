@@ -1,13 +1,13 @@
-"""The OCI lifecycle's core: create, start and run (create + start + wait + delete).
-kill, delete, pause, update and ps are in control.py, exec in execute.py. Library code:
-raises the runtime's errors, never prints or exits.
+"""The OCI lifecycle's core: create, start, run (create + start + wait + delete) and the
+removal of what create made. kill, delete, pause, update and ps are in control.py, exec in
+execute.py. Library code: raises the runtime's errors, never prints or exits.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
+from vzkit_runtime import _os as os
 from vzkit_runtime import jsonfast as json
 from vzkit_runtime import spec as oci
 from vzkit_runtime.errors import Conflict, EngineError, HostUnsupported, InvalidConfig, StateError
@@ -514,22 +514,29 @@ def _start(st: State, hooks: Json, warn: Warn) -> None:
 
 
 def _await_init(fd: int, st: State) -> None:
-    """Read the init's byte from the fifo: it opened the write side and is about to exec."""
+    """Read the init's byte from the fifo: it opened the write side and is about to exec.
+
+    select() wakes us when the byte arrives (a fifo nobody has opened for writing yet
+    does not count as readable), so there is no polling; the timeout is only for
+    noticing an init that died before it opened its end."""
+    import select
+
     deadline = time.monotonic() + _START_TIMEOUT_S
     while True:
-        try:
-            if os.read(fd, 1):
+        data = None
+        if select.select([fd], [], [], 0.05)[0]:
+            try:
+                data = os.read(fd, 1)
+            except BlockingIOError:
+                pass
+            if data:
                 return
-            # No writer yet (it is just waking up), or the init died.
-            if not alive(st.pid, int(st.data.get("startTime", -1))):
-                raise EngineError(f"container {st.id!r} init exited before it could start")
-            time.sleep(0.0001)
-        except BlockingIOError:
-            import select
-
-            select.select([fd], [], [], 0.1)
+        if not alive(st.pid, int(st.data.get("startTime", -1))):
+            raise EngineError(f"container {st.id!r} init exited before it could start")
         if time.monotonic() > deadline:
             raise EngineError(f"container {st.id!r} init did not answer start in time")
+        if data == b"":
+            time.sleep(0.001)  # a writer came and went without a word: not the init
 
 
 def stored_hooks(st: State) -> Json:
@@ -591,7 +598,6 @@ def run(
     warn: Warn = noop,
 ) -> int:
     """create + start + wait + delete in one process; returns the process' exit code."""
-    from vzkit_runtime import control
     from vzkit_runtime import syscalls as sc
 
     if not detach:
@@ -612,7 +618,7 @@ def run(
     try:
         _start(st, hooks, warn)
     except BaseException:
-        control.delete(root, container_id, force=True, warn=warn)
+        remove(st, st.status(), hooks, warn)
         raise
     if detach:
         return 0
@@ -621,5 +627,36 @@ def run(
     finally:
         if not keep:
             # Stopped once wait_child has reaped the init; anything else if interrupted.
-            control.remove(st, st.status(), hooks, warn)
+            remove(st, st.status(), hooks, warn)
     return code
+
+
+def remove(st: State, status: str, hooks: Json, warn: Warn) -> None:
+    """Kill what still runs, remove the cgroup and the state, run the poststop hooks."""
+    from vzkit_runtime import cgroups
+
+    state_json = json.dumps(st.oci("stopped")).encode() if hooks.get("poststop") else b""
+    group = cgroups.Cgroup.from_record(st.data)
+    if status != "stopped" and st.pid:
+        if group is not None:
+            # Frozen while signalled (a paused container included), then thawed to die.
+            cgroups.kill_all(group)
+        kill_and_reap(st.pid)
+    elif st.pid:
+        # Under run, the init is our child: reap it so no zombie outlives us.
+        try:
+            os.waitpid(st.pid, os.WNOHANG)
+        except (ChildProcessError, OSError):
+            pass
+    # rmdir alone on the fast path; processes the init left (the kernel kills them with
+    # it, but they may still be exiting) or child cgroups need the full removal.
+    if group is not None and not cgroups.remove(group):
+        cgroups.destroy(group)
+    remove_tree(st.cdir)
+    for hook in hooks.get("poststop") or []:
+        from vzkit_runtime.hooks import run_hooks
+
+        try:
+            run_hooks("poststop", [hook], state_json)
+        except EngineError as exc:
+            warn(exc.message)

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
 
+from vzkit_runtime import _os as os
 from vzkit_runtime.errors import HostUnsupported, InvalidConfig
 from vzkit_runtime.syscalls import (
     CLONE_NEWCGROUP,

@@ -6,8 +6,7 @@ config.json has many optional, extensible parts that the runtime passes through 
 
 from __future__ import annotations
 
-import os
-
+from vzkit_runtime import _os as os
 from vzkit_runtime import jsonfast as json
 from vzkit_runtime.errors import Conflict, InvalidConfig, NotFound
 

@@ -7,8 +7,7 @@ so a crashed runtime or a reboot cannot leave a stale "running" behind.
 
 from __future__ import annotations
 
-import os
-
+from vzkit_runtime import _os as os
 from vzkit_runtime import jsonfast as json
 from vzkit_runtime.errors import NotFound
 from vzkit_runtime.spec import OCI_VERSION

@@ -11,8 +11,8 @@ reads like ``mount(proc on /proc): Operation not permitted``.
 from __future__ import annotations
 
 import errno as _errno
-import os
 
+from vzkit_runtime import _os as os
 from vzkit_runtime import ffi
 from vzkit_runtime.errors import EngineError
 
@@ -218,6 +218,8 @@ class Libc:
         self.setdomainname = lib.function("setdomainname", (path, size))
         self.prctl = lib.function("prctl", (num,) + (ffi.c_ulong,) * 4)
         # Buffers (struct pointers) and the variadic syscall(2): arguments as given.
+        self.setrlimit = lib.function("setrlimit")
+        self.getrlimit = lib.function("getrlimit")
         self.capget = lib.function("capget")
         self.capset = lib.function("capset")
         self.syscall = lib.function("syscall", None, ffi.c_long)
@@ -378,6 +380,30 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     """prctl(2); returns the call's non-negative result."""
     ret: int = libc().prctl(option, arg2, arg3, arg4, arg5)
     return _check(ret, "prctl", f"option {option}, {arg2}")
+
+
+#: OCI process.rlimits types -> resource numbers (the generic Linux ones: x86, arm).
+RLIMITS = {
+    f"RLIMIT_{name}": i
+    for i, name in enumerate(
+        ("CPU", "FSIZE", "DATA", "STACK", "CORE", "RSS", "NPROC", "NOFILE", "MEMLOCK", "AS",
+         "LOCKS", "SIGPENDING", "MSGQUEUE", "NICE", "RTPRIO", "RTTIME")
+    )
+}  # fmt: skip
+RLIM_INFINITY = 2**64 - 1
+
+
+def setrlimit(resource: int, soft: int, hard: int, name: str) -> None:
+    """setrlimit(2); limits of 2**63 and above are infinity (OCI writes 2**64-1)."""
+    limits = b"".join(min(v, RLIM_INFINITY).to_bytes(8, "little") for v in (soft, hard))
+    _check(libc().setrlimit(ffi.c_int(resource), ffi.buffer(limits)), "setrlimit", name)
+
+
+def getrlimit(resource: int) -> tuple[int, int]:
+    buf = ffi.buffer(16)
+    _check(libc().getrlimit(ffi.c_int(resource), buf), "getrlimit", str(resource))
+    raw = buf.raw
+    return int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
 
 
 def _cap_header(pid: int) -> Any:

@@ -239,7 +239,7 @@ def test_endless_chunked_body_on_the_unix_socket_is_cut_and_memory_stays_bounded
     assert status == 413, (status, body[:300])
     err = _error(body)
     assert err["code"] == "too_large" and "VZ_MAX_BODY" in err["hint"], err
-    assert d.client().server_info()["auth"] == "trusted"  # and it still serves
+    assert d.client().server_info().auth == "trusted"  # and it still serves
 
 
 def test_unauthenticated_join_with_a_huge_body_is_refused_before_it_is_read(
@@ -314,7 +314,7 @@ def test_slow_headers_and_slow_bodies_are_cut_at_their_timeouts(limited: Limited
     # Over TLS, a connection that completed its handshake but sends nothing is closed.
     with _tls(limited, "127.0.0.8") as sock:
         assert _closed(sock)
-    assert d.client().server_info()["auth"] == "trusted"
+    assert d.client().server_info().auth == "trusted"
 
 
 def test_half_open_tls_connections_are_capped_per_address_and_time_out(
@@ -366,7 +366,7 @@ def test_join_and_probe_are_rate_limited_for_unauthenticated_callers(limited: Li
     )
     assert call("127.0.0.3", authed)[0] == 200
     assert call("127.0.0.4", probe)[0] == 200
-    assert limited.d.client().server_info()["auth"] == "trusted"
+    assert limited.d.client().server_info().auth == "trusted"
 
     junk = b'{"token": "x", "csr": "y"}'
     join = (
@@ -498,4 +498,4 @@ def test_uploads_stop_while_the_state_dir_keeps_its_free_space(
         assert not list(d.settings.instances_dir.glob(".import-*"))
     assert c.list_instances() == []
     # Calls that store nothing are not affected.
-    assert c.server_info()["auth"] == "trusted"
+    assert c.server_info().auth == "trusted"

@@ -98,7 +98,7 @@ def test_without_credentials_only_the_version_probe(tls: tuple[Daemon, str]) -> 
     # A refused mutating call is audited, with who tried.
     refused = [a for a in _audit(d) if a["path"] == "/1.0/daemon/shutdown"]
     assert refused and refused[-1]["caller"] == "anonymous" and refused[-1]["status"] == 401
-    assert d.client().server_info()["auth"] == "trusted"  # the local socket is unaffected
+    assert d.client().server_info().auth == "trusted"  # the local socket is unaffected
 
 
 def test_join_token_issues_a_certificate_that_works_until_removed(
@@ -165,7 +165,8 @@ def _load(tmp_path: Path, name: str) -> Remote:
 def test_bearer_token_and_pinned_fingerprint(tls: tuple[Daemon, str], tmp_path: Path) -> None:
     d, address = tls
     created = d.client().add_trust("ci", "token")
-    fp = d.client().server_config()["ca_fingerprint"]
+    fp = d.client().server_config().ca_fingerprint
+    assert fp is not None
     # Plain HTTPS with the header, as curl would.
     hdr = {"Authorization": f"Bearer {created.token}"}
     status, body = _https(d, address, "GET", "/1.0/instances", headers=hdr)
@@ -253,7 +254,7 @@ def test_listen_address_bad_input_live_change_and_restart(tls: tuple[Daemon, str
     assert r.returncode == 1 and b"in use" in r.stderr
     # After each refusal the old listener still answers.
     assert _https(d, address, "GET", "/1.0")[0] == 200
-    assert d.client().server_config()["listen"] == address
+    assert d.client().server_config().listen == address
 
     # The address survives a restart of vzd.
     d.stop()

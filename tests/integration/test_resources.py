@@ -30,7 +30,7 @@ def cgroup_of(pid: int, controller: str) -> Path:
 
 
 def test_qemu_gets_its_own_cgroup_with_limits(vzd: Daemon, client: Client) -> None:
-    if len(client.host_info()["cpu_affinity"]) < 2:
+    if len(client.host_info().cpu_affinity) < 2:
         pytest.skip("needs two host CPUs to test pinning")
     client.create_instance(
         InstanceCreate.model_validate(

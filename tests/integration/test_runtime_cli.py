@@ -68,6 +68,7 @@ class Runtime:
     def new_id(self) -> str:
         cid = f"t-{uuid.uuid4().hex[:10]}"
         self.ids.add(cid)
+        CREATED.add(cid)
         return cid
 
     def cleanup(self) -> None:
@@ -79,12 +80,17 @@ class Runtime:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+#: Every container id this test session made: the leftover check looks for these only (other
+#: sessions on the same host make containers of their own meanwhile).
+CREATED: set[str] = set()
+
+
 def _runtime_parents() -> set[Path]:
     return set(CGROUP_ROOT.glob("*/vz-runtime"))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _leave_nothing_behind() -> Iterator[None]:
+def _leave_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """After the module: remove the `vz-runtime` cgroup parents its containers created
     (only those absent before, and only when empty: rmdir refuses a cgroup with children,
     so a parent something else uses meanwhile stays), and check that no container
@@ -94,15 +100,19 @@ def _leave_nothing_behind() -> Iterator[None]:
     for parent in sorted(_runtime_parents() - before):
         with contextlib.suppress(OSError):
             parent.rmdir()
-    tmp = tempfile.gettempdir()
+    # This session's own files only: other pytest sessions on the host use the same
+    # /tmp/pytest-of-USER tree meanwhile.
+    base = str(tmp_path_factory.getbasetemp())
     with open("/proc/self/mountinfo") as f:
-        leaked = [line for line in f if f"{tmp}/pytest-of-" in line]
+        leaked = [line for line in f if f" {base}/" in line]
     assert leaked == [], f"mounts left behind: {leaked}"
     left = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        text = ""
         with contextlib.suppress(OSError), open(f"/proc/{pid}/cgroup") as f:
-            if "/vz-runtime/t-" in f.read():
-                left.append(pid)
+            text = f.read()
+        if any(f"/vz-runtime/{cid}" in text for cid in CREATED):
+            left.append(pid)
     assert left == [], f"container processes left behind: {left}"
 
 

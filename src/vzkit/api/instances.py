@@ -7,16 +7,31 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, StrictBool, StrictInt, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from vzkit.api.base import Strict
 from vzkit.api.bounds import (
+    CPU_WEIGHT,
     DEFAULT_PROCESSES,
-    MAX_SIZE,
+    MAX_CPUS,
+    MAX_MEMORY,
+    MAX_STOP_TIMEOUT,
+    MIN_MEMORY,
     NAME_PATTERN,
     NAME_RE,
     NAME_RULE,
     PROCESSES,
+    MiB,
+    check_memory,
+    format_size,
     parse_size,
 )
 from vzkit.api.networks import FirewallRule, NicConfig, PortForward
@@ -24,20 +39,37 @@ from vzkit.api.storage import VolumeAttachment
 
 
 def _memory(value: Any) -> Any:
-    # A bare number means MiB, as with QEMU's -m; strings carry their unit.
-    if isinstance(value, str):
-        return parse_size(value, default_unit="mib")
-    if isinstance(value, int) and value < 1024**2:
-        return value * 1024**2
-    return value
+    # JSON's types matter: true is not 1 MiB and 2.5 is not a size. A bare number below
+    # 1 MiB means MiB, as with QEMU's -m; strings carry their unit.
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("memory is a whole number of bytes, or a string such as '512MiB'")
+    size = parse_size(value, default_unit="mib", maximum=MAX_MEMORY)
+    if isinstance(value, int) and size < MiB:
+        size *= MiB
+    return size
 
 
+_MEMORY_RULE = (
+    "Guest RAM in bytes, or a string such as '512MiB' (a bare number below 1 MiB counts "
+    "MiB); at least "
+    + ", ".join(f"{format_size(n)} for a {t}" for t, n in MIN_MEMORY.items())
+    + f"; at most {format_size(MAX_MEMORY)}"
+)
 # The Field before the validator: the other way round pydantic writes "gt"/"le" into the
 # JSON schema instead of "exclusiveMinimum"/"maximum", which no schema reader knows.
-MemoryBytes = Annotated[int, Field(gt=0, le=MAX_SIZE), BeforeValidator(_memory)]
+MemoryBytes = Annotated[int, Field(gt=0, le=MAX_MEMORY), BeforeValidator(_memory)]
 # A host CPU number (as in /sys/devices/system/cpu/cpuN); whether the host has it is
 # checked when the instance starts.
-CpuNumber = Annotated[int, Field(ge=0)]
+CpuNumber = Annotated[StrictInt, Field(ge=0)]
+Cpus = Annotated[StrictInt, Field(ge=1, le=MAX_CPUS, description="Number of vCPUs")]
+CpuWeight = Annotated[
+    StrictInt,
+    Field(
+        ge=CPU_WEIGHT[0],
+        le=CPU_WEIGHT[1],
+        description="Relative CPU weight against other instances",
+    ),
+]
 Processes = Annotated[
     StrictInt,
     Field(
@@ -81,11 +113,9 @@ class Accel(StrEnum):
 
 
 class Limits(Strict):
-    cpus: int = Field(1, ge=1, le=256, description="Number of vCPUs")
-    memory: MemoryBytes = Field(256 * 1024**2, description="Guest RAM in bytes (or '512MiB')")
-    cpu_weight: int = Field(
-        100, ge=1, le=10000, description="Relative CPU weight against other instances"
-    )
+    cpus: Cpus = 1
+    memory: MemoryBytes = Field(256 * MiB, description=_MEMORY_RULE)
+    cpu_weight: CpuWeight = 100
     cpu_pin: list[CpuNumber] | None = Field(
         None, description="Host CPUs the instance may run on (default: any)"
     )
@@ -95,11 +125,17 @@ class Limits(Strict):
 class LimitsUpdate(Strict):
     """A partial Limits: only the fields given change."""
 
-    cpus: int | None = Field(None, ge=1, le=256)
-    memory: MemoryBytes | None = None
-    cpu_weight: int | None = Field(None, ge=1, le=10000)
+    cpus: Cpus | None = None
+    memory: MemoryBytes | None = Field(None, description=_MEMORY_RULE)
+    cpu_weight: CpuWeight | None = None
     cpu_pin: list[CpuNumber] | None = None
     processes: Processes | None = None
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_floor(cls, value: int | None) -> int | None:
+        # The type's own floor is the service's to check: this body does not name it.
+        return None if value is None else check_memory(value)
 
 
 class Security(Strict):
@@ -136,8 +172,8 @@ class InstanceCreate(Strict):
     type: InstanceType = InstanceType.MICROVM
     image: str = "minimal"
     limits: Limits = Field(default_factory=Limits)
-    start: bool = True
-    ephemeral: bool = Field(False, description="Delete the instance when it stops")
+    start: StrictBool = True
+    ephemeral: StrictBool = Field(False, description="Delete the instance when it stops")
     accel: Accel | None = Field(None, description="Force an accelerator instead of probing")
     nics: list[NicConfig] | None = Field(
         None,
@@ -161,6 +197,13 @@ class InstanceCreate(Strict):
     @classmethod
     def _name(cls, v: str | None) -> str | None:
         return None if v is None else validate_name(v)
+
+    @model_validator(mode="after")
+    def _memory_fits_type(self) -> InstanceCreate:
+        # Checked on requests only, not in Limits: instances stored before a floor was
+        # raised must still load.
+        check_memory(self.limits.memory, self.type.value)
+        return self
 
 
 class Instance(Strict):
@@ -221,8 +264,10 @@ class StateAction(StrEnum):
 
 class StateChange(Strict):
     action: StateAction
-    force: bool = Field(False, description="Kill instead of a graceful stop")
-    timeout: float = Field(30.0, gt=0, le=3600, description="Seconds to wait for a clean stop")
+    force: StrictBool = Field(False, description="Kill instead of a graceful stop")
+    timeout: StrictFloat = Field(
+        30.0, gt=0, le=MAX_STOP_TIMEOUT, description="Seconds to wait for a clean stop"
+    )
 
 
 class ExecRequest(Strict):
@@ -231,11 +276,13 @@ class ExecRequest(Strict):
     argv: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
-    tty: bool = False
-    rows: int = Field(24, ge=1, le=10000)
-    cols: int = Field(80, ge=1, le=10000)
-    stdin: bool = Field(True, description="Whether the client sends stdin (else /dev/null)")
-    timeout: float | None = Field(None, gt=0, description="Kill the command after this many s")
+    tty: StrictBool = False
+    rows: StrictInt = Field(24, ge=1, le=10000)
+    cols: StrictInt = Field(80, ge=1, le=10000)
+    stdin: StrictBool = Field(True, description="Whether the client sends stdin (else /dev/null)")
+    timeout: StrictFloat | None = Field(
+        None, gt=0, description="Kill the command after this many s"
+    )
 
 
 class ExecResult(Strict):

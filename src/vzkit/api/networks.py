@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
 
 from vzkit.api.base import Strict
-from vzkit.api.bounds import NAME_PATTERN, NAME_RE, NAME_RULE, anchored
+from vzkit.api.bounds import NAME_PATTERN, NAME_RE, NAME_RULE, PORT_RANGE, anchored
 
 __all__ = [
     "FirewallRule",
@@ -61,6 +61,10 @@ _SPECIAL_RANGES = {
 }
 
 
+# A TCP or UDP port: a JSON integer, never "80" or true.
+Port = Annotated[StrictInt, Field(ge=PORT_RANGE[0], le=PORT_RANGE[1])]
+
+
 class Proto(StrEnum):
     TCP = "tcp"
     UDP = "udp"
@@ -78,7 +82,7 @@ class NetworkConfig(Strict):
         None, description="IPv4 subnet in CIDR form; default: a free /24 from 10.80.0.0/16"
     )
     gateway: IPv4Address | None = Field(None, description="Bridge address; default: first host")
-    isolated: bool = Field(False, description="No NAT and no forwarding to anything else")
+    isolated: StrictBool = Field(False, description="No NAT and no forwarding to anything else")
     dhcp_range: tuple[IPv4Address, IPv4Address] | None = Field(
         None, description="First and last address DHCP hands out; default: .10 to .250 in a /24"
     )
@@ -173,7 +177,7 @@ class NetworkUpdate(Strict):
     The subnet and bridge are fixed for a network's life: instances hold addresses in it.
     """
 
-    isolated: bool | None = None
+    isolated: StrictBool | None = None
     dns_domain: str | None = Field(
         None, json_schema_extra={"pattern": DOMAIN_PATTERN, "maxLength": DOMAIN_MAX}
     )
@@ -238,8 +242,8 @@ class NicConfig(Strict):
 class PortForward(Strict):
     """A host port forwarded to an instance's port (nft DNAT)."""
 
-    host_port: int = Field(ge=1, le=65535)
-    port: int = Field(ge=1, le=65535, description="Port inside the instance")
+    host_port: Port
+    port: Port = Field(description="Port inside the instance")
     proto: Proto = Proto.TCP
     ip: IPv4Address | None = Field(None, description="Instance address; the daemon fills it in")
 
@@ -249,7 +253,7 @@ class FirewallRule(Strict):
 
     source: IPv4Network = Field(IPv4Network("0.0.0.0/0"), description="Allowed source CIDR")
     proto: Proto | None = Field(None, description="tcp or udp; default: any protocol")
-    port: int | None = Field(None, ge=1, le=65535, description="Destination port (needs proto)")
+    port: Port | None = Field(None, description="Destination port (needs proto)")
 
     @model_validator(mode="after")
     def _port_needs_proto(self) -> Self:

@@ -7,9 +7,9 @@ import binascii
 import json
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, StrictInt, ValidationError
 
 from vzkit.api.base import Strict
 from vzkit.api.instances import validate_name
@@ -28,7 +28,7 @@ class TrustType(StrEnum):
 class TrustCreate(Strict):
     name: TrustName
     type: TrustType = TrustType.CERTIFICATE
-    expires_in: int | None = Field(
+    expires_in: StrictInt | None = Field(
         None,
         ge=60,
         le=10 * 365 * 86400,
@@ -71,6 +71,27 @@ class TrustJoin(Strict):
 class TrustJoined(BaseModel):
     certificate: str
     ca: str
+
+
+class ServerInfo(BaseModel):
+    """GET /1.0: the version probe. Lenient, unlike the resources' models: a client of any
+    version must be able to read it (it decides whether the two can talk at all)."""
+
+    api_version: str
+    server_version: str
+    auth: Literal["trusted", "untrusted"]
+    caller: str | None = Field(None, description="Who vzd takes the caller for (trusted only)")
+    pid: int | None = Field(None, description="vzd's process id (trusted only)")
+    ca_certificate: str | None = Field(None, description="vzd's CA (PEM), over TLS only")
+
+
+class ListenerInfo(Strict):
+    """GET and PATCH /1.0/server: the TLS listener."""
+
+    listen: str | None = Field(description="The configured address (None: off)")
+    addresses: list[str] = Field(description="Where clients reach it, as join tokens list them")
+    ca_fingerprint: str | None = Field(description="SHA-256 of vzd's CA while listening")
+    from_environment: bool = Field(description="Set by VZ_LISTEN or --listen, not stored")
 
 
 class ServerConfig(Strict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, StrictBool, field_validator
 
 from vzkit.api.base import Strict
 from vzkit.api.bounds import NAME_PATTERN, NAME_RE, NAME_RULE
@@ -31,7 +31,7 @@ class SnapshotCreate(Strict):
     name: str | None = Field(
         None, description="Default: snap0, snap1, ...", json_schema_extra={"pattern": NAME_PATTERN}
     )
-    stateful: bool = Field(False, description="Also save the running memory and device state")
+    stateful: StrictBool = Field(False, description="Also save the running memory and device state")
 
     @field_validator("name")
     @classmethod

@@ -6,10 +6,17 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, StrictBool, field_validator
 
 from vzkit.api.base import Strict
-from vzkit.api.bounds import NAME_PATTERN, NAME_RE, NAME_RULE, parse_size
+from vzkit.api.bounds import (
+    MAX_VOLUME_SIZE,
+    MIN_VOLUME_SIZE,
+    NAME_PATTERN,
+    NAME_RE,
+    NAME_RULE,
+    parse_size,
+)
 
 __all__ = [
     "MAX_VOLUME_SIZE",
@@ -24,11 +31,7 @@ __all__ = [
     "VolumeUpdate",
 ]
 
-MIN_VOLUME_SIZE = 1024**2
 PATH_MAX = 4095  # bytes of a path the kernel takes (PATH_MAX less the final NUL)
-# qcow2 with its default 64 KiB clusters ends at 2 PiB (a 32 MiB L1 table) and qemu-img
-# fails below that already; 1 PiB leaves a margin and is more than any host here has.
-MAX_VOLUME_SIZE = 1024**5
 SECTOR = 512
 
 # block: a qcow2 file, attached to VMs as a disk; filesystem: a directory, bind-mounted
@@ -37,14 +40,15 @@ Content = Literal["block", "filesystem"]
 
 
 def _size(value: Any) -> Any:
-    # A bare number is bytes (unlike Limits.memory, whose bare numbers are MiB as with -m).
+    # A bare number is bytes (unlike Limits.memory, whose bare numbers are MiB as with -m);
+    # JSON's types matter: true or 1.5 is no size.
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("size is a whole number of bytes, or a string such as '10GiB'")
     if isinstance(value, str):
-        value = parse_size(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        # qcow2 sizes are whole sectors: qemu-img rounds up on create and refuses others on
-        # resize, so the model holds the size the disk really gets.
-        return -(-value // SECTOR) * SECTOR
-    return value
+        value = parse_size(value, maximum=MAX_VOLUME_SIZE)
+    # qcow2 sizes are whole sectors: qemu-img rounds up on create and refuses others on
+    # resize, so the model holds the size the disk really gets.
+    return -(-value // SECTOR) * SECTOR
 
 
 VolumeSize = Annotated[
@@ -148,7 +152,7 @@ class VolumeAttachment(Strict):
         description="Containers: where it is mounted (absolute path); VMs: unused",
         json_schema_extra={"pattern": "^/.", "maxLength": PATH_MAX},
     )
-    readonly: bool = False
+    readonly: StrictBool = False
 
     @field_validator("path")
     @classmethod

@@ -1,21 +1,33 @@
 """Local argument checks, done before the daemon is contacted.
 
-Name and size rules come from ``vzkit.api.bounds``, which does not import pydantic: importing
-the models costs ~100 ms, a large share of the start-up budget of ``vz run``.
+Every bound comes from ``vzkit.api.bounds``, the same module the API's models check with,
+so the CLI refuses exactly what the API would. It does not import pydantic: importing the
+models costs ~100 ms, a large share of the start-up budget of ``vz run``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from vzkit.api.bounds import NAME_RE, NAME_RULE, PROCESSES, parse_size
+from vzkit.api import bounds
+from vzkit.api.bounds import NAME_RE, NAME_RULE, OutOfBounds
 from vzkit.errors import InvalidConfig
+
+T = TypeVar("T")
 
 
 class UsageError(InvalidConfig):
     """Bad command-line input, found without asking the daemon; the CLI exits 2."""
+
+
+def _checked(check: Callable[[], T]) -> T:
+    """``check()``, an OutOfBounds from it as a UsageError."""
+    try:
+        return check()
+    except OutOfBounds as exc:
+        raise UsageError(str(exc), hint=exc.hint) from None
 
 
 def check_name(name: str, what: str = "instance") -> str:
@@ -24,24 +36,18 @@ def check_name(name: str, what: str = "instance") -> str:
     return name
 
 
-def check_memory(value: str) -> int:
-    try:
-        n = parse_size(value, default_unit="mib")
-    except ValueError as exc:
-        raise UsageError(
-            str(exc), hint="e.g. --memory 512MiB or --memory 1G (a bare number is MiB)"
-        ) from None
-    if n < 16 * 1024**2:
-        raise UsageError(
-            f"--memory {value} is too small", hint="give the guest at least 16MiB, e.g. 256MiB"
-        )
-    return n
+def check_memory(value: str, type: str | None = None) -> int:
+    """--memory SIZE (a bare number is MiB) for an instance of ``type``, if known."""
+    return _checked(lambda: bounds.check_memory(bounds.parse_size(value, default_unit="mib"), type))
+
+
+def check_volume_size(value: str) -> int:
+    """--size SIZE of a volume (a bare number is MiB)."""
+    return _checked(lambda: bounds.check_volume_size(bounds.parse_size(value, default_unit="mib")))
 
 
 def check_cpus(value: int) -> int:
-    if not 1 <= value <= 256:
-        raise UsageError(f"--cpus {value} is out of range", hint="use 1 to 256 vCPUs")
-    return value
+    return _checked(lambda: bounds.check_cpus(value))
 
 
 def _int(value: str, what: str) -> int:
@@ -60,21 +66,11 @@ def check_cpu_weight_text(value: str) -> int:
 
 
 def check_processes_text(value: str) -> int:
-    n = _int(value, "limits.processes")
-    if not PROCESSES[0] <= n <= PROCESSES[1]:
-        raise UsageError(
-            f"limits.processes {value} is out of range",
-            hint=f"use {PROCESSES[0]} to {PROCESSES[1]} (2048 by default)",
-        )
-    return n
+    return _checked(lambda: bounds.check_processes(_int(value, "limits.processes")))
 
 
 def check_cpu_weight(value: int) -> int:
-    if not 1 <= value <= 10000:
-        raise UsageError(
-            f"--cpu-weight {value} is out of range", hint="use 1 to 10000 (100 = normal)"
-        )
-    return value
+    return _checked(lambda: bounds.check_cpu_weight(value))
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -133,8 +129,9 @@ def parse_nic(spec: str) -> dict[str, str]:
 
 
 def _port_number(text: str, what: str, hint: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise UsageError(f"invalid {what} {text!r}: a number from 1 to 65535", hint=hint)
+    lo, hi = bounds.PORT_RANGE
+    if not text.isascii() or not text.isdigit() or not lo <= int(text) <= hi:
+        raise UsageError(f"invalid {what} {text!r}: a number from {lo} to {hi}", hint=hint)
     return int(text)
 
 
@@ -171,6 +168,17 @@ def check_timeout(value: float | None, flag: str = "--timeout") -> float | None:
     return value
 
 
+def check_stop_timeout(value: float) -> float:
+    """--timeout of stop and restart: how long a clean stop may take."""
+    check_timeout(value)
+    if value > bounds.MAX_STOP_TIMEOUT:
+        raise UsageError(
+            f"--timeout {value:g} is too long",
+            hint=f"at most {bounds.MAX_STOP_TIMEOUT:g} seconds; --force stops at once",
+        )
+    return value
+
+
 def parse_env(pairs: list[str] | None) -> dict[str, str]:
     env: dict[str, str] = {}
     for pair in pairs or []:
@@ -183,17 +191,20 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
     return env
 
 
-def parse_mode(value: str) -> int:
-    text = value[2:] if value.lower().startswith("0o") else value
+def parse_mode(value: str, *, allow_setid: bool = False) -> int:
+    """--mode: octal permissions; setuid and setgid only with --allow-setid."""
     try:
-        mode = int(text, 8)
-    except ValueError:
-        mode = -1
-    if not 0 <= mode <= 0o7777:
-        raise UsageError(
-            f"invalid --mode {value!r}", hint="give octal permissions, e.g. --mode 0644"
-        )
-    return mode
+        return bounds.parse_file_mode(value, allow_setid=allow_setid)
+    except OutOfBounds as exc:
+        raise UsageError(f"invalid --mode {value!r}: {exc.reason}", hint=exc.hint) from None
+
+
+def check_mode(mode: int, what: str, allow_setid: bool) -> int:
+    """A mode taken from elsewhere (a local file's) against the same rule."""
+    try:
+        return bounds.check_file_mode(mode, allow_setid=allow_setid)
+    except OutOfBounds as exc:
+        raise UsageError(f"{what} {mode:04o} {exc.reason}", hint=exc.hint) from None
 
 
 def split_remote(spec: str, flag: str) -> tuple[str, str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vzkit.errors import HostUnsupported, ImageError
 from vzkit.guest.protocol import AGENT_PORT_NAME
+from vzkit.images.builder import BuildResult, Progress
 from vzkit.images.initramfs import (
     BUSYBOX,
     DEFAULT_COMPRESSION,
@@ -29,7 +30,6 @@ from vzkit.images.initramfs import (
     find_kernel,
     run_depmod,
 )
-from vzkit.images.store import BuildResult, Progress
 from vzkit.settings import Settings
 
 SUITE = "bookworm"

@@ -25,7 +25,7 @@ from typing import BinaryIO, Literal
 
 from vzkit.errors import HostUnsupported, ImageError
 from vzkit.guest.build import agent_binary
-from vzkit.images.store import BuildResult, Progress, sha256_file
+from vzkit.images.builder import BuildResult, Progress, sha256_file
 from vzkit.settings import Settings
 
 BUSYBOX = Path("/bin/busybox")

@@ -22,19 +22,31 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from vzkit.api.bounds import NAME_RE, NAME_RULE
 from vzkit.api.instances import ImageInfo
 from vzkit.errors import Conflict, ImageError, InvalidConfig, NotFound
 from vzkit.host import perms
+from vzkit.images.builder import Builder, BuilderFactory, BuildResult, Progress, sha256_file
+from vzkit.images.debian import DebianBuilder
+from vzkit.images.initramfs import MinimalBuilder
 from vzkit.settings import Settings
 
-Progress = Callable[[str, float | None], None]
+# The contract's names, for the store's users (the builders import vzkit.images.builder).
+__all__ = [
+    "BuildResult",
+    "Builder",
+    "BuilderFactory",
+    "ImageStore",
+    "Progress",
+    "default_builders",
+    "sha256_file",
+]
 
 # Bump when the store's manifest format or hashing changes.
 STORE_VERSION = "1"
@@ -54,41 +66,7 @@ def _no_progress(step: str, fraction: float | None) -> None:
     pass
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass
-class BuildResult:
-    """What a builder produced: role -> file inside the build's work dir."""
-
-    files: dict[str, Path]
-    kernel_release: str
-    cmdline: str = ""
-
-
-class Builder(Protocol):
-    kind: str
-
-    def inputs(self) -> dict[str, str]:
-        """Everything the build reads, cheaply described; it becomes the inputs key."""
-        ...
-
-    def build(self, workdir: Path, progress: Progress) -> BuildResult: ...
-
-
-BuilderFactory = Callable[[Settings], Builder]
-
-
 def default_builders() -> dict[str, BuilderFactory]:
-    # Imported here: the builders import this module for its types.
-    from vzkit.images.debian import DebianBuilder
-    from vzkit.images.initramfs import MinimalBuilder
-
     return {"minimal": MinimalBuilder, "debian": DebianBuilder}
 
 

@@ -1,41 +1,86 @@
-"""What the SDK's modules share: the API prefix and turning answers into models."""
+"""What the SDK's modules share: the API prefix, error bodies, and answers into models.
+
+Pydantic is imported only when an answer is parsed, never at load time (the CLI's start-up
+budget): the model classes are passed in by callers that import them where they need them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-from urllib.parse import quote
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote, urlencode
 
-from vzkit.errors import VzError
+from vzkit.errors import InvalidConfig, NotFound, VzError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 API = "/1.0"
 
-
-# Which vzkit.api module holds a model, where it is not vzkit.api.instances.
-_HOME = {
-    "Event": "events",
-    "NetworkConfig": "networks",
-    "Operation": "operations",
-    "PoolInfo": "storage",
-    "SnapshotInfo": "snapshots",
-    "VolumeInfo": "storage",
-}
+M = TypeVar("M", bound="BaseModel")
 
 
-def _parse(model: str, data: Any) -> Any:
-    """Validate an answer into the named model from vzkit.api."""
-    import importlib
-
+def parse(model: type[M], data: Any) -> M:
+    """Validate an answer into ``model``; a mismatch is a version skew, said so."""
     from pydantic import ValidationError
 
-    module = importlib.import_module(f"vzkit.api.{_HOME.get(model, 'instances')}")
     try:
-        return getattr(module, model).model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise VzError(
-            f"vzd sent a {model} this client does not understand: {exc.errors()[0]['msg']}",
+            f"vzd sent a {model.__name__} this client does not understand: "
+            f"{exc.errors()[0]['msg']}",
             hint="vz and vzd may be different versions: compare with: vz daemon status",
         ) from exc
 
 
-def _q(name: str) -> str:
+def parse_list(model: type[M], data: Any) -> list[M]:
+    if not isinstance(data, list):
+        raise VzError(
+            f"vzd sent {type(data).__name__} where a list of {model.__name__} belongs",
+            hint="vz and vzd may be different versions: compare with: vz daemon status",
+        )
+    return [parse(model, item) for item in data]
+
+
+def error_from_response(status: int, data: bytes) -> VzError:
+    """The error an HTTP error answer stands for: its ErrorBody's class, or a generic one."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "error" in body and "code" in body:
+        return VzError.from_dict(body, status)
+    # Not an ErrorBody: a framework-level answer (unknown route, schema rejection).
+    detail: Any = body.get("detail") if isinstance(body, dict) else None
+    text = detail if detail is not None else data.decode("utf-8", "replace").strip()
+    if status in (400, 422):
+        return InvalidConfig(f"vzd rejected the request: {text}")
+    if status == 404:
+        return NotFound(f"not found: {text}", hint="is vz newer than vzd? see: vz daemon status")
+    return VzError(f"vzd answered HTTP {status}: {text}")
+
+
+def q(name: str) -> str:
+    """A name as one path segment."""
     return quote(name, safe="")
+
+
+def fmt_query(query: Mapping[str, Any] | None) -> str:
+    if not query:
+        return ""
+    items = {
+        k: ("true" if v else "false") if isinstance(v, bool) else v
+        for k, v in query.items()
+        if v is not None
+    }
+    return "?" + urlencode(items) if items else ""
+
+
+def json_default(obj: Any) -> Any:
+    # Models nested in a plain mapping (e.g. run(limits=Limits(...))).
+    dump = getattr(obj, "model_dump", None)
+    if dump is None:
+        raise TypeError(f"cannot send {type(obj).__name__} as JSON")
+    return dump(mode="json")

@@ -1,4 +1,8 @@
-"""The Python SDK: a synchronous client for vzd's REST API over its unix socket.
+"""The Python SDK: a synchronous client for vzd's REST API.
+
+Requests go through a transport (:mod:`vzkit.sdk.transport`): the local vzd's unix socket by
+default, a remote vzd over TLS, or an ASGI app in this process. Every call answers with a
+typed model from :mod:`vzkit.api`, never a dict.
 
 Start-up cost matters (``vz run`` sits inside a boot benchmark), so this module imports only
 the standard library plus ``vzkit.errors``/``vzkit.settings`` at load time. Pydantic models and
@@ -8,11 +12,9 @@ instance boots a guest) they are imported in a background thread so the wait hid
 
 from __future__ import annotations
 
-import http.client
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,27 +22,18 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, BinaryIO
-from urllib.parse import urlencode
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vzkit._proc import alive
-from vzkit.errors import (
-    AgentError,
-    DaemonUnavailable,
-    EngineError,
-    InvalidConfig,
-    NotFound,
-    StateError,
-    VzError,
-)
-from vzkit.sdk._api import API, _parse, _q
+from vzkit.errors import AgentError, DaemonUnavailable, EngineError, NotFound, StateError, VzError
+from vzkit.sdk._api import API, error_from_response, fmt_query, json_default, parse, parse_list, q
 from vzkit.sdk.resources import Resources
 from vzkit.sdk.streams import CHUNK, _FdSink, _feed_stdin, _known_size, _Terminal, _terminal_size
+from vzkit.sdk.transport import Body, Response, TLSTransport, Transport, UnixTransport, WebSocket
 from vzkit.settings import Settings
 
 if TYPE_CHECKING:
-    from websockets.sync.client import ClientConnection
-
+    from vzkit.api.host import HostInfo
     from vzkit.api.instances import (
         ExecResult,
         ImageInfo,
@@ -49,6 +42,7 @@ if TYPE_CHECKING:
         InstanceUpdate,
         StateChange,
     )
+    from vzkit.api.remote import ServerInfo
     from vzkit.sdk.remotes import Remote
 
 __all__ = ["Client", "EphemeralInstance", "ProgressCallback", "preload"]
@@ -81,90 +75,8 @@ def _quiet_import(mod: str) -> None:
         importlib.import_module(mod)
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(str(self.socket_path))
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-class _TLSHTTPConnection(http.client.HTTPConnection):
-    """HTTPS to a remote vzd: its own CA only, the issued client certificate or a token."""
-
-    def __init__(self, remote: Remote, timeout: float) -> None:
-        super().__init__(remote.addresses[0], timeout=timeout)
-        self.remote = remote
-
-    def connect(self) -> None:
-        from vzkit.sdk.remotes import connect_tls
-
-        self.sock, _ = connect_tls(self.remote, self.timeout)
-
-
-def _request(
-    conn: http.client.HTTPConnection,
-    method: str,
-    url: str,
-    body: bytes | IO[bytes] | None,
-    headers: Mapping[str, str],
-) -> None:
-    try:
-        conn.request(method, url, body=body, headers=headers)
-    except OSError as exc:  # a broken pipe, a reset, a TLS EOF
-        if body is None or conn.sock is None or isinstance(exc, TimeoutError):
-            raise
-        # vzd refuses a body as it comes (too large: 413) and then closes: its answer still
-        # waits to be read, and says more than the broken pipe. If none came, reading the
-        # response fails as the send did.
-
-
-def _error_from_response(status: int, data: bytes) -> VzError:
-    try:
-        body = json.loads(data)
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and "error" in body and "code" in body:
-        return VzError.from_dict(body, status)
-    # Not an ErrorBody: a framework-level answer (unknown route, schema rejection).
-    detail: Any = body.get("detail") if isinstance(body, dict) else None
-    text = detail if detail is not None else data.decode("utf-8", "replace").strip()
-    if status in (400, 422):
-        return InvalidConfig(f"vzd rejected the request: {text}")
-    if status == 404:
-        return NotFound(f"not found: {text}", hint="is vz newer than vzd? see: vz daemon status")
-    return VzError(f"vzd answered HTTP {status}: {text}")
-
-
-def _json_default(obj: Any) -> Any:
-    # Models nested in a plain mapping (e.g. run(limits=Limits(...))).
-    dump = getattr(obj, "model_dump", None)
-    if dump is None:
-        raise TypeError(f"cannot send {type(obj).__name__} as JSON")
-    return dump(mode="json")
-
-
-def _fmt_query(query: Mapping[str, Any] | None) -> str:
-    if not query:
-        return ""
-    items = {
-        k: ("true" if v else "false") if isinstance(v, bool) else v
-        for k, v in query.items()
-        if v is not None
-    }
-    return "?" + urlencode(items)
-
-
 class Client(Resources):
-    """Synchronous vzd client. One keep-alive connection; not safe to share between threads."""
+    """Synchronous vzd client. One keep-alive connection per thread, so threads may share it."""
 
     def __init__(
         self,
@@ -174,9 +86,11 @@ class Client(Resources):
         autostart: bool = True,
         timeout: float = 300,
         remote: str | Remote | None = None,
+        transport: Transport | None = None,
     ) -> None:
-        """The local vzd over its unix socket, or (``remote``: a name from ``vz remote
-        list``, or a ``Remote``) a vzd on another host over TLS."""
+        """The local vzd over its unix socket; or (``remote``: a name from ``vz remote
+        list``, or a ``Remote``) a vzd on another host over TLS; or whatever ``transport``
+        reaches (e.g. an in-process app: :class:`vzkit.sdk.asgi.ASGITransport`)."""
         self.settings = settings or Settings()
         self.socket_path = Path(socket_path) if socket_path else self.settings.socket_path
         if isinstance(remote, str):
@@ -184,29 +98,18 @@ class Client(Resources):
 
             remote = RemoteConfig.load().get(remote)
         self.remote = remote
-        self.autostart = autostart and remote is None
         self.timeout = timeout
-        # One keep-alive connection per thread, so a Client can be shared by threads.
-        self._local = threading.local()
-
-    @property
-    def _conn(self) -> http.client.HTTPConnection | None:
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
-        return conn
-
-    @_conn.setter
-    def _conn(self, value: http.client.HTTPConnection | None) -> None:
-        self._local.conn = value
-
-    @property
-    def _busy(self) -> http.client.HTTPResponse | None:
-        """An unread streaming response owns the connection until drained or closed."""
-        busy: http.client.HTTPResponse | None = getattr(self._local, "busy", None)
-        return busy
-
-    @_busy.setter
-    def _busy(self, value: http.client.HTTPResponse | None) -> None:
-        self._local.busy = value
+        self.autostart = autostart and remote is None and transport is None
+        if transport is None and remote is not None:
+            transport = TLSTransport(remote, timeout=timeout)
+        elif transport is None:
+            transport = UnixTransport(
+                self.socket_path,
+                timeout=timeout,
+                autostart=self.start_daemon if self.autostart else None,
+                log=self.settings.daemon_log,
+            )
+        self.transport: Transport = transport
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -217,71 +120,18 @@ class Client(Resources):
         self.close()
 
     def close(self) -> None:
-        if self._busy is not None:
-            self._busy.close()
-            self._busy = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self.transport.close()
 
     def _unavailable(self, why: str = "") -> DaemonUnavailable:
-        if self.remote is not None:
-            return DaemonUnavailable(
-                f"cannot reach remote {self.remote.name!r} ({', '.join(self.remote.addresses)})"
-                f"{': ' + why if why else ''}",
-                hint="check the network, and that the server listens: vz daemon listen",
-            )
-        return DaemonUnavailable(
-            f"cannot reach vzd at {self.socket_path}{': ' + why if why else ''}",
-            hint=f"see {self.settings.daemon_log}, or start it with: vz daemon start",
-        )
-
-    def _open(self) -> http.client.HTTPConnection:
-        if self.remote is not None:
-            tls = _TLSHTTPConnection(self.remote, self.timeout)
-            tls.connect()
-            return tls
-        conn = _UnixHTTPConnection(self.socket_path, self.timeout)
-        try:
-            conn.connect()
-        except PermissionError as exc:
-            raise DaemonUnavailable(
-                f"permission denied on vzd's socket {self.socket_path}",
-                hint="the socket is mode 0660: join its group, or run as root",
-            ) from exc
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            if not self.autostart:
-                raise self._unavailable() from exc
-            self.start_daemon()
-            try:
-                conn.connect()
-            except OSError as exc2:
-                raise self._unavailable(str(exc2)) from exc2
-        except OSError as exc:
-            raise self._unavailable(str(exc)) from exc
-        return conn
+        return self.transport.unavailable(why)
 
     def is_running(self) -> bool:
-        """Whether something accepts connections on the socket (no autostart)."""
-        if self.remote is not None:
-            try:
-                self.server_info()
-                return True
-            except DaemonUnavailable:
-                return False
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(2)
-            sock.connect(str(self.socket_path))
-            return True
-        except OSError:
-            return False
-        finally:
-            sock.close()
+        """Whether something accepts connections there (no autostart)."""
+        return self.transport.reachable()
 
     def start_daemon(self) -> int:
         """Spawn vzd detached and wait for its socket; return the child's pid."""
-        if self.remote is not None:
+        if not isinstance(self.transport, UnixTransport):
             raise self._unavailable("vzd on another host is started there, not from here")
         log_path = self.settings.daemon_log
         try:
@@ -322,88 +172,59 @@ class Client(Resources):
         path: str,
         *,
         query: Mapping[str, Any] | None = None,
-        body: bytes | IO[bytes] | None = None,
+        body: Body = None,
         headers: Mapping[str, str] | None = None,
-    ) -> http.client.HTTPResponse:
-        """Send a request; return the response with its body unread, or raise its error."""
-        if self._busy is not None:
-            # The caller abandoned a stream half-read: this connection is unusable now.
-            self.close()
-        url = path + _fmt_query(query)
-        hdrs = dict(headers or {})
-        if self.remote is not None:
-            hdrs.update(self.remote.headers())
-        for attempt in (0, 1):
-            fresh = self._conn is None
-            if self._conn is None:
-                self._conn = self._open()
-            conn = self._conn
-            try:
-                _request(conn, method, url, body, hdrs)
-                resp = conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                self.close()
-                # A reused keep-alive connection the daemon closed while idle: retry once,
-                # the request never reached it. Streaming bodies cannot be replayed.
-                replayable = body is None or isinstance(body, bytes)
-                if fresh or attempt or not replayable:
-                    raise self._unavailable(f"connection lost: {exc}") from exc
-                continue
-            except OSError as exc:
-                self.close()
-                raise self._unavailable(str(exc)) from exc
-            except BaseException:
-                # Interrupted mid-request (Ctrl-C): the connection's state is unknown now.
-                self.close()
-                raise
-            if resp.status >= 400:
-                data = resp.read()
-                if resp.will_close:
-                    self.close()
-                raise _error_from_response(resp.status, data)
-            return resp
-        raise AssertionError("unreachable")
+    ) -> Response:
+        """Send a request; return the answer with its body unread, or raise its error."""
+        resp = self.transport.request(method, path + fmt_query(query), body=body, headers=headers)
+        if resp.status >= 400:
+            data = resp.read()
+            resp.close()
+            raise error_from_response(resp.status, data)
+        return resp
 
-    def _raw(self, method: str, path: str, **kw: Any) -> tuple[bytes, http.client.HTTPResponse]:
+    def _raw(self, method: str, path: str, **kw: Any) -> tuple[bytes, Response]:
         resp = self._send(method, path, **kw)
         data = resp.read()
-        if resp.will_close:
-            self.close()
+        resp.close()
         return data, resp
 
     def _json(self, method: str, path: str, payload: Any = None, **kw: Any) -> Any:
         if payload is not None:
-            kw["body"] = json.dumps(payload, default=_json_default).encode()
+            kw["body"] = json.dumps(payload, default=json_default).encode()
             kw["headers"] = {"Content-Type": "application/json"}
         data, _ = self._raw(method, path, **kw)
         return json.loads(data) if data else None
 
-    def _stream(self, resp: http.client.HTTPResponse) -> Iterator[bytes]:
-        self._busy = resp
+    def _stream(self, resp: Response) -> Iterator[bytes]:
         try:
             while chunk := resp.read1(CHUNK):
                 yield chunk
         finally:
-            if self._busy is resp:
-                self._busy = None
-                if resp.will_close or not resp.isclosed():
-                    self.close()
+            resp.close()  # early: the rest is dropped, with the connection
+
+    def _ws(self, path: str, query: Mapping[str, Any] | None = None) -> WebSocket:
+        return self.transport.websocket(path + fmt_query(query))
 
     # -- daemon -----------------------------------------------------------------------------
 
-    def server_info(self) -> dict[str, Any]:
-        """``{"api_version", "server_version", "pid"}``."""
-        info: dict[str, Any] = self._json("GET", API)
-        return info
+    def server_info(self) -> ServerInfo:
+        """Versions, whether vzd trusts this caller, and (trusted) its pid."""
+        data = self._json("GET", API)
+        from vzkit.api.remote import ServerInfo
 
-    def host_info(self, refresh: bool = False) -> dict[str, Any]:
-        # Typed as a dict until vzkit.host.probe's HostInfo model settles.
-        info: dict[str, Any] = self._json("GET", f"{API}/host", query={"refresh": refresh or None})
-        return info
+        return parse(ServerInfo, data)
+
+    def host_info(self, refresh: bool = False) -> HostInfo:
+        """What vzd found out about its host; ``refresh`` probes again."""
+        data = self._json("GET", f"{API}/host", query={"refresh": refresh or None})
+        from vzkit.api.host import HostInfo
+
+        return parse(HostInfo, data)
 
     def shutdown_daemon(self, *, wait: bool = True, timeout: float = 15.0) -> None:
         """Ask vzd to exit (instances keep running); optionally wait until it has exited."""
-        pid = int(self.server_info()["pid"])
+        pid = self.server_info().pid
         self._raw("POST", f"{API}/daemon/shutdown")
         self.close()
         if not wait:
@@ -411,7 +232,7 @@ class Client(Resources):
         deadline = time.monotonic() + timeout
         dead_since: float | None = None
         while time.monotonic() < deadline:
-            if self.remote is not None:
+            if not isinstance(self.transport, UnixTransport) or pid is None:
                 if not self.is_running():  # another host: its pid means nothing here
                     return
                 time.sleep(0.05)
@@ -435,12 +256,16 @@ class Client(Resources):
     # -- instances --------------------------------------------------------------------------
 
     def list_instances(self) -> list[Instance]:
-        return [_parse("Instance", d) for d in self._json("GET", f"{API}/instances")]
+        data = self._json("GET", f"{API}/instances")
+        from vzkit.api.instances import Instance
+
+        return parse_list(Instance, data)
 
     def get_instance(self, name: str) -> Instance:
-        data = self._json("GET", f"{API}/instances/{_q(name)}")
-        result: Instance = _parse("Instance", data)
-        return result
+        data = self._json("GET", f"{API}/instances/{q(name)}")
+        from vzkit.api.instances import Instance
+
+        return parse(Instance, data)
 
     def create_instance(self, req: InstanceCreate | Mapping[str, Any]) -> Instance:
         """Create (and with ``start``, boot) an instance; answers once its agent is ready.
@@ -451,24 +276,21 @@ class Client(Resources):
         preload("vzkit.api.instances")  # needed for the answer; imported while the guest boots
         payload = dict(req) if isinstance(req, Mapping) else req.model_dump(mode="json")
         data = self._json("POST", f"{API}/instances", payload)
-        result: Instance = _parse("Instance", data)
-        return result
+        from vzkit.api.instances import Instance
+
+        return parse(Instance, data)
 
     def delete_instance(self, name: str, force: bool = False) -> None:
-        self._raw("DELETE", f"{API}/instances/{_q(name)}", query={"force": force or None})
+        self._raw("DELETE", f"{API}/instances/{q(name)}", query={"force": force or None})
 
     def update_instance(self, name: str, change: InstanceUpdate | Mapping[str, Any]) -> Instance:
         """Change limits, e.g. ``{"limits": {"memory": "512MiB"}}``; live where possible."""
         payload = dict(change) if isinstance(change, Mapping) else change.model_dump(mode="json")
-        data = self._json("PATCH", f"{API}/instances/{_q(name)}", payload)
-        result: Instance = _parse("Instance", data)
-        return result
+        return self._instance_call("PATCH", f"{API}/instances/{q(name)}", payload)
 
     def change_state(self, name: str, change: StateChange | Mapping[str, Any]) -> Instance:
         payload = dict(change) if isinstance(change, Mapping) else change.model_dump(mode="json")
-        data = self._json("PUT", f"{API}/instances/{_q(name)}/state", payload)
-        result: Instance = _parse("Instance", data)
-        return result
+        return self._instance_call("PUT", f"{API}/instances/{q(name)}/state", payload)
 
     def start(self, name: str) -> Instance:
         return self.change_state(name, {"action": "start"})
@@ -513,46 +335,6 @@ class Client(Resources):
                 time.sleep(0.2)
 
     # -- exec / console ---------------------------------------------------------------------
-
-    def _ws(self, path: str, query: Mapping[str, Any] | None = None) -> ClientConnection:
-        from websockets.exceptions import InvalidHandshake, InvalidStatus
-        from websockets.sync.client import connect, unix_connect
-
-        uri = f"ws://localhost{path}{_fmt_query(query)}"
-        if self.autostart and not self.is_running():
-            self.start_daemon()
-        try:
-            if self.remote is not None:
-                from vzkit.sdk.remotes import connect_tls
-
-                # The socket is TLS already (verified against vzd's CA), so the WebSocket
-                # runs over it as over plain TCP.
-                sock, address = connect_tls(self.remote, self.timeout)
-                return connect(
-                    f"ws://{address}{path}{_fmt_query(query)}",
-                    sock=sock,
-                    additional_headers=self.remote.headers(),
-                    max_size=None,
-                    open_timeout=self.timeout,
-                    user_agent_header=None,
-                )
-            return unix_connect(
-                str(self.socket_path),
-                uri=uri,
-                compression=None,  # local socket: deflate only costs CPU
-                max_size=None,
-                open_timeout=self.timeout,
-                user_agent_header=None,
-            )
-        except InvalidStatus as exc:
-            body = bytes(exc.response.body or b"")
-            raise _error_from_response(exc.response.status_code, body) from exc
-        except InvalidHandshake as exc:
-            raise VzError(f"WebSocket handshake with vzd failed: {exc}") from exc
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise self._unavailable() from exc
-        except OSError as exc:
-            raise self._unavailable(str(exc)) from exc
 
     def exec(
         self,
@@ -660,13 +442,13 @@ class Client(Resources):
             return self._pump(ws, name, {1: out, 2: err})
 
     @contextmanager
-    def _exec_session(self, name: str, request: dict[str, Any]) -> Iterator[ClientConnection]:
-        with self._ws(f"{API}/instances/{_q(name)}/exec") as ws:
+    def _exec_session(self, name: str, request: dict[str, Any]) -> Iterator[WebSocket]:
+        with self._ws(f"{API}/instances/{q(name)}/exec") as ws:
             ws.send(json.dumps(request))
             yield ws
 
     def _pump(
-        self, ws: ClientConnection, name: str, sinks: Mapping[int, BinaryIO | _FdSink | None]
+        self, ws: WebSocket, name: str, sinks: Mapping[int, BinaryIO | _FdSink | None]
     ) -> ExecResult:
         from websockets.exceptions import ConnectionClosed
 
@@ -683,8 +465,9 @@ class Client(Resources):
                     continue
                 body = json.loads(msg)
                 if "exit_code" in body:
-                    result: ExecResult = _parse("ExecResult", body)
-                    return result
+                    from vzkit.api.instances import ExecResult
+
+                    return parse(ExecResult, body)
                 if "error" in body:
                     raise VzError.from_dict(body, 500)
                 # Unknown control messages from a newer daemon are ignored on purpose.
@@ -699,7 +482,7 @@ class Client(Resources):
         from websockets.exceptions import ConnectionClosed
 
         out = _FdSink(sys.stdout.fileno())
-        with self._ws(f"{API}/instances/{_q(name)}/console", {"history": history}) as ws:
+        with self._ws(f"{API}/instances/{q(name)}/console", {"history": history}) as ws:
             os.write(
                 sys.stderr.fileno(), f"Connected to {name} console; Ctrl-] to detach\n".encode()
             )
@@ -713,7 +496,7 @@ class Client(Resources):
         os.write(sys.stderr.fileno(), b"\nDetached.\n")
 
     def console_log(self, name: str) -> bytes:
-        data, _ = self._raw("GET", f"{API}/instances/{_q(name)}/console/log")
+        data, _ = self._raw("GET", f"{API}/instances/{q(name)}/console/log")
         return data
 
     # -- files ------------------------------------------------------------------------------
@@ -725,21 +508,30 @@ class Client(Resources):
         data: bytes | BinaryIO,
         mode: int = 0o644,
         parents: bool = False,
+        *,
+        allow_setid: bool = False,
     ) -> None:
+        """Write ``data`` to ``path`` in the instance; vzd refuses a setuid or setgid
+        ``mode`` unless ``allow_setid``."""
         headers = {"Content-Type": "application/octet-stream"}
         if not isinstance(data, bytes):
             size = _known_size(data)
             # Without a known size http.client sends the body chunked, as it arrives.
             if size is not None:
                 headers["Content-Length"] = str(size)
-        query = {"path": path, "mode": f"{mode:04o}", "parents": parents}
+        query = {
+            "path": path,
+            "mode": f"{mode:04o}",
+            "parents": parents,
+            "allow_setid": allow_setid or None,
+        }
         self._raw(
-            "PUT", f"{API}/instances/{_q(name)}/files", query=query, body=data, headers=headers
+            "PUT", f"{API}/instances/{q(name)}/files", query=query, body=data, headers=headers
         )
 
     def pull_file(self, name: str, path: str) -> tuple[int, Iterator[bytes]]:
         """Return the file's mode and an iterator over its content, read as it is consumed."""
-        resp = self._send("GET", f"{API}/instances/{_q(name)}/files", query={"path": path})
+        resp = self._send("GET", f"{API}/instances/{q(name)}/files", query={"path": path})
         raw_mode = resp.getheader("X-Vz-File-Mode") or "0644"
         try:
             mode = int(raw_mode, 8)
@@ -750,17 +542,21 @@ class Client(Resources):
     # -- images -----------------------------------------------------------------------------
 
     def list_images(self) -> list[ImageInfo]:
-        return [_parse("ImageInfo", d) for d in self._json("GET", f"{API}/images")]
+        data = self._json("GET", f"{API}/images")
+        from vzkit.api.instances import ImageInfo
+
+        return parse_list(ImageInfo, data)
 
     def get_image(self, name: str) -> ImageInfo:
-        data = self._json("GET", f"{API}/images/{_q(name)}")
-        result: ImageInfo = _parse("ImageInfo", data)
-        return result
+        data = self._json("GET", f"{API}/images/{q(name)}")
+        from vzkit.api.instances import ImageInfo
+
+        return parse(ImageInfo, data)
 
     def has_image(self, name: str) -> bool:
         """Whether the image is built, without importing the models (hot path of ``vz run``)."""
         try:
-            self._raw("GET", f"{API}/images/{_q(name)}")
+            self._raw("GET", f"{API}/images/{q(name)}")
         except NotFound:
             return False
         return True
@@ -769,21 +565,21 @@ class Client(Resources):
         self, name: str, force: bool = False, progress: ProgressCallback | None = None
     ) -> ImageInfo:
         """Build an image, reporting ``(step, fraction)`` as the daemon streams them."""
-        resp = self._send("POST", f"{API}/images/{_q(name)}/build", query={"force": force or None})
+        resp = self._send("POST", f"{API}/images/{q(name)}/build", query={"force": force or None})
         return self._image_events(resp, f"building image '{name}'", progress)
 
     def publish_instance(
         self, name: str, image: str, progress: ProgressCallback | None = None
     ) -> ImageInfo:
         """Turn a VM's disk into a new image (its kernel and initramfs are its image's)."""
-        resp = self._send("POST", f"{API}/instances/{_q(name)}/publish", query={"image": image})
+        resp = self._send("POST", f"{API}/instances/{q(name)}/publish", query={"image": image})
         return self._image_events(resp, f"publishing {name!r}", progress)
 
     def export_instance(
         self, name: str, out: BinaryIO, progress: ProgressCallback | None = None
     ) -> int:
         """Write ``name``'s archive (disks, files, snapshots) to ``out``; returns its size."""
-        resp = self._send("GET", f"{API}/instances/{_q(name)}/export")
+        resp = self._send("GET", f"{API}/instances/{q(name)}/export")
         total = int(resp.getheader("X-Vz-Export-Size") or 0)
         written = 0
         for chunk in self._stream(resp):
@@ -799,16 +595,15 @@ class Client(Resources):
         size = _known_size(data)
         if size is not None:
             headers["Content-Length"] = str(size)
-        raw, _ = self._raw(
+        return self._instance_call(
             "POST", f"{API}/import", query={"name": name}, body=data, headers=headers
         )
-        result: Instance = _parse("Instance", json.loads(raw))
-        return result
 
     def _image_events(
-        self, resp: http.client.HTTPResponse, what: str, progress: ProgressCallback | None
+        self, resp: Response, what: str, progress: ProgressCallback | None
     ) -> ImageInfo:
-        self._busy = resp
+        from vzkit.api.instances import ImageInfo
+
         try:
             for line in iter(resp.readline, b""):
                 if not line.strip():
@@ -819,23 +614,21 @@ class Client(Resources):
                         p = event["progress"]
                         progress(str(p.get("step", "")), p.get("fraction"))
                 elif "image" in event:
-                    info: ImageInfo = _parse("ImageInfo", event["image"])
+                    info = parse(ImageInfo, event["image"])
                     resp.read()
                     return info
                 elif "error" in event:
                     resp.read()
                     raise VzError.from_dict(event["error"], resp.status)
         finally:
-            self._busy = None
-            if resp.will_close or not resp.isclosed():
-                self.close()
+            resp.close()
         raise EngineError(
             f"{what}: vzd ended the stream without a result",
             hint=f"see {self.settings.daemon_log}",
         )
 
     def delete_image(self, name: str) -> None:
-        self._raw("DELETE", f"{API}/images/{_q(name)}")
+        self._raw("DELETE", f"{API}/images/{q(name)}")
 
 
 class EphemeralInstance:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vzkit.errors import Conflict, DaemonUnavailable, InvalidConfig, NotFound, VzError
+from vzkit.sdk._api import error_from_response
 from vzkit.settings import client_config_dir
 
 LOCAL = "local"
@@ -267,9 +268,7 @@ def _request(
                 hint="check the address and that the server listens: vz daemon listen",
             ) from exc
         if resp.status >= 400:
-            from vzkit.sdk.client import _error_from_response
-
-            raise _error_from_response(resp.status, raw)
+            raise error_from_response(resp.status, raw)
         return json.loads(raw) if raw else None
     finally:
         conn.close()

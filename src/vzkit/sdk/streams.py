@@ -15,7 +15,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
-    from websockets.sync.client import ClientConnection
+    from vzkit.sdk.transport import WebSocket
 
 CHUNK = 64 * 1024
 
@@ -34,7 +34,7 @@ def _known_size(f: BinaryIO) -> int | None:
     return None
 
 
-def _feed_stdin(ws: ClientConnection, src: bytes | BinaryIO) -> None:
+def _feed_stdin(ws: WebSocket, src: bytes | BinaryIO) -> None:
     # Runs in its own thread so a command that does not read its input cannot deadlock output.
     try:
         if isinstance(src, bytes):
@@ -123,7 +123,7 @@ class _Terminal:
             os.close(self._wake_r)
 
     def start_forwarding(
-        self, ws: ClientConnection, *, channel: bytes, resize: bool, detach: bytes | None = None
+        self, ws: WebSocket, *, channel: bytes, resize: bool, detach: bytes | None = None
     ) -> None:
         if resize:
             import signal
@@ -140,11 +140,11 @@ class _Terminal:
         )
         self._thread.start()
 
-    def _send_resize(self, ws: ClientConnection) -> None:
+    def _send_resize(self, ws: WebSocket) -> None:
         rows, cols = _terminal_size()
         ws.send(json.dumps({"resize": [rows, cols]}))
 
-    def _forward(self, ws: ClientConnection, channel: bytes, detach: bytes | None) -> None:
+    def _forward(self, ws: WebSocket, channel: bytes, detach: bytes | None) -> None:
         import select
 
         try:

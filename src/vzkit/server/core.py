@@ -49,6 +49,7 @@ class Services:
     async def reconcile(self) -> None:
         """After a daemon start: records matched with what is alive, half-made snapshots
         removed, the host's networks made to match."""
+        self.transfers.remove_staging()
         await self.instances.reconcile()
         await self.snapshots.reconcile()
         await self.networks.reconcile()

@@ -29,14 +29,15 @@ _DOWN = frozenset({S.STOPPED, S.CRASHED, S.ERROR})
 @dataclass(frozen=True)
 class Rule:
     """Where an operation may run. ``message`` and ``hint`` replace the generic error
-    (templates of ``name`` and ``state``); ``live`` marks an operation that needs an engine
-    capability while the instance runs, ``needs`` one that always needs one."""
+    (templates of ``name`` and ``state``). ``live`` names the engine capability (a field of
+    ``Capabilities``) the operation needs while the instance runs, ``needs`` the one it
+    always needs; an engine without it declares a refusal for the operation."""
 
     states: frozenset[S]
     message: str | None = None
     hint: str | None = None
-    live: bool = False
-    needs: bool = False
+    live: str | None = None
+    needs: str | None = None
 
 
 RULES: dict[str, Rule] = {
@@ -54,10 +55,10 @@ RULES: dict[str, Rule] = {
     "file": Rule(frozenset({S.RUNNING})),
     # configuration: live where the engine can (limits: the engine says which)
     "update": Rule(_ANY),
-    "volume-attach": Rule(_ANY, live=True),
-    "volume-detach": Rule(_ANY, live=True),
-    "nic-attach": Rule(_ANY, live=True),
-    "nic-detach": Rule(_ANY, live=True),
+    "volume-attach": Rule(_ANY, live="live_volumes"),
+    "volume-detach": Rule(_ANY, live="live_volumes"),
+    "nic-attach": Rule(_ANY, live="nic_hotplug"),
+    "nic-detach": Rule(_ANY, live="nic_hotplug"),
     "port": Rule(_ANY),
     "firewall": Rule(_ANY),
     # snapshots, copies, moves
@@ -70,12 +71,12 @@ RULES: dict[str, Rule] = {
         ACTIVE,
         message="a stateful snapshot needs a running instance; {name!r} is {state}",
         hint="start it first (vz start {name}), or leave out --stateful",
-        needs=True,
+        needs="memory_snapshots",
     ),
     "restore": Rule(_ANY),  # a running instance is stopped first
     "copy": Rule(_ANY),  # a running instance is paused around the copy
-    "export": Rule(_ANY, live=True),
-    "publish": Rule(_ANY, needs=True),
+    "export": Rule(_ANY, live="live_export"),
+    "publish": Rule(_ANY, needs="publish"),
 }
 
 
@@ -116,7 +117,8 @@ def check(op: str, name: str, state: S) -> None:
 
 def require(op: str, name: str, state: S, caps: Capabilities, capability: T | None) -> T:
     """Check ``op``, which always needs ``capability`` (of ``caps``); returns it."""
-    assert RULES[op].needs, f"{op} needs no capability"
+    field = RULES[op].needs
+    assert field is not None and id(getattr(caps, field)) == id(capability), field
     if capability is None:
         raise caps.refusals[op].error(name)
     check(op, name, state)
@@ -126,7 +128,8 @@ def require(op: str, name: str, state: S, caps: Capabilities, capability: T | No
 def live(op: str, name: str, state: S, caps: Capabilities, capability: T | None) -> T | None:
     """Check ``op``; the ``capability`` (of ``caps``) to do it while the instance runs, or
     None when it does not run (the change applies at its next start)."""
-    assert RULES[op].live, f"{op} is never done live"
+    field = RULES[op].live
+    assert field is not None and id(getattr(caps, field)) == id(capability), field
     check(op, name, state)
     if state not in ACTIVE:
         return None

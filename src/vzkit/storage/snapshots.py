@@ -14,17 +14,23 @@ from __future__ import annotations
 import builtins
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from vzkit.api.bounds import NAME_RE, NAME_RULE
 from vzkit.api.snapshots import SnapshotInfo
-from vzkit.errors import Conflict, NotFound
+from vzkit.errors import Conflict, InvalidConfig, NotFound
+from vzkit.host import safefs
 
 __all__ = ["SnapshotStore"]
 
 _TMP = ".tmp-"
+META = "meta.json"
+META_MAX = 1 << 20
 
 
 class SnapshotStore:
@@ -37,24 +43,59 @@ class SnapshotStore:
     def path(self, name: str) -> Path:
         return self.root / name
 
-    def list(self) -> list[SnapshotInfo]:
-        if not self.root.is_dir():
+    def _names(self) -> builtins.list[str]:
+        """The snapshot directories (their own entries, not links), half-built ones aside."""
+        if not safefs.exists(self.root.parent, self.root.name, stat.S_IFDIR):
             return []
-        out = []
-        for entry in self.root.iterdir():
-            meta = entry / "meta.json"
-            if not entry.name.startswith(_TMP) and meta.is_file():
-                out.append(SnapshotInfo.model_validate_json(meta.read_text()))
+        return [
+            entry.name
+            for entry in os.scandir(self.root)
+            if not entry.name.startswith(_TMP) and entry.is_dir(follow_symlinks=False)
+        ]
+
+    def _read(self, name: str) -> SnapshotInfo | None:
+        """``name``'s meta.json, read below the store without following a link."""
+        try:
+            raw = safefs.read_bytes(self.root, f"{name}/{META}", META_MAX)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return SnapshotInfo.model_validate_json(raw)
+
+    def list(self) -> builtins.list[SnapshotInfo]:
+        out = [info for name in self._names() if (info := self._read(name)) is not None]
         return sorted(out, key=lambda s: s.created_at)
 
     def get(self, name: str) -> SnapshotInfo:
-        meta = self.path(name) / "meta.json"
-        if not NAME_RE.match(name) or not meta.is_file():
+        info = self._read(name) if NAME_RE.match(name) else None
+        if info is None:
             raise NotFound(
                 f"instance {self.instance!r} has no snapshot {name!r}",
                 hint=f"list them: vz snapshot list {self.instance}",
             )
-        return SnapshotInfo.model_validate_json(meta.read_text())
+        return info
+
+    def verify(self) -> builtins.list[SnapshotInfo]:
+        """Check snapshots that came from elsewhere (an imported archive): each is a valid
+        name holding a valid meta.json of its own name; InvalidConfig names the first that
+        is not. Half-built leftovers are removed first."""
+        self.cleanup()
+        out = []
+        for name in self._names():
+            try:
+                info = self._read(name) if NAME_RE.match(name) else None
+            except (OSError, ValueError, ValidationError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not a valid snapshot record"
+                raise InvalidConfig(
+                    f"the archive's snapshot {name!r} has a bad {META}: {why}",
+                    hint="export the instance again with vz export",
+                ) from exc
+            if info is None or info.name != name:
+                raise InvalidConfig(
+                    f"the archive's snapshot directory {name!r} is not a snapshot",
+                    hint="export the instance again with vz export",
+                )
+            out.append(info)
+        return out
 
     @contextmanager
     def building(self, name: str) -> Iterator[Path]:
@@ -65,7 +106,7 @@ class SnapshotStore:
         """
         if not NAME_RE.match(name):
             raise Conflict(f"invalid snapshot name {name!r}: {NAME_RULE}")
-        if self.path(name).exists():
+        if os.path.lexists(self.path(name)):
             raise Conflict(
                 f"instance {self.instance!r} already has a snapshot {name!r}",
                 hint=f"choose another name, or delete it: vz snapshot delete {self.instance} "
@@ -76,7 +117,7 @@ class SnapshotStore:
         tmp.mkdir(parents=True)
         try:
             yield tmp
-            if not (tmp / "meta.json").is_file():
+            if not safefs.exists(tmp, META):
                 raise RuntimeError("snapshot built without meta.json")
             _fsync_dir(tmp)
             os.rename(tmp, self.path(name))
@@ -87,7 +128,7 @@ class SnapshotStore:
 
     @staticmethod
     def write_meta(directory: Path, info: SnapshotInfo) -> None:
-        (directory / "meta.json").write_text(info.model_dump_json(indent=1))
+        safefs.replace_bytes(directory, META, info.model_dump_json(indent=1).encode(), 0o600)
 
     def delete(self, name: str) -> None:
         self.get(name)
@@ -99,7 +140,7 @@ class SnapshotStore:
 
     def cleanup(self) -> builtins.list[str]:
         """Remove half-built or half-deleted snapshots; returns their directory names."""
-        if not self.root.is_dir():
+        if not safefs.exists(self.root.parent, self.root.name, stat.S_IFDIR):
             return []
         gone: builtins.list[str] = []
         for entry in self.root.iterdir():

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from websockets.sync.server import ServerConnection
 
-from tests.unit.cli.vz_fake_daemon import IMAGE, INSTANCE, FakeVzd, Reply, error, exec_script
+from tests.unit.cli.vz_fake_daemon import (
+    HOST_INFO,
+    IMAGE,
+    INSTANCE,
+    SERVER_INFO,
+    FakeVzd,
+    Reply,
+    Seen,
+    error,
+    exec_script,
+)
 
 
 @pytest.fixture
@@ -229,15 +240,17 @@ def test_run_builds_a_missing_image_with_progress(fake: FakeVzd, tmp_path: Path)
 
 def test_run_ctrl_c_forwards_then_deletes(fake: FakeVzd, tmp_path: Path) -> None:
     _run_routes(fake, "job")
-    started = threading.Event()
+    signalled = threading.Event()
     got_signal: list[int] = []
 
     def long_running(ws: ServerConnection) -> None:
         ws.recv()
-        started.set()
+        # Output the client prints only from inside its exec loop, where Ctrl-C is forwarded.
+        ws.send(b"\x01ready\n")
         for msg in ws:
             if isinstance(msg, str) and "signal" in msg:
                 got_signal.append(json.loads(msg)["signal"])
+                signalled.set()
                 if len(got_signal) == 1:
                     continue  # ignore the first: the user must press Ctrl-C again
         ws.close()
@@ -264,12 +277,10 @@ def test_run_ctrl_c_forwards_then_deletes(fake: FakeVzd, tmp_path: Path) -> None
         env=env,
     )
     try:
-        assert started.wait(30)
-        time.sleep(0.3)  # let the client settle into waiting for output
+        assert proc.stdout is not None
+        assert _read_line(proc.stdout, 30) == b"ready\n"
         proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 10
-        while not got_signal and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert signalled.wait(30)
         assert got_signal == [2]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 130
@@ -277,6 +288,15 @@ def test_run_ctrl_c_forwards_then_deletes(fake: FakeVzd, tmp_path: Path) -> None
         proc.kill()
         proc.communicate()
     assert fake.requests("DELETE") == [("DELETE", "/1.0/instances/job")]
+
+
+def _read_line(stream: IO[bytes], timeout: float) -> bytes:
+    """A line from a child's pipe, or b"" if none comes within ``timeout`` seconds."""
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0] if lines else b""
 
 
 def test_exec_stdin_and_exit_code(fake: FakeVzd, tmp_path: Path) -> None:
@@ -324,17 +344,93 @@ def test_delete_many_continues_past_failures(fake: FakeVzd, tmp_path: Path) -> N
 
 def test_image_list_and_host_info(fake: FakeVzd, tmp_path: Path) -> None:
     fake.on("GET", "/1.0/images", Reply(200, [IMAGE]))
-    fake.on("GET", "/1.0/host", Reply(200, {"kvm": {"usable": False}, "cpus": 2}))
+    fake.on("GET", "/1.0/host", Reply(200, HOST_INFO))
     lines = vz(tmp_path, "image", "list").stdout.decode().splitlines()
     assert lines[1].split()[:4] == ["minimal", "initramfs", "6.1.0-cloud-amd64", "3MiB"]
     out = vz(tmp_path, "host", "info").stdout.decode()
-    assert "kvm.usable: False" in out and "cpus:" in out
+    assert re.search(r"^kvm\.usable: +False$", out, re.M) and re.search(r"^cpus: +2$", out, re.M)
     assert json.loads(vz(tmp_path, "host", "info", "--format", "json").stdout)["cpus"] == 2
 
 
 def test_daemon_status(fake: FakeVzd, tmp_path: Path) -> None:
-    fake.on("GET", "/1.0", Reply(200, {"api_version": "1.0", "server_version": "0.1", "pid": 9}))
+    fake.on("GET", "/1.0", Reply(200, {**SERVER_INFO, "pid": 9}))
     r = vz(tmp_path, "daemon", "status")
     assert r.returncode == 0 and b"running (pid 9, version 0.1" in r.stdout
     r = vz(tmp_path, "daemon", "status", sock=tmp_path / "none.sock")
     assert r.returncode == 3 and r.stdout.startswith(b"not running")
+
+
+def test_a_launch_lost_mid_request_is_not_sent_again(fake: FakeVzd, tmp_path: Path) -> None:
+    # vzd died after reading the create: the CLI once sent it again on a fresh connection
+    # and printed "instance already exists" for a launch that had failed.
+    fake.on("GET", "/1.0/images/minimal", Reply(200, IMAGE))
+    posts: list[Seen] = []
+
+    def create(seen: Seen) -> Reply:
+        posts.append(seen)
+        if len(posts) == 1:
+            return Reply(drop=True)
+        return error(409, "conflict", "instance 'web' already exists", "pick another name")
+
+    fake.on("POST", "/1.0/instances", create)
+    r = vz(tmp_path, "launch", "minimal", "web")
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert len(posts) == 1
+    assert "already exists" not in err
+    assert "error: cannot reach vzd at" in err and "connection lost during POST" in err
+    assert "hint: check whether it was done" in err
+
+
+def test_sizes_up_to_one_pib_reach_the_daemon(fake: FakeVzd, tmp_path: Path) -> None:
+    # The API documents sizes up to 1 PiB; the CLI refused "1PiB" as no size at all.
+    fake.on("GET", "/1.0/images/minimal", Reply(200, IMAGE))
+    fake.on(
+        "POST",
+        "/1.0/instances",
+        error(507, "resource_exhausted", "cannot allocate 1PiB of memory", "use less"),
+    )
+    fake.on("POST", "/1.0/volumes", error(507, "resource_exhausted", "pool full", "free space"))
+    r = vz(tmp_path, "launch", "minimal", "big", "--memory", "1PiB")
+    assert r.returncode == 1 and b"cannot allocate 1PiB" in r.stderr, r.stderr
+    assert json.loads(fake.seen[-1].body)["limits"] == {"memory": 1024**5}
+    r = vz(tmp_path, "volume", "create", "huge", "--size", "1PiB")
+    assert r.returncode == 1 and json.loads(fake.seen[-1].body)["size"] == 1024**5
+    posts = len(fake.requests("POST"))
+    r = vz(tmp_path, "launch", "minimal", "big", "--memory", "2PiB")
+    assert r.returncode == 2 and b"invalid size '2PiB': at most 1PiB" in r.stderr, r.stderr
+    assert len(fake.requests("POST")) == posts
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["launch", "minimal", "--memory", "64MiB"], "too small for a microvm: at least 96MiB"),
+        (["launch", "minimal", "--type", "vm", "--memory", "96MiB"], "at least 128MiB"),
+        (["launch", "minimal", "--type", "container", "--memory", "4MiB"], "at least 8MiB"),
+        (["config", "set", "web", "limits.memory=1MiB"], "too small"),
+        (["volume", "create", "v", "--size", "512KiB"], "out of range"),
+        (["stop", "web", "--timeout", "7200"], "too long"),
+        (["file", "push", "-", "web:/x", "--mode", "4755"], "setuid or setgid"),
+    ],
+)
+def test_the_cli_refuses_what_the_api_refuses(
+    fake: FakeVzd, tmp_path: Path, args: list[str], needle: str
+) -> None:
+    r = vz(tmp_path, *args)
+    assert r.returncode == 2 and needle in r.stderr.decode(), r.stderr
+    assert b"\nhint: " in r.stderr
+    assert fake.seen == []
+
+
+def test_a_setuid_file_is_pushed_only_when_asked_for(fake: FakeVzd, tmp_path: Path) -> None:
+    fake.on("PUT", "/1.0/instances/web/files", Reply(204))
+    local = tmp_path / "tool"
+    local.write_bytes(b"#!/bin/sh\n")
+    local.chmod(0o4755)
+    r = vz(tmp_path, "file", "push", str(local), "web:/usr/bin/tool")
+    assert r.returncode == 2 and b"4755 sets the setuid or setgid bit" in r.stderr, r.stderr
+    assert fake.seen == []
+    r = vz(tmp_path, "file", "push", str(local), "web:/usr/bin/tool", "--allow-setid")
+    assert r.returncode == 0, r.stderr
+    assert fake.seen[-1].query["mode"] == "4755" and fake.seen[-1].query["allow_setid"] == "true"

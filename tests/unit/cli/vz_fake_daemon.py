@@ -28,6 +28,10 @@ class Reply:
     status: int = 200
     body: Any = None  # JSON-serialisable, or bytes sent as they are
     headers: dict[str, str] = field(default_factory=dict)
+    # Close the connection after reading the request, without answering (vzd died mid-request).
+    drop: bool = False
+    # Answer, then close the connection without saying so (a keep-alive timeout, a restart).
+    hang_up: bool = False
 
 
 @dataclass
@@ -59,6 +63,28 @@ INSTANCE = {
     "nics": [{"network": "vzbr0", "ip": "10.80.0.10", "mac": "0a:76:7a:01:02:03", "name": "eth0"}],
 }
 
+SERVER_INFO = {"api_version": "1.0", "server_version": "0.1", "auth": "trusted", "pid": 1}
+
+HOST_INFO = {
+    "cpus": 2,
+    "cpu_affinity": [0, 1],
+    "memory_total": 8 * 1024**3,
+    "memory_available": 6 * 1024**3,
+    "qemu_binary": "/usr/bin/qemu-system-x86_64",
+    "qemu_version": "7.2.0",
+    "kvm": {"usable": False, "module": None, "reason": "no /dev/kvm"},
+    "accel": "tcg",
+    "accel_reason": "no /dev/kvm",
+    "tsc_khz": None,
+    "tsc_source": "none",
+    "tsc_flags": [],
+    "cgroup_version": 2,
+    "kernel_release": "6.1.0-cloud-amd64",
+    "boot_id": "b0",
+    "probed_at": "2024-01-01T00:00:00Z",
+    "probe_ms": 1.5,
+}
+
 IMAGE = {
     "name": "minimal",
     "digest": "sha256:0123456789abcdef",
@@ -80,6 +106,10 @@ def error(status: int, code: str, message: str, hint: str | None = None) -> Repl
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     fake: FakeVzd
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        self.fake.closed += 1
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -124,6 +154,9 @@ class _Handler(BaseHTTPRequestHandler):
             reply = Reply(404, {"detail": "Not Found"})
         elif callable(reply):
             reply = reply(seen)
+        if reply.drop:
+            self.close_connection = True
+            return
         data = (
             reply.body
             if isinstance(reply.body, bytes)
@@ -137,6 +170,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if data:
             self.wfile.write(data)
+        if reply.hang_up:
+            self.wfile.flush()
+            self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_DELETE = _any
 
@@ -148,6 +184,7 @@ class FakeVzd:
         self.ws_routes: dict[str, WsHandler] = {}
         self.seen: list[Seen] = []
         self.connections = 0
+        self.closed = 0  # plain HTTP connections the fake has finished with
         self._ws_path = path.with_name(path.name + ".ws")
 
     def on(self, method: str, path: str, reply: Reply | Callable[[Seen], Reply]) -> None:

@@ -6,14 +6,24 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from websockets.sync.server import ServerConnection
 
-from tests.unit.cli.vz_fake_daemon import IMAGE, INSTANCE, FakeVzd, Reply, Seen, error, exec_script
+from tests.integration.helpers import wait_for
+from tests.unit.cli.vz_fake_daemon import (
+    IMAGE,
+    INSTANCE,
+    SERVER_INFO,
+    FakeVzd,
+    Reply,
+    Seen,
+    error,
+    exec_script,
+)
 from vzkit.api.instances import ExecResult, ImageInfo, Instance, InstanceCreate
 from vzkit.errors import (
     Conflict,
@@ -72,8 +82,8 @@ def test_framework_error_without_error_body(fake: FakeVzd, client: Client) -> No
 def test_typed_answers_and_one_keepalive_connection(fake: FakeVzd, client: Client) -> None:
     fake.on("GET", "/1.0/instances", Reply(200, [INSTANCE]))
     fake.on("GET", "/1.0/instances/web", Reply(200, INSTANCE))
-    fake.on("GET", "/1.0", Reply(200, {"api_version": "1.0", "server_version": "0.1", "pid": 1}))
-    assert client.server_info()["pid"] == 1
+    fake.on("GET", "/1.0", Reply(200, SERVER_INFO))
+    assert client.server_info().pid == 1
     [inst] = client.list_instances()
     assert isinstance(inst, Instance) and inst.limits.memory == 512 * 1024**2
     assert client.get_instance("web").pid == 4242
@@ -271,3 +281,71 @@ def test_async_client_runs_every_call_off_the_loop(fake: FakeVzd, tmp_path: Path
     listed, one = asyncio.run(main())
     assert [i.name for i in listed] == ["web"] and one.name == "web"
     assert vzkit.Client is Client
+
+
+# -- connections lost mid-request (issue 11: a replayed create) ---------------------------------
+
+
+def _once_then(first: Reply, then: Reply, calls: list[Seen]) -> Callable[[Seen], Reply]:
+    def answer(seen: Seen) -> Reply:
+        calls.append(seen)
+        return first if len(calls) == 1 else then
+
+    return answer
+
+
+def test_a_create_lost_mid_request_is_reported_not_sent_again(
+    fake: FakeVzd, client: Client
+) -> None:
+    # vzd died after reading the request: it may have made the instance, so sending the
+    # create again could only answer "already exists" (or make a second one).
+    fake.on("GET", "/1.0/instances", Reply(200, []))
+    posts: list[Seen] = []
+    exists = error(409, "conflict", "instance 'web' already exists", "pick another name")
+    fake.on("POST", "/1.0/instances", _once_then(Reply(drop=True), exists, posts))
+    assert client.list_instances() == []  # the create goes on this kept-alive connection
+    with pytest.raises(DaemonUnavailable) as info:
+        client.create_instance({"name": "web"})
+    assert len(posts) == 1
+    assert "connection lost during POST /1.0/instances" in info.value.message
+    assert "may or may not have carried out" in info.value.message
+    assert info.value.hint and "check whether it was done" in info.value.hint
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_other_changes_lost_mid_request_are_not_sent_again(
+    fake: FakeVzd, client: Client, method: str
+) -> None:
+    fake.on("GET", "/1.0/instances", Reply(200, []))
+    calls: list[Seen] = []
+    path = "/1.0/instances/web" + ("/state" if method == "PUT" else "")
+    fake.on(method, path, _once_then(Reply(drop=True), Reply(200, INSTANCE), calls))
+    client.list_instances()
+    with pytest.raises(DaemonUnavailable, match=f"during {method} {path}"):
+        if method == "PUT":
+            client.start("web")
+        else:
+            client.delete_instance("web")
+    assert len(calls) == 1
+
+
+def test_a_read_lost_mid_request_is_sent_again_once(fake: FakeVzd, client: Client) -> None:
+    gets: list[Seen] = []
+    fake.on("GET", "/1.0/instances/web", _once_then(Reply(200, INSTANCE), Reply(drop=True), gets))
+    fake.on("GET", "/1.0/instances", Reply(200, [INSTANCE]))
+    client.get_instance("web")  # opens the connection the next call reuses
+    fake.on("GET", "/1.0/instances/web", _once_then(Reply(drop=True), Reply(200, INSTANCE), []))
+    assert client.get_instance("web").name == "web"  # replayed on a fresh connection
+    assert fake.connections == 2
+
+
+def test_a_connection_closed_while_idle_is_not_reused(fake: FakeVzd, client: Client) -> None:
+    # The daemon closed the kept-alive connection after answering (a restart, a keep-alive
+    # timeout): the next request, a create, must go on a new one, once.
+    fake.on("GET", "/1.0/instances", Reply(200, [], hang_up=True))
+    posts: list[Seen] = []
+    fake.on("POST", "/1.0/instances", _once_then(Reply(201, INSTANCE), Reply(500), posts))
+    client.list_instances()
+    assert wait_for(lambda: fake.closed >= 1, 10)
+    assert client.create_instance({"name": "web"}).name == "web"
+    assert len(posts) == 1 and fake.connections == 2

@@ -66,6 +66,7 @@ def test_live_needs_the_capability_only_while_running() -> None:
         assert err.value.message == "no volume-attach for 'web'"
         assert err.value.hint == "hint for web (volume-attach)"
     cap = object()
+    caps = _caps(live_volumes=cap)
     assert lifecycle.live("volume-attach", "web", InstanceState.RUNNING, caps, cap) is cap
     assert lifecycle.live("volume-attach", "web", InstanceState.STOPPED, caps, cap) is None
 
@@ -75,6 +76,7 @@ def test_require_asks_for_the_capability_before_the_state() -> None:
     with pytest.raises(InvalidConfig, match="no snapshot-stateful for 'web'"):
         lifecycle.require("snapshot-stateful", "web", InstanceState.STOPPED, caps, None)
     cap = object()
+    caps = _caps(memory_snapshots=cap)
     with pytest.raises(StateError, match="needs a running instance"):
         lifecycle.require("snapshot-stateful", "web", InstanceState.STOPPED, caps, cap)
     assert lifecycle.require("snapshot-stateful", "web", InstanceState.PAUSED, caps, cap) is cap

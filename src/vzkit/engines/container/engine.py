@@ -42,7 +42,7 @@ from vzkit.engines.container.idmap import IdMap
 from vzkit.engines.container.inroot import replace_file
 from vzkit.engines.container.sessions import LogConsole, Proc, TtyProc, receive_fd, set_winsize
 from vzkit.errors import AgentError, EngineError, InvalidConfig, NotFound, StateError
-from vzkit.host import perms
+from vzkit.host import perms, safefs
 from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
 from vzkit.images.store import ImageStore
@@ -226,7 +226,7 @@ class ContainerEngine(ProcessEngine):
         if idmap is not None:
             linux["namespaces"].append({"type": "user"})
             linux.update(idmap.oci())
-        (sdir / "bundle" / "config.json").write_text(json.dumps(spec, indent=1))
+        safefs.replace_bytes(sdir, "bundle/config.json", json.dumps(spec, indent=1).encode())
 
     def _mount_rootfs(self, uuid: str, state: ContainerState, userns_fd: int | None) -> Path:
         """The overlay (the image's tree below, idmapped for an unprivileged container)
@@ -303,9 +303,8 @@ class ContainerEngine(ProcessEngine):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
         try:
-            with open(
-                os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab"
-            ) as console:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+            with os.fdopen(safefs.open_file(sdir, log_path.name, flags), "ab") as console:
                 # The init inherits these as its stdio, so no pipe may be among them (it
                 # would never reach EOF); the runtime's own errors go to its --log file.
                 proc = await asyncio.create_subprocess_exec(
@@ -328,7 +327,7 @@ class ContainerEngine(ProcessEngine):
             if proc.returncode != 0:
                 why = ""
                 with contextlib.suppress(OSError):
-                    why = error_log.read_text().strip()[-2000:]
+                    why = safefs.read_tail(sdir, error_log.name, 2000).decode(errors="replace")
                 raise EngineError(
                     f"creating container {inst.name!r} failed: {why or 'see ' + str(log_path)}"
                 )
@@ -337,7 +336,7 @@ class ContainerEngine(ProcessEngine):
             for volume in volumes:
                 await self._mount_volume(uuid, state.idmap, volume)
             await self._runtime("start", uuid)
-            pid = int(pid_file.read_text())
+            pid = int(safefs.read_text(sdir, pid_file.name, 64))
             live = _Live(inst.name, uuid, pid, state.idmap)
             self._live[inst.name] = live
             self._watch(live)

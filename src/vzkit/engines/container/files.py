@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from vzkit.engines.base import Captured, EngineState
 from vzkit.engines.common import ProcessEngine, check_archive_disks, link_tree, stage_snapshots
 from vzkit.engines.container.idmap import IdMap, shift_owners
 from vzkit.errors import EngineError, ImageError, InvalidConfig, ResourceExhausted
+from vzkit.host import safefs
 from vzkit.images.rootfs import container_rootfs
 
 # The directories of a container's instance directory besides its upper layer (its root
@@ -59,7 +61,7 @@ class ContainerFiles:
     async def capture(self, inst: Instance, uuid: str, state: EngineState, dest: Path) -> Captured:
         """Copy the upper layer (a running container must be paused: a consistent copy)."""
         await copy_tree(self._dir(uuid) / "upper", dest / "upper")
-        return Captured(state, size=_tree_size(dest / "upper"))
+        return Captured(state, size=safefs.tree_size(dest / "upper", allocated=True))
 
     async def restore(
         self, inst: Instance, uuid: str, state: EngineState, snapshot: Path, layer: str | None
@@ -94,7 +96,7 @@ class ContainerFiles:
         self, inst: Instance, uuid: str, state: EngineState, layers: list[str], dest: Path
     ) -> dict[str, str]:
         sdir = self._dir(uuid)
-        if (sdir / "upper").is_dir():
+        if safefs.exists(sdir, "upper", stat.S_IFDIR):
             link_tree(sdir / "upper", dest / "upper")
         stage_snapshots(sdir, dest)
         # The lower directory is this host's: the importer finds its own.
@@ -102,7 +104,7 @@ class ContainerFiles:
         return {"idmap": idmap.text()} if idmap is not None else {}
 
     def check_archive(self, files: Path, header: Mapping[str, object]) -> None:
-        check_archive_disks(files, header)
+        check_archive_disks(files, header, _layout)
 
     async def adopt(
         self,
@@ -149,8 +151,9 @@ def _reown(files: Path, old: IdMap | None, new: IdMap | None) -> None:
                 shift_owners(snap / "upper", old, new)
 
 
-def _tree_size(path: Path) -> int:
-    return sum(p.lstat().st_blocks * 512 for p in path.rglob("*"))
+def _layout(name: str, kind: int) -> bool:
+    """A container's archived files: its upper layer and the snapshots' directory."""
+    return kind == stat.S_IFDIR and name in ("upper", "snapshots")
 
 
 async def copy_tree(src: Path, dst: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from vzkit.engines.base import EngineState
 from vzkit.errors import EngineError, StateError
+from vzkit.host import safefs
 from vzkit.storage import qcow2
 
 ROOT_TOP = "root.qcow2"
@@ -65,7 +66,7 @@ async def freeze_live(
     new = _new_name()
     await asyncio.to_thread(qcow2.create, directory / new, backing=Path(top))
     if owner is not None:
-        os.chown(directory / new, *owner)
+        os.chown(directory / new, *owner, follow_symlinks=False)
     try:
         node = await active_node(qmp)
         new_node = "n" + new.removeprefix("disk-").removesuffix(".qcow2")
@@ -99,7 +100,7 @@ async def active_node(qmp: Any) -> str:
 
 async def new_top_over(directory: Path, layer: str) -> str:
     """A fresh top over a frozen layer (restoring a snapshot)."""
-    if not (directory / layer).is_file():
+    if not safefs.exists(directory, layer):
         raise EngineError(f"disk layer {layer} is missing from {directory}")
     return await freeze_offline(directory, layer)
 
@@ -109,15 +110,15 @@ def link_chain(src: Path, dst: Path, names: Iterable[str]) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in names:
         target = dst / name
-        if not target.exists():
-            os.link(src / name, target)
+        if not os.path.lexists(target):
+            os.link(src / name, target, follow_symlinks=False)
 
 
 def prune(directory: Path, keep_tops: Iterable[str]) -> list[str]:
     """Remove the layers no chain from ``keep_tops`` needs; returns their names."""
     needed: set[str] = set()
     for top in keep_tops:
-        if (directory / top).is_file():
+        if safefs.exists(directory, top):
             needed.update(chain(directory, top))
     gone = []
     for path in directory.glob("*.qcow2"):
@@ -145,7 +146,7 @@ def merge_out(directory: Path, layer: str, running_top: str | None) -> None:
                 "the snapshot's disk layer is the base of the running disk",
                 hint="stop the instance, then delete the snapshot (its data is merged)",
             )
-        if child.stat().st_nlink > 1:
+        if child.lstat().st_nlink > 1:
             raise StateError(
                 "the snapshot's disk layer is shared with a copy of this instance",
                 hint="delete the copy first, or keep the snapshot",

@@ -16,6 +16,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from vzkit.engines.qemu.hotplug import QemuVolumes
 from vzkit.engines.qemu.layers import QemuDisks
 from vzkit.engines.qemu.transfer import QemuExport
 from vzkit.errors import AgentError, EngineError, NotFound, StateError
-from vzkit.host import perms
+from vzkit.host import perms, safefs
 from vzkit.host.cgroups import Cgroup, CgroupDriver, CgroupLimits
 from vzkit.host.resources import TCG_TB_SIZE_MIB, qemu_memory_limit
 from vzkit.images.store import ImageStore
@@ -130,10 +131,11 @@ class QemuEngine(ProcessEngine):
         self.cgroups = cgroups
         self._live: dict[str, _Live] = {}
         self.user = _qemu_user(settings.qemu_user, (settings.state_dir, settings.runtime_dir))
-        disks, volumes = QemuDisks(self), QemuVolumes(self)
+        disks, volumes, export = QemuDisks(self), QemuVolumes(self), QemuExport(self)
         common = Capabilities(
             snapshots=disks,
-            export=QemuExport(self),
+            export=export,
+            live_export=export,  # from a frozen disk layer
             disk_layers=disks,
             memory_snapshots=self,
             volume_resize=volumes,
@@ -336,7 +338,7 @@ class QemuEngine(ProcessEngine):
         appear); returns its pid once it has daemonized."""
         sdir, rdir = self.state_dir(spec.uuid), self.runtime_dir(spec.uuid)
         socks = [process.listen_unix(rdir / n) for n in ("qmp.sock", "agent.sock", "console.sock")]
-        state_fd = os.open(restore, os.O_RDONLY) if restore else None
+        state_fd = safefs.open_file(restore.parent, restore.name) if restore else None
         jail = self._jail(sdir, rdir, volumes) if self.settings.jail else None
         with process.closing_all(socks), _closing_fd(state_fd):
             spec = dataclasses.replace(
@@ -347,8 +349,9 @@ class QemuEngine(ProcessEngine):
                 extra=tuple(savestate.incoming_args(state_fd) if state_fd else ()),
             )
             # A fresh boot starts a fresh console log.
-            spec.console_log.write_bytes(b"")
-            self._give(rdir, spec.console_log, *(d.path for d in spec.disks if not d.read_only))
+            # (emptied in place, never through a link, and handed to QEMU's user)
+            safefs.truncate(sdir, spec.console_log.name, 0o600, owner=self.user)
+            self._give(rdir, *(d.path for d in spec.disks if not d.read_only))
             return await process.launch(
                 build_argv(self.settings.qemu_binary, spec),
                 pass_fds=[s.fileno() for s in socks] + ([state_fd] if state_fd else []),
@@ -394,15 +397,17 @@ class QemuEngine(ProcessEngine):
         """Hand files QEMU writes to its user (created by vzd, as root), none to others."""
         for path in paths:
             if self.user is not None:
-                os.chown(path, *self.user)
-            os.chmod(path, os.stat(path).st_mode & 0o7770)
+                os.chown(path, *self.user, follow_symlinks=False)
+            st = os.lstat(path)
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o007)
 
     async def attach(self, inst: Instance, uuid: str, state: EngineState) -> str | None:
         pid = inst.pid
         if pid is None:
             # vzd died during the boot, before it recorded the pid: QEMU's pid file has it.
             with contextlib.suppress(OSError, ValueError):
-                pid = int((self.runtime_dir(uuid) / "qemu.pid").read_text().strip())
+                pid = int(safefs.read_text(self.runtime_dir(uuid), "qemu.pid", 64).strip())
         if pid is None or not process.is_our_qemu(pid, uuid):
             if self.cgroups is not None:
                 cg = self.cgroups.open(f"{self.settings.cgroup_parent}/{inst.name}")
@@ -562,10 +567,10 @@ class QemuEngine(ProcessEngine):
     def trim_console_logs(self) -> None:
         """Keep each console log bounded; QEMU appends (O_APPEND), so truncating is safe."""
         for live in self._live.values():
-            path = self.state_dir(live.uuid) / "console.log"
             with contextlib.suppress(OSError):
-                if path.stat().st_size > CONSOLE_LOG_MAX:
-                    with open(path, "r+b") as f:
+                fd = safefs.open_file(self.state_dir(live.uuid), "console.log", os.O_RDWR)
+                with os.fdopen(fd, "r+b") as f:
+                    if os.fstat(fd).st_size > CONSOLE_LOG_MAX:
                         f.seek(-CONSOLE_LOG_MAX // 2, os.SEEK_END)
                         tail = f.read()
                         f.seek(0)

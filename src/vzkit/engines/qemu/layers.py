@@ -13,7 +13,7 @@ from vzkit.engines.base import Captured, EngineState, Frozen
 from vzkit.engines.qemu import disks
 from vzkit.engines.qemu.disks import QemuState
 from vzkit.errors import InvalidConfig
-from vzkit.host import perms
+from vzkit.host import perms, safefs
 from vzkit.storage import qcow2
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ class QemuDisks:
         """Freeze the disk's top as a layer (a running VM must be paused)."""
         st = QemuState.of(state)
         sdir = self.engine.state_dir(uuid)
-        if not (sdir / st.disk).is_file():
+        if not safefs.exists(sdir, st.disk):
             return None  # a micro-VM booted from its initramfs has no disk
         qmp = self.engine.running_qmp(inst.name)
         if qmp is not None:
@@ -76,7 +76,7 @@ class QemuDisks:
 
     def disk(self, inst: Instance, uuid: str, state: EngineState) -> Path:
         path = self.engine.state_dir(uuid) / QemuState.of(state).disk
-        if not path.is_file():
+        if not safefs.exists(path.parent, path.name):
             raise InvalidConfig(
                 f"{inst.name!r} has no disk of its own: it boots image {inst.image!r} as is",
                 hint="publish a VM with a root disk (such as one of the debian image)",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vzkit._proc import alive
 from vzkit.errors import EngineError
+from vzkit.host import safefs
 
 # Enough for QEMU to load a kernel and initramfs from a slow disk, not enough to hide a hang.
 LAUNCH_TIMEOUT = 60.0
@@ -121,7 +122,11 @@ async def launch(
     """Run QEMU (with -daemonize) and return the pid of the daemonized process."""
     with contextlib.suppress(FileNotFoundError):
         pid_file.unlink()
-    with open(log_file, "ab") as log:
+    # (never through a link: the runtime dir is QEMU's user's)
+    log_fd = safefs.open_file(
+        log_file.parent, log_file.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    )
+    with os.fdopen(log_fd, "ab") as log:
         start = log.tell()
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -150,15 +155,13 @@ async def launch(
         message = _tail(log_file, start).strip() or status
         raise EngineError(f"QEMU failed to start: {message}", hint=f"see {log_file}")
     try:
-        return int(pid_file.read_text().strip())
+        return int(safefs.read_text(pid_file.parent, pid_file.name, 64).strip())
     except (OSError, ValueError) as exc:
         raise EngineError(f"QEMU started but wrote no pid file at {pid_file}") from exc
 
 
 def _tail(path: Path, start: int, limit: int = 4000) -> str:
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read()[-limit:].decode(errors="replace")
+    return safefs.read_tail(path.parent, path.name, limit, start).decode(errors="replace")
 
 
 def cmdline_of(pid: int) -> list[str] | None:

@@ -35,7 +35,8 @@ async def save(qmp: Any, dest: Path, *, timeout: float = 300.0) -> int:
     The VM is left paused (``postmigrate``); ``cont`` resumes it.
     """
     tmp = dest.with_name(dest.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600)
     try:
         qmp.send_fd_scm(fd)
         await qmp.execute("getfd", {"fdname": "vz-save"})
@@ -52,7 +53,7 @@ async def save(qmp: Any, dest: Path, *, timeout: float = 300.0) -> int:
                     f"saving the VM state failed: {why}", hint=f"free space under {dest.parent}"
                 )
             raise EngineError(f"saving the VM state failed: {why}")
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
@@ -63,7 +64,7 @@ async def save(qmp: Any, dest: Path, *, timeout: float = 300.0) -> int:
             await qmp.execute("migrate_cancel")
         tmp.unlink(missing_ok=True)
         raise
-    return dest.stat().st_size
+    return dest.lstat().st_size
 
 
 async def _wait(qmp: Any, timeout: float) -> dict[str, Any]:

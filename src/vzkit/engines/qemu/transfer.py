@@ -8,6 +8,7 @@ layer, the image's disk included, so the target host needs nothing else.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from vzkit.engines.base import EngineState
 from vzkit.engines.common import check_archive_disks, stage_snapshots
 from vzkit.engines.qemu import disks
 from vzkit.engines.qemu.disks import QemuState
-from vzkit.host import perms
+from vzkit.host import perms, safefs
 
 if TYPE_CHECKING:
     from vzkit.engines.qemu.engine import QemuEngine
@@ -34,15 +35,17 @@ class QemuExport:
         sdir = self.engine.state_dir(uuid)
         names: set[str] = set()
         for top in [st.disk, *layers]:
-            if (sdir / top).is_file():
+            if safefs.exists(sdir, top):
                 names.update(disks.chain(sdir, top))
-        for name in names:
-            os.link(sdir / name, dest / name)
+        with safefs.dir_fd(sdir) as src, safefs.dir_fd(dest) as dst:
+            for name in names:
+                # The chain's own files, never a link's target.
+                os.link(name, name, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
         stage_snapshots(sdir, dest)
         return {"top": st.top} if st.top else {}
 
     def check_archive(self, files: Path, header: Mapping[str, object]) -> None:
-        check_archive_disks(files, header)
+        check_archive_disks(files, header, _layout)
 
     async def adopt(
         self,
@@ -58,3 +61,10 @@ class QemuExport:
         if not isinstance(top, str):
             return QemuState()
         return QemuState(top=await disks.freeze_offline(files, top))
+
+
+def _layout(name: str, kind: int) -> bool:
+    """A VM's archived files: its disk layers and the snapshots' directory."""
+    return (kind == stat.S_IFREG and name.endswith(".qcow2")) or (
+        kind == stat.S_IFDIR and name == "snapshots"
+    )

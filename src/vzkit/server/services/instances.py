@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from pydantic import TypeAdapter, ValidationError
 
+from vzkit.api import bounds
 from vzkit.api.instances import (
     ExecRequest,
     Instance,
@@ -237,6 +238,11 @@ class InstanceService:
                 limits = Limits.model_validate(merged)
             except ValidationError as exc:
                 raise InvalidConfig(f"invalid limits: {exc.errors()[0]['msg']}") from exc
+            try:
+                # The request model knows no type; the floor of this instance's applies here.
+                bounds.check_memory(limits.memory, inst.type.value)
+            except bounds.OutOfBounds as exc:
+                raise InvalidConfig(f"invalid limits: {exc}", hint=exc.hint) from exc
             if inst.state in lifecycle.ACTIVE:
                 self.power.check_fit(limits, besides=name)
                 await self.engines.of(inst.type).update(inst, limits)

@@ -4,17 +4,21 @@ An export is one tar stream: ``vzkit-export.json`` (format version, the instance
 its engine's facts and the image it was made from) and ``instance/``, the files that make
 the instance, as its engine stages them: a VM's qcow2 chain (the image's disk included, so
 the target host needs nothing else), a container's upper layer, and every snapshot. GNU
-tar writes and reads it (xattrs and whiteouts of a container's upper layer survive,
-sparse files stay sparse).
+tar writes it (xattrs and whiteouts of a container's upper layer survive, sparse files
+stay sparse).
 
 A running VM is exported from a frozen layer (the same live switch a snapshot does), so
 the archive is consistent without stopping it; an engine that cannot export live (a
 container's files change under it) refuses while the instance runs.
 
-Import never trusts the archive: members are unpacked into a fresh directory by tar
-(which refuses absolute and ``..`` names), the record is validated as a strict model,
-and the engine checks the files before it adopts them (every qcow2 must be a qcow2 whose
-backing file is another file of the archive).
+Import never trusts the archive. It is unpacked by ``vzkit.storage.unpack`` in a child
+process with capped memory, fed through a pipe: only regular files and directories outside
+a container's own files (``OWNED``), every member created below a directory fd without
+following links, sizes capped by ``max_import_size``. The header is read bounded and
+validated as a strict model (:class:`ExportHeader`), names obey the name rules, each
+snapshot's ``meta.json`` is validated, and the engine checks its files before it adopts
+them (every qcow2 and its backing chain a plain qcow2 file of the archive, no external
+data file). Any refusal leaves nothing: the staging dir goes, no record is written.
 """
 
 from __future__ import annotations
@@ -24,27 +28,38 @@ import contextlib
 import json
 import os
 import shutil
+import stat
+import sys
 import uuid as uuidlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, field_validator
 
+from vzkit.api.base import Strict
+from vzkit.api.bounds import NAME_RE, NAME_RULE
 from vzkit.api.instances import ImageInfo, Instance
 from vzkit.engines.base import EngineState, Export
-from vzkit.errors import Conflict, InvalidConfig
+from vzkit.errors import Conflict, InvalidConfig, TooLarge
+from vzkit.host import safefs
 from vzkit.server import lifecycle
 from vzkit.server.events import EventBus
+from vzkit.server.limits import IMPORT
 from vzkit.server.services.guard import Engines, InstanceGuard, InstanceRecord
 from vzkit.server.services.images import ImageService, Progress
 from vzkit.server.services.networks import NetworkService
 from vzkit.server.services.snapshots import SnapshotService
 from vzkit.settings import Settings
 from vzkit.storage.snapshots import SnapshotStore
+from vzkit.storage.unpack import HEADER, HEADER_MAX
 
 FORMAT = 1
-HEADER = "vzkit-export.json"
 _CHUNK = 1 << 20
+IMPORT_PREFIX = ".import-"
+EXPORT_PREFIX = ".export-"
+# The trees of an archive a container owns (its upper layer, each snapshot's copy of it):
+# their links, devices and modes are the container's, kept as they are (storage/unpack.py).
+OWNED = ("instance/upper", "instance/snapshots/*/upper")
 
 
 class TransferService:
@@ -79,7 +94,7 @@ class TransferService:
                 frozen = await self.snapshots.freeze(rec, caps.disk_layers)
                 if frozen is not None:
                     state = frozen.fixed
-            stage = self.settings.instances_dir / f".export-{uuidlib.uuid4().hex}"
+            stage = self.settings.instances_dir / f"{EXPORT_PREFIX}{uuidlib.uuid4().hex}"
             try:
                 size = await asyncio.to_thread(self._stage, rec, caps.export, state, stage)
             except BaseException:
@@ -102,7 +117,8 @@ class TransferService:
             "image": image.model_dump(mode="json", exclude={"files"}),
         }
         (stage / HEADER).write_text(json.dumps(header, indent=1))
-        return sum(p.lstat().st_size for p in stage.rglob("*") if p.is_file())
+        # Sizes as the files' own: a link the container planted is never followed.
+        return safefs.tree_size(stage)
 
     # -- publish ---------------------------------------------------------------------------
 
@@ -140,16 +156,38 @@ class TransferService:
     # -- import ----------------------------------------------------------------------------
 
     async def import_(self, data: AsyncIterator[bytes], name: str | None) -> Instance:
-        stage = self.settings.instances_dir / f".import-{uuidlib.uuid4().hex}"
-        stage.mkdir(parents=True)
+        if name is not None and not NAME_RE.match(name):
+            raise InvalidConfig(f"invalid instance name {name!r}: {NAME_RULE}")
+        stage = self.settings.instances_dir / f"{IMPORT_PREFIX}{uuidlib.uuid4().hex}"
+        self.settings.instances_dir.mkdir(parents=True, exist_ok=True)
+        stage.mkdir(mode=0o700)
         try:
-            await _tar_in(data, stage)
+            await _unpack(data, stage, self.settings.max_import_size)
             return await self._adopt(stage, name)
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, stage, True)
+
+    def remove_staging(self) -> list[str]:
+        """After a daemon start: the staging dirs of exports and imports it was doing when it
+        stopped (nothing else knows them); returns their names."""
+        root = self.settings.instances_dir
+        if not root.is_dir():
+            return []
+        gone = []
+        for entry in root.iterdir():
+            if entry.name.startswith((IMPORT_PREFIX, EXPORT_PREFIX)) and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+                gone.append(entry.name)
+        return gone
 
     async def _adopt(self, stage: Path, name: str | None) -> Instance:
-        record, image, facts = _read_header(stage)
+        header = _read_header(stage)
+        record = header.instance
+        if name is None and not NAME_RE.match(record.name):
+            raise InvalidConfig(
+                f"the archive's instance name {record.name!r} is not a valid name: {NAME_RULE}",
+                hint="import it under a name of your choice: vz import FILE --name NEW",
+            )
         new_name = name or record.name
         if self.guard.exists(new_name):
             raise Conflict(
@@ -157,11 +195,14 @@ class TransferService:
                 hint="import under another name: vz import FILE --name NEW",
             )
         files = stage / "instance"
+        if not safefs.exists(stage, "instance", stat.S_IFDIR):
+            raise InvalidConfig("not a vzkit export: it has no instance/ directory", hint=_HINT)
         engine = self.engines.of(record.type)
         export = self.engines.caps(record.type).export
-        await asyncio.to_thread(export.check_archive, files, facts)
+        await asyncio.to_thread(SnapshotStore(files, new_name).verify)
+        await asyncio.to_thread(export.check_archive, files, header.runtime)
         local = await self.images.ensure(record.image)
-        state = await export.adopt(files, facts, record, local, image)
+        state = await export.adopt(files, header.runtime, record, local, header.image)
         new_uuid = str(uuidlib.uuid4())
         async with self.networks.exclusive():
             inst = self.snapshots.copy_record(
@@ -180,22 +221,52 @@ class TransferService:
         return inst
 
 
-def _read_header(stage: Path) -> tuple[Instance, ImageInfo, dict[str, object]]:
-    """The archive's instance record, its image and its engine's facts, validated."""
+class ExportHeader(Strict):
+    """``vzkit-export.json``: checked like a request body (and read no larger than one)."""
+
+    format: int
+    instance: Instance
+    runtime: dict[str, str] = Field(default_factory=dict, description="the engine's facts")
+    image: ImageInfo
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: int) -> int:
+        if value != FORMAT:
+            raise ValueError(f"unsupported export format {value} (this vzd reads {FORMAT})")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: ImageInfo) -> ImageInfo:
+        if not NAME_RE.match(value.name) or value.files:
+            raise ValueError(f"invalid image {value.name!r}: {NAME_RULE}, and no files")
+        return value
+
+
+_HINT = "create one with: vz export INSTANCE FILE"
+
+
+def _read_header(stage: Path) -> ExportHeader:
+    """The archive's header, validated (the unpacker made it a regular file of at most
+    HEADER_MAX bytes; it is read without following a link all the same)."""
     try:
-        header = json.loads((stage / HEADER).read_text())
-        if header.get("format") != FORMAT:
-            raise InvalidConfig(
-                f"unsupported export format {header.get('format')!r} (this vzd reads {FORMAT})",
-                hint="export it again with this version of vzkit",
-            )
-        record = Instance.model_validate(header["instance"])
-        image = ImageInfo.model_validate({**header["image"], "files": {}})
-    except (OSError, ValueError, KeyError, ValidationError) as exc:
+        raw = safefs.read_bytes(stage, HEADER, HEADER_MAX)
+    except OSError as exc:
         raise InvalidConfig(
-            f"not a vzkit export: {exc}", hint="create one with: vz export INSTANCE FILE"
+            f"not a vzkit export: no readable {HEADER} ({exc.strerror})", hint=_HINT
         ) from exc
-    return record, image, dict(header.get("runtime") or {})
+    try:
+        header = ExportHeader.model_validate_json(raw)
+    except ValidationError as exc:
+        # The fields and messages only: the input is the archive's, never quoted back whole.
+        why = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'header'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raise InvalidConfig(f"not a vzkit export: {why}", hint=_HINT) from exc
+    if header.instance.image != header.image.name:
+        raise InvalidConfig("not a vzkit export: its instance and image disagree", hint=_HINT)
+    return header
 
 
 async def _tar_out(stage: Path) -> AsyncIterator[bytes]:
@@ -218,10 +289,13 @@ async def _tar_out(stage: Path) -> AsyncIterator[bytes]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-async def _tar_in(data: AsyncIterator[bytes], stage: Path) -> None:
+async def _unpack(data: AsyncIterator[bytes], stage: Path, cap: int) -> None:
+    """Feed the upload to the unpacker (``vzkit.storage.unpack``, a child process with its
+    memory capped) through a pipe, which bounds what is buffered here."""
     proc = await asyncio.create_subprocess_exec(
-        "tar", "-C", str(stage), "--xattrs", "--xattrs-include=*", "--numeric-owner",
-        "--no-overwrite-dir", "-xf", "-",
+        sys.executable, "-I", "-m", "vzkit.storage.unpack", "--dest", str(stage),
+        *(a for tree in OWNED for a in ("--owned", tree)),
+        "--max-member", str(cap), "--max-total", str(cap),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -232,10 +306,10 @@ async def _tar_in(data: AsyncIterator[bytes], stage: Path) -> None:
             proc.stdin.write(chunk)
             await proc.stdin.drain()
     except (BrokenPipeError, ConnectionResetError):
-        pass  # tar gave up: its stderr says why
+        pass  # the unpacker refused the archive: its stderr says why
     except BaseException:
-        # The upload was cut (a limit, a disconnect): tar must be gone before the caller
-        # removes the staging dir, or it could write into it again.
+        # The upload was cut (a limit, a disconnect): the unpacker must be gone before the
+        # caller removes the staging dir, or it could write into it again.
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
@@ -243,9 +317,19 @@ async def _tar_in(data: AsyncIterator[bytes], stage: Path) -> None:
     finally:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             proc.stdin.close()
-    err = await proc.stderr.read()
-    if await proc.wait() != 0:
-        raise InvalidConfig(
-            f"the archive could not be unpacked: {err.decode(errors='replace').strip()[-500:]}",
-            hint="is it a complete file made by vz export?",
-        )
+    err = (await proc.stderr.read()).decode(errors="replace").strip()
+    if await proc.wait() == 0:
+        return
+    last = err.splitlines()[-1] if err else ""
+    with contextlib.suppress(ValueError):
+        refusal = json.loads(last)
+        if refusal.get("too_large"):  # the same answer as a body over the cap
+            raise TooLarge(
+                f"import refused: {refusal['error']}",
+                hint=f"send less; the server's limit is {IMPORT.env}",
+            )
+        raise InvalidConfig(f"import refused: {refusal['error']}", hint=refusal.get("hint"))
+    raise InvalidConfig(
+        f"the archive could not be unpacked: {last[-500:] or f'status {proc.returncode}'}",
+        hint="is it a complete file made by vz export?",
+    )

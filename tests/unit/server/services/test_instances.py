@@ -164,6 +164,18 @@ async def test_update_applies_limits_live_and_checks_capacity(daemon: Daemon) ->
     assert svc.get("web").limits.cpus == 1
 
 
+async def test_update_keeps_the_memory_floor_of_the_instance_type(daemon: Daemon) -> None:
+    # The request model knows no type: 8 MiB passes it, and a VM would not boot with it.
+    svc = daemon.services.instances
+    await svc.create(req("web", start=False))
+    with pytest.raises(InvalidConfig, match="too small for a vm"):
+        await svc.update("web", InstanceUpdate(limits=LimitsUpdate(memory="8MiB")))
+    assert svc.get("web").limits.memory == 256 * 1024**2
+    await svc.create(req("box", InstanceType.CONTAINER, start=False))
+    small = await svc.update("box", InstanceUpdate(limits=LimitsUpdate(memory="8MiB")))
+    assert small.limits.memory == 8 * 1024**2
+
+
 # -- exits ---------------------------------------------------------------------------------
 
 

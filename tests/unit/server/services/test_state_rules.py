@@ -29,11 +29,11 @@ from .test_instances import req
 pytestmark = pytest.mark.anyio
 
 S = InstanceState
-Op = Callable[[Daemon], Awaitable[Any]]
+Op = Callable[[Daemon, str], Awaitable[Any]]
 
 
 def _state(action: StateAction) -> Op:
-    return lambda d: d.services.instances.change_state("web", StateChange(action=action))
+    return lambda d, n: d.services.instances.change_state(n, StateChange(action=action))
 
 
 OPS: dict[str, Op] = {
@@ -42,79 +42,86 @@ OPS: dict[str, Op] = {
     "restart": _state(StateAction.RESTART),
     "pause": _state(StateAction.PAUSE),
     "resume": _state(StateAction.RESUME),
-    "delete": lambda d: d.services.instances.delete("web"),
-    "exec": lambda d: d.services.instances.exec("web", ExecRequest(argv=["true"])),
-    "file": lambda d: d.services.instances.pull_file("web", "/etc/hostname"),
-    "console": lambda d: d.services.instances.open_console("web"),
-    "update": lambda d: d.services.instances.update(
-        "web", InstanceUpdate(limits=LimitsUpdate(cpu_weight=200))
+    "delete": lambda d, n: d.services.instances.delete(n),
+    "exec": lambda d, n: d.services.instances.exec(n, ExecRequest(argv=["true"])),
+    "file": lambda d, n: d.services.instances.pull_file(n, "/etc/hostname"),
+    "console": lambda d, n: d.services.instances.open_console(n),
+    "update": lambda d, n: d.services.instances.update(
+        n, InstanceUpdate(limits=LimitsUpdate(cpu_weight=200))
     ),
-    "volume-attach": lambda d: d.services.volumes.attach("web", VolumeAttachment(volume="data")),
-    "nic-attach": lambda d: d.services.networks.attach_nic("web", NicConfig(network="lan")),
-    "firewall": lambda d: d.services.networks.set_firewall("web", []),
-    "snapshot": lambda d: d.services.snapshots.create("web", "s1", stateful=False),
-    "snapshot-stateful": lambda d: d.services.snapshots.create("web", "s1", stateful=True),
-    "restore": lambda d: d.services.snapshots.restore("web", "s0"),
-    "copy": lambda d: d.services.snapshots.copy("web", "web2"),
-    "export": lambda d: d.services.transfers.export("web"),
+    "volume-attach": lambda d, n: d.services.volumes.attach(
+        n, VolumeAttachment(volume="data", readonly=True)
+    ),
+    "nic-attach": lambda d, n: d.services.networks.attach_nic(n, NicConfig(network="lan")),
+    "firewall": lambda d, n: d.services.networks.set_firewall(n, []),
+    "snapshot": lambda d, n: d.services.snapshots.create(n, "s1", stateful=False),
+    "snapshot-stateful": lambda d, n: d.services.snapshots.create(n, "s1", stateful=True),
+    "restore": lambda d, n: d.services.snapshots.restore(n, "s0"),
+    "copy": lambda d, n: d.services.snapshots.copy(n, f"{n}-copy"),
+    "export": lambda d, n: d.services.transfers.export(n),
 }
 
 
-async def _in_state(d: Daemon, state: S, kind: InstanceType = InstanceType.VM) -> None:
+async def _setup(d: Daemon) -> None:
     d.nets.add("lan")
     await d.services.volumes.create(VolumeConfig(name="data", size=1 << 20))
     await d.services.volumes.create(VolumeConfig(name="files", size=1 << 20, content="filesystem"))
-    await d.services.instances.create(req("web", kind, start=False))
-    await d.services.snapshots.create("web", "s0", stateful=False)
+
+
+async def _in_state(d: Daemon, name: str, state: S, kind: InstanceType = InstanceType.VM) -> None:
+    await d.services.instances.create(req(name, kind, start=False))
+    await d.services.snapshots.create(name, "s0", stateful=False)
     pid = None
     if state in lifecycle.ACTIVE:
-        pid = 4242
-        d.world.procs["web"] = Proc(pid, d.services.guard.uuid("web"), state is S.PAUSED)
-    d.services.guard.save(d.services.instances.get("web"), state=state, pid=pid)
+        pid = next(d.world.pids)
+        d.world.procs[name] = Proc(pid, d.services.guard.uuid(name), state is S.PAUSED)
+    d.services.guard.save(d.services.instances.get(name), state=state, pid=pid)
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
-@pytest.mark.parametrize("state", list(S))
 async def test_each_operation_is_refused_exactly_where_lifecycle_says(
-    daemon: Daemon, op: str, state: S
+    daemon: Daemon, op: str
 ) -> None:
-    await _in_state(daemon, state)
+    await _setup(daemon)
     # A stateful snapshot is a snapshot first.
     rules = ["snapshot", op] if op == "snapshot-stateful" else [op]
-    refusing = [r for r in rules if state not in lifecycle.RULES[r].states]
-    allowed = not refusing
-    try:
-        await OPS[op](daemon)
-    except StateError as exc:
-        assert not allowed, f"{op} refused in {state.value}: {exc.message}"
-        with pytest.raises(StateError) as expected:
-            lifecycle.check(refusing[0], "web", state)
-        assert (exc.message, exc.hint) == (expected.value.message, expected.value.hint)
-    except Exception:
-        assert allowed, f"{op} in {state.value} failed but not with the state's error"
-    else:
-        assert allowed, f"{op} ran in {state.value}"
+    for state in S:
+        name = f"in-{state.value}"
+        await _in_state(daemon, name, state)
+        refusing = [r for r in rules if state not in lifecycle.RULES[r].states]
+        try:
+            await OPS[op](daemon, name)
+        except StateError as exc:
+            assert refusing, f"{op} refused in {state.value}: {exc.message}"
+            with pytest.raises(StateError) as expected:
+                lifecycle.check(refusing[0], name, state)
+            assert (exc.message, exc.hint) == (expected.value.message, expected.value.hint)
+        except Exception as exc:
+            assert not refusing, f"{op} in {state.value} failed, not with its state's error: {exc}"
+        else:
+            assert not refusing, f"{op} ran in {state.value}"
 
 
 REFUSED: dict[str, tuple[Op, type[VzError]]] = {
     "snapshot-stateful": (OPS["snapshot-stateful"], InvalidConfig),
     "volume-attach": (
-        lambda d: d.services.volumes.attach("web", VolumeAttachment(volume="files", path="/d")),
+        lambda d, n: d.services.volumes.attach(n, VolumeAttachment(volume="files", path="/d")),
         StateError,
     ),
     "nic-attach": (OPS["nic-attach"], StateError),
     "export": (OPS["export"], StateError),
-    "publish": (lambda d: d.services.transfers.publish("web", "img", _no_progress), InvalidConfig),
+    "publish": (lambda d, n: d.services.transfers.publish(n, "img", _no_progress), InvalidConfig),
 }
 
 
 @pytest.mark.parametrize("op", sorted(REFUSED))
 async def test_a_missing_capability_answers_with_the_engines_words(daemon: Daemon, op: str) -> None:
-    await _in_state(daemon, S.RUNNING, InstanceType.CONTAINER)
+    await _setup(daemon)
+    await _in_state(daemon, "web", S.RUNNING, InstanceType.CONTAINER)
     daemon.world.calls.clear()
     call, kind = REFUSED[op]
     with pytest.raises(kind) as err:
-        await call(daemon)
+        await call(daemon, "web")
     refusal = daemon.engine.caps[InstanceType.CONTAINER].refusals[op]
     assert err.value.message == refusal.message.format(name="web")
     assert err.value.hint == refusal.hint.format(name="web")
@@ -122,9 +129,10 @@ async def test_a_missing_capability_answers_with_the_engines_words(daemon: Daemo
 
 
 async def test_a_stopped_instance_takes_what_it_could_not_take_live(daemon: Daemon) -> None:
-    await _in_state(daemon, S.STOPPED, InstanceType.CONTAINER)
-    await REFUSED["volume-attach"][0](daemon)
-    await OPS["nic-attach"](daemon)
+    await _setup(daemon)
+    await _in_state(daemon, "web", S.STOPPED, InstanceType.CONTAINER)
+    await REFUSED["volume-attach"][0](daemon, "web")
+    await OPS["nic-attach"](daemon, "web")
     inst = daemon.services.instances.get("web")
     assert [v.volume for v in inst.volumes] == ["files"] and [n.network for n in inst.nics] == [
         "lan"

@@ -1,75 +1,44 @@
-"""`vz snapshot` and `vz copy`."""
+"""`vz copy`, `export`, `import` and `publish`: instances copied, moved and made images."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from vzkit.cli import checks
+from vzkit.cli.base import CommandSet, bind
 from vzkit.cli.render import (
     Progress,
-    age_since,
     dump_json,
-    dump_models,
     format_size,
     json_mode,
     show,
-    show_fields,
-    table,
 )
 from vzkit.sdk.client import Client
 
-Handler = Callable[[argparse.Namespace, Client], int]
+commands = CommandSet()
 
 
-def cmd_snapshot_create(args: argparse.Namespace, client: Client) -> int:
-    name = checks.check_name(args.instance)
-    snap = checks.check_name(args.snapshot, "snapshot") if args.snapshot else None
-    info = client.create_snapshot(name, snap, stateful=args.stateful)
-    kind = "stateful snapshot" if info.stateful else "snapshot"
-    return show(args, info, f"{name}: {kind} {info.name} taken ({format_size(info.size)})")
-
-
-def cmd_snapshot_list(args: argparse.Namespace, client: Client) -> int:
-    snaps = client.list_snapshots(checks.check_name(args.instance))
-    if json_mode(args):
-        dump_models(snaps, sys.stdout)
-        return 0
-    rows = [
-        (s.name, "yes" if s.stateful else "no", format_size(s.size), age_since(s.created_at))
-        for s in snaps
-    ]
-    table(("NAME", "STATEFUL", "SIZE", "AGE"), rows, sys.stdout)
-    return 0
-
-
-def cmd_snapshot_info(args: argparse.Namespace, client: Client) -> int:
-    info = client.get_snapshot(
-        checks.check_name(args.instance), checks.check_name(args.snapshot, "snapshot")
-    )
-    return show_fields(args, info)
-
-
-def cmd_snapshot_restore(args: argparse.Namespace, client: Client) -> int:
-    name = checks.check_name(args.instance)
-    inst = client.restore_snapshot(name, checks.check_name(args.snapshot, "snapshot"))
-    return show(args, inst, f"{name}: restored {args.snapshot}, {inst.state.value}")
-
-
-def cmd_snapshot_delete(args: argparse.Namespace, client: Client) -> int:
-    name = checks.check_name(args.instance)
-    client.delete_snapshot(name, checks.check_name(args.snapshot, "snapshot"))
-    if not json_mode(args):
-        sys.stdout.write(f"{name}: snapshot {args.snapshot} deleted\n")
-    return 0
+@commands.add("copy", "copy an instance (copy-on-write: instant)")
+def _copy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source")
+    p.add_argument("target")
+    bind(p, cmd_copy)
 
 
 def cmd_copy(args: argparse.Namespace, client: Client) -> int:
     src, dst = checks.check_name(args.source), checks.check_name(args.target)
     inst = client.copy_instance(src, dst)
     return show(args, inst, f"{dst}: copy of {src}, {inst.state.value} (start it: vz start {dst})")
+
+
+@commands.add("export", "write an instance (disks, files, snapshots) to an archive")
+def _export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("instance")
+    p.add_argument("file", help="the archive to write ('-': standard output)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    bind(p, cmd_export)
 
 
 def cmd_export(args: argparse.Namespace, client: Client) -> int:
@@ -98,6 +67,13 @@ def cmd_export(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+@commands.add("import", "create an instance from an archive made by vz export")
+def _import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="the archive ('-': standard input)")
+    p.add_argument("--name", help="a new name (default: the exported one)")
+    bind(p, cmd_import)
+
+
 def cmd_import(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.name) if args.name else None
     if args.file == "-":
@@ -114,6 +90,13 @@ def cmd_import(args: argparse.Namespace, client: Client) -> int:
     return show(args, inst, f"{inst.name}: imported, {inst.state.value} (vz start {inst.name})")
 
 
+@commands.add("publish", "turn a VM's disk into a new image")
+def _publish(p: argparse.ArgumentParser) -> None:
+    p.add_argument("instance")
+    p.add_argument("image")
+    bind(p, cmd_publish)
+
+
 def cmd_publish(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
     image = checks.check_name(args.image, "image")
@@ -123,16 +106,3 @@ def cmd_publish(args: argparse.Namespace, client: Client) -> int:
     finally:
         progress.done()
     return show(args, info, f"{info.name} {info.digest} ({format_size(info.size)})")
-
-
-HANDLERS: dict[str, Handler] = {
-    "snapshot.create": cmd_snapshot_create,
-    "snapshot.list": cmd_snapshot_list,
-    "snapshot.info": cmd_snapshot_info,
-    "snapshot.restore": cmd_snapshot_restore,
-    "snapshot.delete": cmd_snapshot_delete,
-    "copy": cmd_copy,
-    "export": cmd_export,
-    "import": cmd_import,
-    "publish": cmd_publish,
-}

@@ -8,13 +8,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vzkit.cli import checks
+from vzkit.cli.base import CommandSet, subcommands
 from vzkit.cli.render import dump_json, dump_models, json_mode, show, show_fields, table
 from vzkit.sdk.client import Client
 
 if TYPE_CHECKING:
     from vzkit.api.instances import Instance
 
-Handler = Callable[[argparse.Namespace, Client], int]
+commands = CommandSet()
 
 
 def network_pairs(i: Instance) -> list[tuple[str, object]]:
@@ -29,6 +30,30 @@ def network_pairs(i: Instance) -> list[tuple[str, object]]:
 
 
 # -- vz network -------------------------------------------------------------------------------
+
+
+@commands.add("network", "manage virtual networks")
+def _network(p: argparse.ArgumentParser) -> None:
+    sub = subcommands(p, "network_cmd", "create|list|show|set|delete|attach|detach")
+    np_ = sub.add("create", "create a network", cmd_network_create)
+    np_.add_argument("name")
+    np_.add_argument("--subnet", help="IPv4 CIDR, e.g. 10.90.0.0/24 (default: a free /24)")
+    np_.add_argument("--isolated", action="store_true", help="no NAT, no route out")
+    np_.add_argument("--domain", help="DNS domain for instance names (default: vz)")
+    sub.add("list", "list networks", cmd_network_list)
+    sub.add("show", "show a network", cmd_network_show).add_argument("name")
+    sub.add("delete", "delete a network", cmd_network_delete).add_argument("name")
+    sp = sub.add("set", "change a network", cmd_network_set)
+    sp.add_argument("name")
+    sp.add_argument("settings", nargs="+", metavar="KEY=VALUE", help="isolated, dns_domain")
+    ap = sub.add("attach", "give an instance an interface", cmd_network_attach)
+    ap.add_argument("instance")
+    ap.add_argument("network")
+    ap.add_argument("--ip", help="static address (default: a free one)")
+    ap.add_argument("--mac", help="MAC address (default: stable per instance)")
+    dp = sub.add("detach", "remove an instance's interface", cmd_network_detach)
+    dp.add_argument("instance")
+    dp.add_argument("network")
 
 
 def cmd_network_create(args: argparse.Namespace, client: Client) -> int:
@@ -110,6 +135,19 @@ def cmd_network_detach(args: argparse.Namespace, client: Client) -> int:
 # -- vz port ----------------------------------------------------------------------------------
 
 
+@commands.add("port", "forward host ports to instances")
+def _port(p: argparse.ArgumentParser) -> None:
+    sub = subcommands(p, "port_cmd", "add|list|remove")
+    pp = sub.add("add", "forward a host port", cmd_port_add)
+    pp.add_argument("instance")
+    pp.add_argument("spec", metavar="HOSTPORT:PORT[/tcp|udp]")
+    pl = sub.add("list", "list port forwards", cmd_port_list)
+    pl.add_argument("instance", nargs="?")
+    pr = sub.add("remove", "remove a port forward", cmd_port_remove)
+    pr.add_argument("instance")
+    pr.add_argument("spec", metavar="HOSTPORT[/tcp|udp]")
+
+
 def cmd_port_add(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
     spec = checks.parse_port(args.spec)
@@ -143,6 +181,28 @@ def cmd_port_remove(args: argparse.Namespace, client: Client) -> int:
 
 
 # -- vz firewall ------------------------------------------------------------------------------
+
+
+@commands.add("firewall", "instances' ingress allow-lists (nftables)")
+def _firewall(p: argparse.ArgumentParser) -> None:
+    sub = subcommands(p, "firewall_cmd", "add|list|remove|deny-all|open")
+    fp = sub.add(
+        "add", "allow ingress (from the first rule on, the rest is dropped)", cmd_firewall_add
+    )
+    fp.add_argument("instance")
+    fp.add_argument("--source", default="0.0.0.0/0", metavar="CIDR", help="allowed sources")
+    fp.add_argument("--proto", choices=["tcp", "udp"], help="only this protocol")
+    fp.add_argument("--port", type=int, help="only this destination port (needs --proto)")
+    sub.add("list", "show the allow-list", cmd_firewall_list).add_argument("instance")
+    fr = sub.add("remove", "remove a rule by its number", cmd_firewall_remove)
+    fr.add_argument("instance")
+    fr.add_argument("index", type=int, metavar="N")
+    sub.add(
+        "deny-all", "drop all ingress (an empty allow-list)", cmd_firewall_deny_all
+    ).add_argument("instance")
+    sub.add("open", "remove the allow-list: let everything in", cmd_firewall_open).add_argument(
+        "instance"
+    )
 
 
 def cmd_firewall_add(args: argparse.Namespace, client: Client) -> int:
@@ -195,22 +255,3 @@ def cmd_firewall_deny_all(args: argparse.Namespace, client: Client) -> int:
 def cmd_firewall_open(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.instance)
     return show(args, client.set_firewall(name, None), f"{name}: all ingress let in")
-
-
-HANDLERS: dict[str, Handler] = {
-    "network.create": cmd_network_create,
-    "network.list": cmd_network_list,
-    "network.show": cmd_network_show,
-    "network.set": cmd_network_set,
-    "network.delete": cmd_network_delete,
-    "network.attach": cmd_network_attach,
-    "network.detach": cmd_network_detach,
-    "port.add": cmd_port_add,
-    "port.list": cmd_port_list,
-    "port.remove": cmd_port_remove,
-    "firewall.add": cmd_firewall_add,
-    "firewall.list": cmd_firewall_list,
-    "firewall.remove": cmd_firewall_remove,
-    "firewall.deny-all": cmd_firewall_deny_all,
-    "firewall.open": cmd_firewall_open,
-}

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
+from vzkit.cli.base import CommandSet, bind
 from vzkit.cli.render import dump_models, format_size, json_mode, table
 from vzkit.sdk.client import Client
 
-Handler = Callable[[argparse.Namespace, Client], int]
+commands = CommandSet()
+
+
+@commands.add("monitor", "print lifecycle events as they happen")
+def _monitor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--type", help="only these event types, comma-separated")
+    bind(p, cmd_monitor)
 
 
 def cmd_monitor(args: argparse.Namespace, client: Client) -> int:
@@ -24,6 +30,13 @@ def cmd_monitor(args: argparse.Namespace, client: Client) -> int:
             sys.stdout.write(f"{when} {event.type:<18} {event.instance or '-':<16} {details}\n")
         sys.stdout.flush()
     return 0
+
+
+@commands.add("top", "instances' CPU, memory, disk and network use, live")
+def _top(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interval", type=float, default=2.0, metavar="S")
+    p.add_argument("--once", action="store_true", help="print once and exit")
+    bind(p, cmd_top)
 
 
 def cmd_top(args: argparse.Namespace, client: Client) -> int:
@@ -75,6 +88,3 @@ def cmd_top(args: argparse.Namespace, client: Client) -> int:
         if args.once or json_mode(args):
             return 0
         time.sleep(args.interval)
-
-
-HANDLERS: dict[str, Handler] = {"monitor": cmd_monitor, "top": cmd_top}

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from vzkit.cli import checks
+from vzkit.cli.base import CommandSet, Parser, subcommands
 from vzkit.cli.render import dump_models, format_size, json_mode, show, show_fields, table
 from vzkit.sdk.client import Client
 
-Handler = Callable[[argparse.Namespace, Client], int]
+commands = CommandSet()
 
 
 def parse_volume(spec: str) -> dict[str, Any]:
@@ -35,6 +35,17 @@ def parse_volume(spec: str) -> dict[str, Any]:
 
 
 # -- vz storage ---------------------------------------------------------------------------
+
+
+@commands.add("storage", "storage pools")
+def _storage(p: argparse.ArgumentParser) -> None:
+    sub = subcommands(p, "storage_cmd", "create|list|info|delete")
+    c = sub.add("create", "create a pool (a directory)", cmd_storage_create)
+    c.add_argument("name")
+    c.add_argument("--path", help="an empty directory (default: under the state directory)")
+    sub.add("list", "list pools", cmd_storage_list)
+    sub.add("info", "show a pool", cmd_storage_info).add_argument("name")
+    sub.add("delete", "delete an empty pool", cmd_storage_delete).add_argument("name")
 
 
 def cmd_storage_create(args: argparse.Namespace, client: Client) -> int:
@@ -70,9 +81,40 @@ def cmd_storage_delete(args: argparse.Namespace, client: Client) -> int:
 # -- vz volume ----------------------------------------------------------------------------
 
 
+@commands.add("volume", "volumes: extra disks (VMs) and directories (containers)")
+def _volume(p: argparse.ArgumentParser) -> None:
+    sub = subcommands(p, "volume_cmd", "create|list|info|resize|delete|attach|detach")
+    pool = Parser(add_help=False)
+    pool.add_argument("--pool", default="default", help="the pool (default: default)")
+    c = sub.add("create", "create a volume", cmd_volume_create, parents=[pool])
+    c.add_argument("name")
+    c.add_argument("--size", help="e.g. 10GiB (default 1GiB)")
+    c.add_argument(
+        "--content",
+        choices=["block", "filesystem"],
+        default="block",
+        help="block: a disk for VMs; filesystem: a directory for containers",
+    )
+    ls = sub.add("list", "list volumes", cmd_volume_list)
+    ls.add_argument("--pool", default=None)
+    sub.add("info", "show a volume", cmd_volume_info, parents=[pool]).add_argument("name")
+    r = sub.add("resize", "grow a volume (live on running VMs)", cmd_volume_resize, parents=[pool])
+    r.add_argument("name")
+    r.add_argument("size")
+    sub.add("delete", "delete a volume", cmd_volume_delete, parents=[pool]).add_argument("name")
+    a = sub.add("attach", "give an instance a volume", cmd_volume_attach, parents=[pool])
+    a.add_argument("instance")
+    a.add_argument("volume")
+    a.add_argument("--path", help="containers: where to mount it")
+    a.add_argument("--readonly", action="store_true")
+    d = sub.add("detach", "take a volume from an instance", cmd_volume_detach, parents=[pool])
+    d.add_argument("instance")
+    d.add_argument("volume")
+
+
 def cmd_volume_create(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.name, "volume")
-    size = checks.check_memory(args.size) if args.size else 1024**3
+    size = checks.check_volume_size(args.size) if args.size else 1024**3
     vol = client.create_volume(name, size, pool=args.pool, content=args.content)
     return show(args, vol, f"{vol.name}: {args.content} volume, {format_size(vol.size)}")
 
@@ -104,7 +146,7 @@ def cmd_volume_info(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_volume_resize(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.name, "volume")
-    vol = client.resize_volume(name, checks.check_memory(args.size), pool=args.pool)
+    vol = client.resize_volume(name, checks.check_volume_size(args.size), pool=args.pool)
     return show(args, vol, f"{vol.name}: {format_size(vol.size)}")
 
 
@@ -131,70 +173,3 @@ def cmd_volume_detach(args: argparse.Namespace, client: Client) -> int:
     name = checks.check_name(args.volume, "volume")
     result = client.detach_volume(inst, name, pool=args.pool)
     return show(args, result, f"{inst}: volume {name} detached")
-
-
-HANDLERS: dict[str, Handler] = {
-    "storage.create": cmd_storage_create,
-    "storage.list": cmd_storage_list,
-    "storage.info": cmd_storage_info,
-    "storage.delete": cmd_storage_delete,
-    "volume.create": cmd_volume_create,
-    "volume.list": cmd_volume_list,
-    "volume.info": cmd_volume_info,
-    "volume.resize": cmd_volume_resize,
-    "volume.delete": cmd_volume_delete,
-    "volume.attach": cmd_volume_attach,
-    "volume.detach": cmd_volume_detach,
-}
-
-
-def add_parsers(
-    add: Callable[[str, str], argparse.ArgumentParser],
-    g: argparse.ArgumentParser,
-    parser_class: type[argparse.ArgumentParser],
-) -> None:
-    p = add("storage", "storage pools")
-    sub = p.add_subparsers(
-        dest="storage_cmd", metavar="create|list|info|delete", parser_class=parser_class
-    )
-    sub.required = True
-    c = sub.add_parser("create", help="create a pool (a directory)", parents=[g])
-    c.add_argument("name")
-    c.add_argument("--path", help="an empty directory (default: under the state directory)")
-    sub.add_parser("list", help="list pools", parents=[g])
-    sub.add_parser("info", help="show a pool", parents=[g]).add_argument("name")
-    sub.add_parser("delete", help="delete an empty pool", parents=[g]).add_argument("name")
-
-    p = add("volume", "volumes: extra disks (VMs) and directories (containers)")
-    sub = p.add_subparsers(
-        dest="volume_cmd",
-        metavar="create|list|info|resize|delete|attach|detach",
-        parser_class=parser_class,
-    )
-    sub.required = True
-    pool = argparse.ArgumentParser(add_help=False)
-    pool.add_argument("--pool", default="default", help="the pool (default: default)")
-    c = sub.add_parser("create", help="create a volume", parents=[g, pool])
-    c.add_argument("name")
-    c.add_argument("--size", help="e.g. 10GiB (default 1GiB)")
-    c.add_argument(
-        "--content",
-        choices=["block", "filesystem"],
-        default="block",
-        help="block: a disk for VMs; filesystem: a directory for containers",
-    )
-    ls = sub.add_parser("list", help="list volumes", parents=[g])
-    ls.add_argument("--pool", default=None)
-    sub.add_parser("info", help="show a volume", parents=[g, pool]).add_argument("name")
-    r = sub.add_parser("resize", help="grow a volume (live on running VMs)", parents=[g, pool])
-    r.add_argument("name")
-    r.add_argument("size")
-    sub.add_parser("delete", help="delete a volume", parents=[g, pool]).add_argument("name")
-    a = sub.add_parser("attach", help="give an instance a volume", parents=[g, pool])
-    a.add_argument("instance")
-    a.add_argument("volume")
-    a.add_argument("--path", help="containers: where to mount it")
-    a.add_argument("--readonly", action="store_true")
-    d = sub.add_parser("detach", help="take a volume from an instance", parents=[g, pool])
-    d.add_argument("instance")
-    d.add_argument("volume")

@@ -1,18 +1,18 @@
-"""`vz remote` (this client's remotes), `vz trust` (who may use this vzd) and
-`vz daemon listen` (the TLS API)."""
+"""`vz remote` (this client's remotes, no vzd involved) and `vz trust` (who may use this vzd
+over TLS)."""
 
 from __future__ import annotations
 
 import argparse
 import re
 import sys
-from collections.abc import Callable
 
+from vzkit.cli.base import CommandSet, bind_local, subcommands
 from vzkit.cli.checks import UsageError
-from vzkit.cli.render import age_since, dump_json, dump_models, json_mode, key_values, table
+from vzkit.cli.render import age_since, dump_json, dump_models, json_mode, table
 from vzkit.sdk.client import Client
 
-Handler = Callable[[argparse.Namespace, Client], int]
+commands = CommandSet()
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -27,6 +27,29 @@ def parse_duration(text: str) -> int:
 
 
 # -- vz remote (no vzd involved) ---------------------------------------------------------------
+
+
+@commands.add("remote", "other hosts' vzd, reached over TLS")
+def _remote(p: argparse.ArgumentParser) -> None:
+    sub = subcommands(p, "remote_cmd", "add|list|remove|switch")
+    ra = sub.add("add", "add a remote: NAME JOIN-TOKEN, or NAME ADDRESS --token BEARER")
+    ra.add_argument("name")
+    ra.add_argument("target", metavar="TOKEN|ADDRESS")
+    ra.add_argument("--token", help="a bearer token (from: vz trust add NAME --type token)")
+    ra.add_argument("--fingerprint", help="the server CA's SHA-256 (with --token)")
+    ra.add_argument(
+        "--accept-certificate",
+        action="store_true",
+        help="trust the CA the server presents, unchecked (with --token)",
+    )
+    bind_local(ra, cmd_remote_add)
+    bind_local(sub.add("list", "list remotes"), cmd_remote_list)
+    rr = sub.add("remove", "forget a remote")
+    rr.add_argument("name")
+    bind_local(rr, cmd_remote_remove)
+    rs = sub.add("switch", "make a remote the default ('local': this host)")
+    rs.add_argument("name")
+    bind_local(rs, cmd_remote_switch)
 
 
 def cmd_remote_add(args: argparse.Namespace) -> int:
@@ -90,15 +113,22 @@ def cmd_remote_switch(args: argparse.Namespace) -> int:
     return 0
 
 
-REMOTE_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "remote.add": cmd_remote_add,
-    "remote.list": cmd_remote_list,
-    "remote.remove": cmd_remote_remove,
-    "remote.switch": cmd_remote_switch,
-}
+# -- vz trust ---------------------------------------------------------------------------------
 
 
-# -- vz trust / vz daemon listen ------------------------------------------------------------------
+@commands.add("trust", "who may use this vzd over TLS")
+def _trust(p: argparse.ArgumentParser) -> None:
+    sub = subcommands(p, "trust_cmd", "add|list|remove")
+    ta = sub.add("add", "make a join token (or, --type token, a bearer token)", cmd_trust_add)
+    ta.add_argument("name")
+    ta.add_argument("--type", choices=["certificate", "token"], default="certificate")
+    ta.add_argument(
+        "--expires",
+        metavar="DURATION",
+        help="e.g. 30m, 12h, 7d (default: a join token lasts 1d, a bearer token forever)",
+    )
+    sub.add("list", "list trusted clients", cmd_trust_list)
+    sub.add("remove", "revoke at once", cmd_trust_remove).add_argument("name")
 
 
 def cmd_trust_add(args: argparse.Namespace, client: Client) -> int:
@@ -146,34 +176,3 @@ def cmd_trust_list(args: argparse.Namespace, client: Client) -> int:
 def cmd_trust_remove(args: argparse.Namespace, client: Client) -> int:
     client.remove_trust(args.name)
     return 0
-
-
-def cmd_daemon_listen(args: argparse.Namespace, client: Client) -> int:
-    if args.address is None:
-        info = client.server_config()
-    else:
-        off = args.address.lower() in ("off", "none", "")
-        info = client.set_listen(None if off else args.address)
-    if json_mode(args):
-        dump_json(info, sys.stdout)
-        return 0
-    if not info.get("listen"):
-        sys.stdout.write("the TLS API is off (turn it on: vz daemon listen :8443)\n")
-        return 0
-    key_values(
-        [
-            ("listen", info["listen"]),
-            ("addresses", ", ".join(info.get("addresses") or []) or "(not listening)"),
-            ("ca fingerprint", info.get("ca_fingerprint") or "-"),
-        ],
-        sys.stdout,
-    )
-    return 0
-
-
-HANDLERS: dict[str, Handler] = {
-    "trust.add": cmd_trust_add,
-    "trust.list": cmd_trust_list,
-    "trust.remove": cmd_trust_remove,
-    "daemon.listen": cmd_daemon_listen,
-}
