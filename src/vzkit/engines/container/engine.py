@@ -41,7 +41,15 @@ from vzkit.engines.container.files import WORK_DIRS, ContainerFiles, ContainerSt
 from vzkit.engines.container.idmap import IdMap
 from vzkit.engines.container.inroot import replace_file
 from vzkit.engines.container.sessions import LogConsole, Proc, TtyProc, receive_fd, set_winsize
-from vzkit.errors import AgentError, EngineError, InvalidConfig, NotFound, StateError
+from vzkit.errors import (
+    AgentError,
+    Conflict,
+    EngineError,
+    InvalidConfig,
+    NotFound,
+    StateError,
+    VzError,
+)
 from vzkit.host import perms, safefs
 from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
@@ -520,12 +528,11 @@ class ContainerEngine(ProcessEngine):
     ) -> None:
         # vz-runtime writes it from inside the container's mount namespace (its own view:
         # a tmpfs /tmp, volumes; its symlinks resolve in it), running none of its binaries.
-        if mode & 0o6000:
-            raise InvalidConfig(
-                f"mode {mode:o} sets setuid or setgid",
-                hint="push the file without the setuid/setgid bits",
-            )
+        # A setuid/setgid mode reaches here only when the caller asked for it (the API
+        # refuses it otherwise), so the runtime is told it was asked for.
         args = ["file-write", "--mode", f"{mode:o}", *(["--parents"] if parents else [])]
+        if mode & 0o6000:
+            args.append("--allow-setid")
         proc = await self._runtime_proc(*args, self._get(name).uuid, path, stdin=True)
         assert proc.stdin is not None and proc.stderr is not None
         try:
@@ -544,8 +551,9 @@ class ContainerEngine(ProcessEngine):
         proc.stdin.close()
         err = await proc.stderr.read()
         if await proc.wait() != 0:
-            raise AgentError(
-                f"cannot write {path} in {name!r}: {_runtime_error(err)}",
+            raise _runtime_failure(
+                f"cannot write {path} in {name!r}",
+                err,
                 hint="check that the directory exists (or pass parents) and is writable",
             )
 
@@ -556,7 +564,7 @@ class ContainerEngine(ProcessEngine):
         if not line:
             err = await proc.stderr.read()
             await proc.wait()
-            raise AgentError(f"cannot read {path} in {name!r}: {_runtime_error(err)}")
+            raise _runtime_failure(f"cannot read {path} in {name!r}", err)
         mode = int(json.loads(line)["mode"])
         stdout = proc.stdout
 
@@ -670,3 +678,19 @@ def _runtime_error(stderr: bytes) -> str:
         if line.startswith("error: "):
             return line[len("error: ") :]
     return text[-2000:] or "vz-runtime failed without saying why"
+
+
+# The runtime's error codes (its ``code: ...`` line) that are the caller's mistake.
+_CALLER_ERRORS: dict[str, type[VzError]] = {
+    "not_found": NotFound,
+    "invalid_config": InvalidConfig,
+    "conflict": Conflict,
+}
+
+
+def _runtime_failure(message: str, stderr: bytes, hint: str | None = None) -> VzError:
+    """A file operation's failure as the kind the runtime reported (else an AgentError)."""
+    text = stderr.decode(errors="replace")
+    code = next((ln[6:].strip() for ln in text.splitlines() if ln.startswith("code: ")), "")
+    kind = _CALLER_ERRORS.get(code, AgentError)
+    return kind(f"{message}: {_runtime_error(stderr)}", hint=hint)

@@ -122,7 +122,7 @@ class ContainerFiles:
                 hint="build the same image version here, or publish the container as an image",
             )
         lower = await asyncio.to_thread(container_rootfs, self.settings, local)
-        archived_map = _archived_idmap(header, record)
+        archived_map = _archived_idmap(header)
         idmap = None if record.security.privileged else self._host_idmap()
         state = ContainerState(lower=str(lower), idmap=idmap)
         (files / "upper").mkdir(exist_ok=True)
@@ -131,7 +131,7 @@ class ContainerFiles:
         return state
 
 
-def _archived_idmap(header: Mapping[str, object], record: Instance) -> IdMap | None:
+def _archived_idmap(header: Mapping[str, object]) -> IdMap | None:
     text = header.get("idmap")
     if text is None:
         return None  # privileged, or from before user namespaces (record says privileged)
