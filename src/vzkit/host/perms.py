@@ -9,8 +9,9 @@ setuid binary a container planted is out of reach, whatever its owner). QEMU run
 
 =============================================  =========================================
 state and runtime roots, both ``instances/``   0711 root
-a VM's instance directory                      02750 root:vz-qemu (setgid: what is made
-                                               in it is QEMU's group's)
+a VM's instance directory                      0750 root:vz-qemu (no setgid bit: an
+                                               export carries its directories' modes, and
+                                               import refuses setgid ones)
 a container's instance directory               0700 root
 a container's runtime directory (its rootfs)   0700, owned by its root (vz-runtime enters
                                                it as that user; engines/container)
@@ -40,7 +41,7 @@ from vzkit.settings import Settings
 
 PASS_THROUGH = 0o711
 PRIVATE = 0o700
-VM_DIR = 0o2750
+VM_DIR = 0o750
 POOL_DIR = 0o710
 SHARED_DIR = 0o750
 BLOB = 0o440
@@ -92,7 +93,7 @@ def _no_others(path: str, group: int | None = None) -> None:
     if group is not None and st.st_gid != group:
         os.lchown(path, -1, group)
     if st.st_mode & 0o007 or (group is not None and st.st_mode & 0o6000):
-        # chown cleared setuid/setgid bits of files; directories keep setgid (VM dirs).
+        # chown cleared the setuid/setgid bits of a file: put back what others may not use.
         os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o007)
 
 
