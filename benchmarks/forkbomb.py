@@ -9,6 +9,10 @@ without a pid namespace (without one, the kernel does not kill the bomb with the
 
 vz-runtime freezes the cgroup, kills everything, thaws it, until it is empty; runc's
 ``kill --all`` freezes, signals and thaws once. Needs root, gcc, /bin/busybox and runc.
+
+The engine row does what a user does: ``vz stop --force`` (the SDK's stop) of a container
+of a private vzd (user-namespaced, ``limits.processes`` as the limit) whose shell fork bomb
+is at its limit, until the instance is stopped and its cgroup gone.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# Run as a file, only benchmarks/ is on sys.path: the imports below need the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import private_daemon
 
 VZ_RUNTIME = shutil.which("vz-runtime", path=str(Path(sys.executable).parent)) or "vz-runtime"
 CG = Path("/sys/fs/cgroup")
@@ -60,7 +69,12 @@ def pids_dir(parent: str) -> Path:
 
 
 def saturated(parent: str) -> bool:
-    for line in (pids_dir(parent) / "pids.events").read_text().splitlines():
+    return at_limit(pids_dir(parent))
+
+
+def at_limit(group: Path) -> bool:
+    """Whether a fork in the group has failed at its pids limit yet."""
+    for line in (group / "pids.events").read_text().splitlines():
         key, _, value = line.partition(" ")
         if key == "max" and int(value) > 0:
             return True
@@ -88,10 +102,58 @@ def stop_time(runtime: list[str], bundle: Path, parent: str, cid: str) -> float:
     return elapsed
 
 
+# In the background, its output nowhere: the exec returns while the bomb goes on.
+SHELL_BOMB = "b() { b | b & }; (b) </dev/null >/dev/null 2>&1 &"
+
+
+def _pids_dir_of(pid: int) -> Path:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(",") or controllers == "":
+            top = CG / "pids" if controllers else CG
+            return top / path.lstrip("/")
+    raise SystemExit(f"no pids cgroup for pid {pid}")
+
+
+def engine_stop_times(limit: int, runs: int) -> list[float]:
+    """``stop --force`` through vzd of a container whose fork bomb is at its limit."""
+    times = []
+    with private_daemon() as (_env, client):
+        client.create_instance(
+            {"name": "bomb", "type": "container", "start": False, "nics": [],
+             "limits": {"processes": limit}}
+        )  # fmt: skip
+        for _ in range(runs):
+            client.start("bomb")
+            pid = client.get_instance("bomb").pid
+            assert pid
+            pids = _pids_dir_of(pid)
+            client.exec_capture(
+                "bomb", ["sh", "-c", "b() { b | b & }; (b) </dev/null >/dev/null 2>&1 &"]
+            )
+            deadline = time.monotonic() + 30
+            while not any(
+                ln == f"max {n}" and int(n) > 0
+                for ln in (pids / "pids.events").read_text().splitlines()
+                for n in [ln.partition(" ")[2]]
+            ):
+                if time.monotonic() > deadline:
+                    raise SystemExit("engine: the bomb did not reach its pids limit in 30 s")
+                time.sleep(0.01)
+            time.sleep(0.2)
+            start = time.perf_counter()
+            client.stop("bomb", force=True)
+            times.append(time.perf_counter() - start)
+            if pids.exists() and (pids / "cgroup.procs").read_text().split():
+                raise SystemExit("engine: processes survived vz stop --force")
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", "--runs", type=int, default=5)
     parser.add_argument("--limit", type=int, default=512, help="pids.limit of the container")
+    parser.add_argument("--no-engine", action="store_true", help="skip the row through vzd")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("benchmarks/forkbomb.py needs root")
@@ -111,13 +173,16 @@ def main() -> None:
                     stop_time(runtime, bundle, parent, f"bomb-{name}-{i}") for i in range(args.runs)
                 ]
                 results[f"{name}, {label}"] = statistics.median(times)
+        if not args.no_engine:
+            engine = statistics.median(engine_stop_times(args.limit, args.runs))
+            results["vz stop --force (vzd), pid namespace"] = engine
         print(f"stop a fork bomb (pids.limit {args.limit}): kill --all KILL + delete --force, "
               f"median of {args.runs}")  # fmt: skip
         for key, t in results.items():
             name, _, label = key.partition(", ")
             peer = results.get(f"runc, {label}")
             ratio = f"   {t / peer:.2f}x runc" if peer else ""
-            print(f"  {key:<32} {t * 1000:8.1f} ms{ratio}")
+            print(f"  {key:<40} {t * 1000:8.1f} ms{ratio}")
     finally:
         _cleanup(runtimes, work, parent)
 

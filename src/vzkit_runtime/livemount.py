@@ -6,7 +6,8 @@
 ``mount`` makes the host path SOURCE (a directory or a file) appear at TARGET (an absolute
 path in the container), creating TARGET when it is missing (``mkdir -p`` for a directory,
 an empty file, after its parent directories, for a file); ``--readonly`` makes the mount
-and every mount under it read-only. ``umount`` detaches (MNT_DETACH) the mount at TARGET.
+and every mount under it read-only; it is always nosuid and nodev. ``umount`` detaches
+(MNT_DETACH) the mount at TARGET.
 Both exit 0 on success; on failure they print ``error: ...`` and ``hint: ...`` on stderr,
 exit 1 and leave nothing behind (a mount point they created is removed again).
 
@@ -94,7 +95,11 @@ def mount(
             fd,
             "",
             sc.AT_EMPTY_PATH | sc.AT_RECURSIVE,
-            attr_set=sc.MOUNT_ATTR_RDONLY if readonly else 0,
+            # Data, not programs or devices, as a volume's OCI mount options say (nosuid,
+            # nodev): nothing in it runs setuid in the container or opens a device.
+            attr_set=sc.MOUNT_ATTR_NOSUID
+            | sc.MOUNT_ATTR_NODEV
+            | (sc.MOUNT_ATTR_RDONLY if readonly else 0),
             propagation=sc.MS_PRIVATE,
             shown=source,
         )

@@ -157,6 +157,24 @@ def check_cpu_weight(n: int) -> int:
     return n
 
 
+# limits.processes: a container's processes and threads (its cgroup's pids.max). The
+# default is podman's; the floor leaves room for the init, an exec and its shell; the
+# ceiling is the kernel's largest pid_max.
+PROCESSES = (16, 4_194_304)
+DEFAULT_PROCESSES = 2048
+
+
+def check_processes(n: int) -> int:
+    lo, hi = PROCESSES
+    if not lo <= n <= hi:
+        raise OutOfBounds(
+            f"limits.processes {n}",
+            "out of range",
+            f"use {lo} to {hi} ({DEFAULT_PROCESSES} by default)",
+        )
+    return n
+
+
 # -- volumes ----------------------------------------------------------------------------------
 
 MIN_VOLUME_SIZE = MiB

@@ -20,6 +20,7 @@ from pydantic import (
 from vzkit.api.base import Strict
 from vzkit.api.bounds import (
     CPU_WEIGHT,
+    DEFAULT_PROCESSES,
     MAX_CPUS,
     MAX_MEMORY,
     MAX_STOP_TIMEOUT,
@@ -27,6 +28,7 @@ from vzkit.api.bounds import (
     NAME_PATTERN,
     NAME_RE,
     NAME_RULE,
+    PROCESSES,
     MiB,
     check_memory,
     format_size,
@@ -68,6 +70,16 @@ CpuWeight = Annotated[
         description="Relative CPU weight against other instances",
     ),
 ]
+Processes = Annotated[
+    StrictInt,
+    Field(
+        ge=PROCESSES[0],
+        le=PROCESSES[1],
+        description="Processes and threads a container may have at once (its cgroup's "
+        "pids limit; a fork bomb stops there). VMs: not applied, a guest's processes are "
+        "its own kernel's",
+    ),
+]
 
 
 def validate_name(name: str, what: str = "instance") -> str:
@@ -107,6 +119,7 @@ class Limits(Strict):
     cpu_pin: list[CpuNumber] | None = Field(
         None, description="Host CPUs the instance may run on (default: any)"
     )
+    processes: Processes = DEFAULT_PROCESSES
 
 
 class LimitsUpdate(Strict):
@@ -116,12 +129,30 @@ class LimitsUpdate(Strict):
     memory: MemoryBytes | None = Field(None, description=_MEMORY_RULE)
     cpu_weight: CpuWeight | None = None
     cpu_pin: list[CpuNumber] | None = None
+    processes: Processes | None = None
 
     @field_validator("memory")
     @classmethod
     def _memory_floor(cls, value: int | None) -> int | None:
         # The type's own floor is the service's to check: this body does not name it.
         return None if value is None else check_memory(value)
+
+
+class Security(Strict):
+    """How an instance is isolated beyond its type's defaults."""
+
+    privileged: StrictBool = Field(
+        False,
+        description="Containers only: run without a user namespace, as host root (its root "
+        "is the host's, and files it writes are owned by host root). The default maps the "
+        "container's root to an unprivileged host id",
+    )
+
+
+PRIVILEGED_WARNING = (
+    "privileged container: its root is host root (no user namespace), so a process that "
+    "escapes its other namespaces owns the host"
+)
 
 
 class InstanceUpdate(Strict):
@@ -160,6 +191,7 @@ class InstanceCreate(Strict):
         description="INSTANCE/SNAPSHOT: start from that stateful snapshot's memory instead of "
         "booting (warm start); type, image and limits are the snapshot's",
     )
+    security: Security = Field(default_factory=Security)
 
     @field_validator("name")
     @classmethod
@@ -199,6 +231,27 @@ class Instance(Strict):
         description="Ingress allow-list: None lets everything in; a list (even empty) drops "
         "what it does not allow",
     )
+    security: Security = Field(default_factory=Security)
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the user should know about this instance's configuration (read "
+        "only: derived from it by the daemon)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_privileged(cls, data: Any) -> Any:
+        # A container recorded before user namespaces existed (a database row, an export
+        # archive) ran as host root: it keeps that mode, since its files are host root's.
+        if isinstance(data, dict) and data.get("type") == "container" and "security" not in data:
+            data = {**data, "security": {"privileged": True}}
+        return data
+
+    @model_validator(mode="after")
+    def _warnings(self) -> Instance:
+        privileged = self.type is InstanceType.CONTAINER and self.security.privileged
+        self.warnings = [PRIVILEGED_WARNING] if privileged else []
+        return self
 
 
 class StateAction(StrEnum):

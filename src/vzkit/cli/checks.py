@@ -65,6 +65,10 @@ def check_cpu_weight_text(value: str) -> int:
     return check_cpu_weight(_int(value, "limits.cpu_weight"))
 
 
+def check_processes_text(value: str) -> int:
+    return _checked(lambda: bounds.check_processes(_int(value, "limits.processes")))
+
+
 def check_cpu_weight(value: int) -> int:
     return _checked(lambda: bounds.check_cpu_weight(value))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vzkit.api.instances import ImageInfo
 from vzkit.errors import HostUnsupported, ImageError
+from vzkit.host import perms
 from vzkit.settings import Settings
 
 _ZSTD = b"\x28\xb5\x2f\xfd"
@@ -50,7 +51,7 @@ def container_rootfs(settings: Settings, info: ImageInfo) -> Path:
     dest = base / key
     if dest.is_dir():
         return dest
-    base.mkdir(parents=True, exist_ok=True)
+    perms.make_dir(base, perms.PRIVATE)  # image files, setuid binaries among them
     tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".tmp-{key}-"))
     try:
         if "rootfs" in info.files:

@@ -31,6 +31,7 @@ from typing import Any
 from vzkit.api.bounds import NAME_RE, NAME_RULE
 from vzkit.api.instances import ImageInfo
 from vzkit.errors import Conflict, ImageError, InvalidConfig, NotFound
+from vzkit.host import perms
 from vzkit.images.builder import Builder, BuilderFactory, BuildResult, Progress, sha256_file
 from vzkit.images.debian import DebianBuilder
 from vzkit.images.initramfs import MinimalBuilder
@@ -184,7 +185,7 @@ class ImageStore:
                 hint=f"known images: {', '.join(self.known_names())}",
             )
         builder = factory(self.settings)
-        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        self._make_dirs()
         with _flock(self.root / f".{name}.lock"):
             self._clean_stale_tmp(name)
             report("checking inputs", None)
@@ -241,7 +242,7 @@ class ImageStore:
             kernel_release=base.kernel_release,
             cmdline=base.files.get(CMDLINE_ROLE, ""),
         )
-        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        self._make_dirs()
         return self._commit(name, "disk", f"published:{origin}", result)
 
     def delete(self, name: str) -> None:
@@ -254,6 +255,12 @@ class ImageStore:
             self._gc()
 
     # -- internals -----------------------------------------------------------------------
+
+    def _make_dirs(self) -> None:
+        group = perms.qemu_gid(self.settings)
+        mode = perms.SHARED_DIR if group is not None else perms.PRIVATE
+        for d in (self.root, self.blobs_dir):
+            perms.make_dir(d, mode, group)
 
     def _manifest_path(self, name: str) -> Path:
         return self.root / f"{name}.json"
@@ -296,7 +303,8 @@ class ImageStore:
                 blob = self.blobs_dir / f"sha256-{digest}"
                 size = path.stat().st_size
                 if not (blob.exists() and blob.stat().st_size == size):
-                    path.chmod(0o444)
+                    # Guest data (a published disk): QEMU's group reads it, no one else.
+                    perms.share_file(path, perms.qemu_gid(self.settings), perms.BLOB)
                     os.replace(path, blob)
                 files[role] = blob.relative_to(self.root).as_posix()
                 blobs[role] = {"sha256": digest, "size": size}

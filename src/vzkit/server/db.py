@@ -14,6 +14,7 @@ out are shared: callers never change them in place (``model_copy(update=...)``).
 from __future__ import annotations
 
 import builtins
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ from typing import NamedTuple
 from vzkit.api.instances import Instance, InstanceState
 from vzkit.errors import Conflict, NotFound
 
-SCHEMA_VERSION = 1
+# 2: instance records name their security mode (containers from before 2 ran as host root).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,6 +59,9 @@ class StoredInstance(NamedTuple):
 class Database:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Private: SQLite gives the -wal and -shm files it creates the database's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(path, 0o600)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -66,6 +71,7 @@ class Database:
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
+        self._migrate()
         self._rows: dict[str, StoredInstance] | None = None
         self._sorted: list[Instance] | None = None
         self._generation = 0
@@ -74,6 +80,22 @@ class Database:
 
     def close(self) -> None:
         self._conn.close()
+
+    def _migrate(self) -> None:
+        (version,) = self._conn.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'"
+        ).fetchone()
+        if int(version) >= SCHEMA_VERSION:
+            return
+        with self.transaction() as conn:
+            # Loading a record without "security" marks a container privileged (it ran as
+            # host root, and its files are host root's); storing it says so for good.
+            for name, data in conn.execute("SELECT name, data FROM instances").fetchall():
+                record = Instance.model_validate_json(data).model_dump_json()
+                conn.execute("UPDATE instances SET data = ? WHERE name = ?", (record, name))
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -22,11 +22,12 @@ from pathlib import Path
 import uvicorn
 
 from vzkit.api.instances import InstanceType
+from vzkit.api.storage import PoolConfig
 from vzkit.engines.base import Engine
 from vzkit.engines.container.engine import ContainerEngine
 from vzkit.engines.qemu.engine import QemuEngine
 from vzkit.errors import VzError
-from vzkit.host import cgroups
+from vzkit.host import cgroups, perms
 from vzkit.host.probe import probe_host
 from vzkit.images.store import ImageStore
 from vzkit.server.app import create_app
@@ -62,7 +63,7 @@ def _bind(path: Path) -> socket.socket:
 
 
 def _lock(settings: Settings) -> int:
-    settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+    perms.make_dir(settings.runtime_dir, perms.PASS_THROUGH)
     fd = os.open(settings.runtime_dir / "vzd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -78,13 +79,14 @@ def _lock(settings: Settings) -> int:
 async def serve(settings: Settings) -> None:
     lock_fd = _lock(settings)
     for d in (settings.state_dir, settings.instances_dir, settings.instance_runtime_dir):
-        d.mkdir(parents=True, exist_ok=True)
+        perms.make_dir(d, perms.PASS_THROUGH)
     # Before the database is opened: a state dir that already has one is from before
     # identities (settings.predates_identity), which the network's migration relies on.
     log.info("daemon identity %s (state dir %s)", settings.daemon_id, settings.state_dir)
     host = await asyncio.to_thread(probe_host, settings)
     log.info("host: %d cpus, accelerator %s (%s)", host.cpus, host.accel, host.accel_reason)
     db = Database(settings.db_path)
+    await asyncio.to_thread(_tighten, settings, db)
     images = ImageStore(settings)
     try:
         driver: cgroups.CgroupDriver | None = cgroups.detect()
@@ -156,6 +158,18 @@ async def serve(settings: Settings) -> None:
         with contextlib.suppress(FileNotFoundError):
             settings.pid_file.unlink()
         os.close(lock_fd)
+
+
+def _tighten(settings: Settings, db: Database) -> None:
+    """Bring an installation from before the modes of host/perms.py to them (cheap once
+    done): only vzd's own directories and files, never a container's."""
+    vms: list[str] = []
+    containers: list[str] = []
+    for inst in db.list():
+        uuid = db.get(inst.name).uuid
+        (containers if inst.type is InstanceType.CONTAINER else vms).append(uuid)
+    pools = [PoolConfig.model_validate_json(data).path for _, data in db.pool_rows()]
+    perms.tighten(settings, vms, containers, [p for p in pools if p is not None])
 
 
 def main(argv: list[str] | None = None) -> int:

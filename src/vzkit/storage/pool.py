@@ -26,6 +26,7 @@ from vzkit.errors import (
     NotFound,
     ResourceExhausted,
 )
+from vzkit.host import perms
 from vzkit.storage import qcow2
 
 __all__ = ["DirPool", "PoolDriver"]
@@ -101,7 +102,7 @@ class DirPool:
         self.volumes_dir = path / "volumes"
 
     def setup(self) -> None:
-        self.volumes_dir.mkdir(parents=True, exist_ok=True)
+        perms.secure_pool(self.path)
         # Only at start-up: a ".tmp" is a copy or a delete that a crash interrupted.
         for entry in self.volumes_dir.glob("*.tmp"):
             _remove(entry)
@@ -125,10 +126,12 @@ class DirPool:
 
     def create_volume(self, name: str, size: int, content: Content) -> Path:
         self._free(name)
-        self.volumes_dir.mkdir(parents=True, exist_ok=True)
+        if not self.volumes_dir.is_dir():
+            perms.secure_pool(self.path)
         path = self.volume_path(name, content)
         if content == "block":
             qcow2.create(path, size)
+            os.chmod(path, 0o600)
         else:
             try:
                 path.mkdir()
@@ -177,6 +180,7 @@ class DirPool:
         target = self.volume_path(dst, content)
         if content == "block":
             qcow2.convert(source, target, progress=progress)
+            os.chmod(target, 0o600)
         else:
             _copy_tree(source, target)
             if progress is not None:

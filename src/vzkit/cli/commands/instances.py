@@ -71,6 +71,11 @@ def instance_options(p: argparse.ArgumentParser) -> None:
         metavar="HOSTPORT:PORT[/PROTO]",
         help="forward a host port to the instance (repeatable)",
     )
+    p.add_argument(
+        "--privileged",
+        action="store_true",
+        help="containers: run as host root, without a user namespace (not recommended)",
+    )
 
 
 def create_body(args: argparse.Namespace, image: str, name: str | None) -> dict[str, Any]:
@@ -99,7 +104,15 @@ def create_body(args: argparse.Namespace, image: str, name: str | None) -> dict[
         body["ports"] = [checks.parse_port(spec) for spec in args.port]
     if args.volume:
         body["volumes"] = [parse_volume(spec) for spec in args.volume]
+    if args.privileged:
+        body["security"] = {"privileged": True}
     return body
+
+
+def warn(inst: Instance) -> None:
+    """What the daemon says the user should know about the instance it made."""
+    for warning in inst.warnings:
+        sys.stderr.write(f"warning: {warning}\n")
 
 
 def ensure_image(client: Client, image: str) -> None:
@@ -129,6 +142,7 @@ def cmd_launch(args: argparse.Namespace, client: Client) -> int:
     body = create_body(args, image, name)
     ensure_image(client, image)
     inst = client.create_instance(body)
+    warn(inst)
     if json_mode(args):
         sys.stdout.write(inst.model_dump_json(indent=2) + "\n")
     else:
@@ -177,6 +191,8 @@ def instance_pairs(i: Instance) -> list[tuple[str, object]]:
         ("memory", format_size(i.limits.memory)),
         ("cpu weight", i.limits.cpu_weight),
         ("cpu pin", ",".join(map(str, i.limits.cpu_pin)) if i.limits.cpu_pin else "any"),
+        ("processes", i.limits.processes),
+        ("privileged", "yes" if i.security.privileged else "no"),
         ("accel", i.accel.value if i.accel else None),
         ("ephemeral", "yes" if i.ephemeral else "no"),
         ("pid", i.pid),
@@ -294,7 +310,7 @@ def _config(p: argparse.ArgumentParser) -> None:
         "settings",
         nargs="+",
         metavar="KEY=VALUE",
-        help="limits.cpus, limits.memory, limits.cpu_weight, limits.cpu_pin",
+        help="limits.cpus, limits.memory, limits.cpu_weight, limits.cpu_pin, limits.processes",
     )
 
 
@@ -304,6 +320,7 @@ _CONFIG_KEYS = {
     "limits.memory": checks.check_memory,
     "limits.cpu_weight": checks.check_cpu_weight_text,
     "limits.cpu_pin": checks.parse_cpu_list,
+    "limits.processes": checks.check_processes_text,
 }
 
 

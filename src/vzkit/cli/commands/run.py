@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from vzkit.cli import checks
 from vzkit.cli.base import CommandSet, bind
 from vzkit.cli.checks import UsageError
-from vzkit.cli.commands.instances import create_body, ensure_image, instance_options
+from vzkit.cli.commands.instances import create_body, ensure_image, instance_options, warn
 from vzkit.errors import DaemonUnavailable, VzError
 from vzkit.sdk.client import Client, preload
 
@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace, client: Client) -> int:
     created = False
     try:
         try:
-            client.create_instance(body)
+            warn(client.create_instance(body))
         except VzError as exc:
             # The daemon answered with an error: nothing was made (unless we lost it mid-way).
             created = isinstance(exc, DaemonUnavailable)

@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import fcntl
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
-import struct
+import stat
 import sys
 import tempfile
-import termios
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vzkit._proc import alive
-from vzkit.api.instances import ExecRequest, ExecResult, Instance, InstanceType, Limits
+from vzkit.api.instances import ExecRequest, Instance, InstanceType, Limits
 from vzkit.engines.base import (
     Capabilities,
     ConsoleStream,
@@ -40,7 +36,11 @@ from vzkit.engines.base import (
     Started,
 )
 from vzkit.engines.common import ProcessEngine
+from vzkit.engines.container import idmap as ids
 from vzkit.engines.container.files import WORK_DIRS, ContainerFiles, ContainerState
+from vzkit.engines.container.idmap import IdMap
+from vzkit.engines.container.inroot import replace_file
+from vzkit.engines.container.sessions import LogConsole, Proc, TtyProc, receive_fd, set_winsize
 from vzkit.errors import (
     AgentError,
     Conflict,
@@ -50,7 +50,7 @@ from vzkit.errors import (
     StateError,
     VzError,
 )
-from vzkit.host import safefs
+from vzkit.host import perms, safefs
 from vzkit.host.cgroups import CgroupDriver, weight_to_shares
 from vzkit.images.rootfs import container_rootfs
 from vzkit.images.store import ImageStore
@@ -73,6 +73,9 @@ RUNTIME = _runtime_command()
 INIT = ["/sbin/vz-agent", "--reaper"]
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CPU_PERIOD_US = 100_000
+# As podman: no raw sockets (packet forging, ARP spoofing on the bridge); ping works through
+# ICMP datagram sockets, which the ping group range opens to every group of the container.
+DROPPED_CAPS = ("CAP_NET_RAW",)
 
 # What containers cannot do, and what a request for it is told.
 REFUSALS = {
@@ -99,229 +102,9 @@ class _Live:
     name: str
     uuid: str
     pid: int
+    idmap: IdMap | None  # None: privileged (no user namespace)
     stop_requested: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class _Timed:
-    """Kills an exec's `vz-runtime exec` process when its timeout runs out."""
-
-    proc: asyncio.subprocess.Process
-
-    def _start_timer(self, timeout: float | None) -> None:
-        self._timed_out = False
-        self._timer = (
-            asyncio.get_running_loop().call_later(timeout, self._timeout) if timeout else None
-        )
-
-    def _timeout(self) -> None:
-        self._timed_out = True
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGKILL)
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-
-class _Proc(_Timed):
-    """An ExecSession over a `vz-runtime exec` child process."""
-
-    def __init__(
-        self,
-        proc: asyncio.subprocess.Process,
-        timeout: float | None,
-        oom_kills: Callable[[], int] | None = None,
-    ) -> None:
-        self.proc = proc
-        # Read before and after: a SIGKILL with a new OOM kill in between was the OOM killer.
-        self._oom_kills = oom_kills
-        self._oom_before = oom_kills() if oom_kills else 0
-        self._queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(64)
-        self._open = 2
-        self._chunks = 0
-        self._pumps = [
-            asyncio.create_task(self._pump(proc.stdout, 1)),
-            asyncio.create_task(self._pump(proc.stderr, 2)),
-        ]
-        self._ender = asyncio.create_task(self._end_output_after_exit())
-        self._start_timer(timeout)
-
-    async def _pump(self, stream: asyncio.StreamReader | None, channel: int) -> None:
-        assert stream is not None
-        try:
-            while data := await stream.read(65536):
-                self._chunks += 1
-                await self._queue.put((channel, data))
-        finally:
-            self._open -= 1
-            if self._open == 0:
-                self._queue.put_nowait(None)
-
-    async def _end_output_after_exit(self) -> None:
-        """End the output 200 ms after `vz-runtime exec` exits, as the guest agent does.
-
-        A command that leaves a background child holding its stdout (``nc -l ... &``)
-        would otherwise keep the session open for the child's life. asyncio's
-        ``Process.wait()`` itself waits for the pipes to close, so the exit is seen through
-        a pidfd of our own, and our ends of the pipes are closed to let ``wait()`` return.
-        """
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def on_exit() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        try:
-            fd = os.pidfd_open(self.proc.pid)
-        except ProcessLookupError:
-            fd = -1
-        if fd >= 0:
-            loop.add_reader(fd, on_exit)
-            try:
-                await exited
-            finally:
-                loop.remove_reader(fd)
-                os.close(fd)
-        # Output still flowing (or waiting for a slow reader) is not a pipe left open.
-        while True:
-            seen = self._chunks
-            _, pending = await asyncio.wait(self._pumps, timeout=0.2)
-            if not pending:
-                return
-            if self._chunks == seen and self._queue.qsize() < self._queue.maxsize:
-                break
-        for pump in pending:
-            pump.cancel()
-        await asyncio.wait(pending)
-        transport: Any = getattr(self.proc, "_transport", None)
-        for channel in (1, 2):
-            pipe = transport.get_pipe_transport(channel) if transport else None
-            if pipe is not None:
-                pipe.close()
-
-    async def write_stdin(self, data: bytes) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        with contextlib.suppress(ConnectionError):
-            await self.proc.stdin.drain()
-
-    async def close_stdin(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-
-    async def signal(self, signum: int) -> None:
-        # vz-runtime exec forwards signals to the command it waits for.
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signum)
-
-    async def resize(self, rows: int, cols: int) -> None:
-        raise EngineError("terminal resize is not supported for container exec yet")
-
-    async def read(self) -> tuple[int, bytes] | None:
-        return await self._queue.get()
-
-    async def wait(self) -> ExecResult:
-        await asyncio.gather(self._ender, *self._pumps, return_exceptions=True)
-        code = await self.proc.wait()
-        self._stop_timer()
-        if code < 0:  # vz-runtime itself was killed (timeout)
-            return ExecResult(exit_code=128 - code, signal=-code, timed_out=self._timed_out)
-        sig = code - 128 if code > 128 else None
-        error = None
-        if sig == signal.SIGKILL and self._oom_kills and self._oom_kills() > self._oom_before:
-            error = "killed by the out-of-memory killer: the container's memory limit was hit"
-        return ExecResult(exit_code=code, signal=sig, timed_out=self._timed_out, error=error)
-
-
-class _TtyProc(_Timed):
-    """An ExecSession over `vz-runtime exec --tty`: the pty master came over a socket."""
-
-    def __init__(
-        self,
-        proc: asyncio.subprocess.Process,
-        master: int,
-        reader: asyncio.StreamReader,
-        timeout: float | None,
-    ) -> None:
-        self.proc = proc
-        self.master = master
-        self._reader = reader
-        self._start_timer(timeout)
-
-    async def write_stdin(self, data: bytes) -> None:
-        # A terminal's input is small (keystrokes); a blocking write cannot stall for long.
-        await asyncio.to_thread(_write_all, self.master, data)
-
-    async def close_stdin(self) -> None:
-        pass  # a terminal has no end of input: ^D is the user's to type
-
-    async def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signum)
-
-    async def resize(self, rows: int, cols: int) -> None:
-        _set_winsize(self.master, rows, cols)
-
-    async def read(self) -> tuple[int, bytes] | None:
-        try:
-            data = await self._reader.read(65536)
-        except OSError:  # EIO: every slave end is closed
-            data = b""
-        return (1, data) if data else None
-
-    async def wait(self) -> ExecResult:
-        code = await self.proc.wait()
-        self._stop_timer()
-        with contextlib.suppress(OSError):
-            os.close(self.master)
-        sig = code - 128 if code > 128 else (-code if code < 0 else None)
-        return ExecResult(
-            exit_code=code if code >= 0 else 128 - code, signal=sig, timed_out=self._timed_out
-        )
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _set_winsize(fd: int, rows: int, cols: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-class _LogConsole:
-    """A container has no serial port: its console is its init's output, followed live."""
-
-    def __init__(self, path: Path) -> None:
-        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
-        self._f.seek(0, os.SEEK_END)
-
-    async def read(self, n: int) -> bytes:
-        while True:
-            data = self._f.read(n)
-            if data:
-                return data
-            await asyncio.sleep(0.2)
-
-    async def write(self, data: bytes) -> None:
-        pass  # nothing reads a container's console input
-
-    async def close(self) -> None:
-        self._f.close()
-
-
-def _receive_fd(server: socket.socket) -> int:
-    """Accept the runtime's connection and take the pty master it sends (as runc does)."""
-    server.settimeout(30)
-    conn, _ = server.accept()
-    with conn:
-        _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
-    if not fds:
-        raise EngineError("vz-runtime sent no terminal")
-    return fds[0]
 
 
 class ContainerEngine(ProcessEngine):
@@ -332,7 +115,9 @@ class ContainerEngine(ProcessEngine):
         self.root = settings.runtime_dir / "containers"
         self._live: dict[str, _Live] = {}
         self._spec: dict[str, Any] | None = None
-        files = ContainerFiles(self)
+        self._idmap: IdMap | None = None
+        self._userns: dict[IdMap, int] = {}  # a user namespace per map, kept for idmapped mounts
+        files = ContainerFiles(self, self.make_dirs, self.host_idmap)
         # Live volumes are bind mounts (vz-runtime mount); NICs are veths plugged live.
         self._caps = Capabilities(
             snapshots=files, export=files, live_volumes=self, nic_hotplug=self, refusals=REFUSALS
@@ -371,12 +156,36 @@ class ContainerEngine(ProcessEngine):
 
     async def create(self, inst: Instance, uuid: str) -> EngineState:
         image = self.images.get(inst.image)
+        idmap = None if inst.security.privileged else self.host_idmap()
         lower = await asyncio.to_thread(container_rootfs, self.settings, image)
-        sdir = self.state_dir(uuid)
+        state = ContainerState(lower=str(lower), idmap=idmap)
+        await asyncio.to_thread(self.make_dirs, self.state_dir(uuid), state)
+        return state
+
+    def host_idmap(self) -> IdMap:
+        """The map of new unprivileged containers (HostUnsupported without subordinate ids)."""
+        if self._idmap is None:
+            self._idmap = ids.host_idmap()
+        return self._idmap
+
+    @staticmethod
+    def make_dirs(sdir: Path, state: ContainerState) -> None:
+        """The instance directory (closed to everyone but root) and its layers, the upper
+        one and the overlay's work directory owned by the container's root."""
+        perms.make_dir(sdir, perms.PRIVATE)
         for d in ("upper", *WORK_DIRS):
-            (sdir / d).mkdir(parents=True, exist_ok=True)
-        await self._write_bundle(inst, sdir)
-        return ContainerState(lower=str(lower))
+            with contextlib.suppress(FileExistsError):
+                (sdir / d).mkdir()
+            # An imported archive's "upper" may be anything: chown must not follow a link.
+            if not stat.S_ISDIR(os.lstat(sdir / d).st_mode):
+                raise InvalidConfig(f"the container's {d!r} is not a directory")
+            if state.idmap is not None and d in ("upper", "work"):
+                os.lchown(sdir / d, *state.idmap.root)
+
+    def _run_dir(self, uuid: str) -> Path:
+        """Where the container's root is mounted: entered by vz-runtime as the container's
+        root (so owned by it), closed to everyone else."""
+        return self.settings.instance_runtime_dir / uuid
 
     async def _base_spec(self) -> dict[str, Any]:
         """The runtime's own default config.json (``vz-runtime spec``), read once: each
@@ -390,7 +199,7 @@ class ContainerEngine(ProcessEngine):
         return spec
 
     async def _write_bundle(
-        self, inst: Instance, sdir: Path, volumes: Sequence[VolumeMount] = ()
+        self, inst: Instance, sdir: Path, rootfs: Path, idmap: IdMap | None
     ) -> None:
         spec = await self._base_spec()
         process = spec["process"]
@@ -400,7 +209,9 @@ class ContainerEngine(ProcessEngine):
             cwd="/",
             env=[f"PATH={DEFAULT_PATH}", "TERM=xterm", "container=vz"],
         )
-        spec["root"] = {"path": str(sdir / "rootfs"), "readonly": False}
+        for kind, caps in process["capabilities"].items():
+            process["capabilities"][kind] = [c for c in caps if c not in DROPPED_CAPS]
+        spec["root"] = {"path": str(rootfs), "readonly": False}
         spec["hostname"] = inst.name
         limits = inst.limits
         cpu: dict[str, Any] = {
@@ -415,29 +226,51 @@ class ContainerEngine(ProcessEngine):
         # Merged, not replaced: the spec's device rules (deny all, then the runtime's
         # default allow-list) must survive, or a container with CAP_MKNOD opens any device.
         resources = linux.setdefault("resources", {})
-        resources.update(memory={"limit": limits.memory}, cpu=cpu)
-        for v in volumes:
-            spec["mounts"].append(
-                {
-                    "destination": v.target,
-                    "type": "bind",
-                    "source": str(v.host_path),
-                    "options": ["rbind", "ro" if v.readonly else "rw", "nosuid", "nodev"],
-                }
-            )
+        resources.update(memory={"limit": limits.memory}, cpu=cpu, pids={"limit": limits.processes})
+        # The range is of the writer's user namespace: an unprivileged container's groups
+        # end at its map's size (a gid outside it makes the kernel refuse the whole range).
+        top = idmap.size - 1 if idmap is not None else 2**31 - 1
+        linux.setdefault("sysctl", {})["net.ipv4.ping_group_range"] = f"0 {top}"
+        if idmap is not None:
+            linux["namespaces"].append({"type": "user"})
+            linux.update(idmap.oci())
         safefs.replace_bytes(sdir, "bundle/config.json", json.dumps(spec, indent=1).encode())
 
-    def _mount_rootfs(self, sdir: Path, lower: str) -> None:
-        target = sdir / "rootfs"
-        if os.path.ismount(target):
-            return
-        options = f"lowerdir={lower},upperdir={sdir / 'upper'},workdir={sdir / 'work'}"
-        _mount("overlay", target, "overlay", options)
+    def _mount_rootfs(self, uuid: str, state: ContainerState, userns_fd: int | None) -> Path:
+        """The overlay (the image's tree below, idmapped for an unprivileged container)
+        mounted at the run directory; returns where (blocking)."""
+        sdir, rdir = self.state_dir(uuid), self._run_dir(uuid)
+        uid, gid = state.idmap.root if state.idmap is not None else (0, 0)
+        perms.make_dir(rdir, perms.PRIVATE, group=gid, owner=uid)
+        target = rdir / "rootfs"
+        target.mkdir(mode=0o700, exist_ok=True)
+        if not os.path.ismount(target):
+            ids.mount_overlay(
+                target,
+                Path(state.lower),
+                sdir / "upper",
+                sdir / "work",
+                userns_fd=userns_fd,
+                scratch=rdir / "lower",
+            )
+        return target
 
-    def _unmount_rootfs(self, sdir: Path) -> None:
-        target = sdir / "rootfs"
-        if os.path.ismount(target):
-            _unmount(target)
+    def _unmount_rootfs(self, uuid: str) -> None:
+        rdir = self._run_dir(uuid)
+        # The state dir's rootfs: where containers started before the run directory were.
+        for target in (rdir / "rootfs", self.state_dir(uuid) / "rootfs"):
+            if os.path.ismount(target):
+                ids.unmount(target)
+        for d in (rdir / "rootfs", rdir / "lower", rdir):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # never rmtree: a mount left there would lose the container's files
+
+    async def _userns_fd(self, idmap: IdMap | None) -> int | None:
+        if idmap is None:
+            return None
+        if idmap not in self._userns:
+            self._userns[idmap] = await asyncio.to_thread(ids.make_userns, idmap)
+        return self._userns[idmap]
 
     async def start(
         self,
@@ -450,10 +283,27 @@ class ContainerEngine(ProcessEngine):
         if inst.name in self._live:
             raise EngineError(f"container {inst.name!r} is already running")
         sdir = self.state_dir(uuid)
-        await self._write_bundle(inst, sdir, volumes)  # limits and volumes may have changed
-        if net.nics:
-            _write_resolv_conf(sdir / "upper", net.resolv_conf())
-        self._mount_rootfs(sdir, ContainerState.of(state).lower)
+        cstate = ContainerState.of(state)
+        userns_fd = await self._userns_fd(cstate.idmap)
+        rootfs = await asyncio.to_thread(self._mount_rootfs, uuid, cstate, userns_fd)
+        try:
+            await self._write_bundle(inst, sdir, rootfs, cstate.idmap)
+            if net.nics:
+                await asyncio.to_thread(_write_resolv_conf, rootfs, net.resolv_conf(), cstate)
+            return await self._create_and_start(inst, uuid, cstate, net, volumes)
+        except BaseException:
+            await asyncio.to_thread(self._unmount_rootfs, uuid)
+            raise
+
+    async def _create_and_start(
+        self,
+        inst: Instance,
+        uuid: str,
+        state: ContainerState,
+        net: NetPlan,
+        volumes: Sequence[VolumeMount],
+    ) -> Started:
+        sdir = self.state_dir(uuid)
         log_path = sdir / "console.log"
         error_log = sdir / "runtime.log"
         pid_file = sdir / "init.pid"
@@ -489,9 +339,13 @@ class ContainerEngine(ProcessEngine):
                 raise EngineError(
                     f"creating container {inst.name!r} failed: {why or 'see ' + str(log_path)}"
                 )
+            # Volumes as live attaches do it, before the init runs: vz-runtime clones them
+            # on the host, so the container's root never needs to pass the pool's directories.
+            for volume in volumes:
+                await self._mount_volume(uuid, state.idmap, volume)
             await self._runtime("start", uuid)
             pid = int(safefs.read_text(sdir, pid_file.name, 64))
-            live = _Live(inst.name, uuid, pid)
+            live = _Live(inst.name, uuid, pid, state.idmap)
             self._live[inst.name] = live
             self._watch(live)
             for nic in net.nics:
@@ -499,7 +353,6 @@ class ContainerEngine(ProcessEngine):
         except BaseException:
             self._live.pop(inst.name, None)
             await self._runtime("delete", "--force", uuid, check=False)
-            self._unmount_rootfs(sdir)
             raise
         return Started(pid=pid)
 
@@ -509,7 +362,7 @@ class ContainerEngine(ProcessEngine):
         if status not in ("running", "paused") or inst.pid is None or not alive(inst.pid):
             await self._cleanup(uuid)
             return None
-        live = _Live(inst.name, uuid, inst.pid)
+        live = _Live(inst.name, uuid, inst.pid, ContainerState.of(state).idmap)
         self._live[inst.name] = live
         self._watch(live)
         return str(status)
@@ -543,18 +396,22 @@ class ContainerEngine(ProcessEngine):
         ]
         if limits.cpu_pin:
             args += ["--cpuset-cpus", ",".join(map(str, limits.cpu_pin))]
+        args += ["--pids-limit", str(limits.processes)]
+        # The bundle is written anew at the next start, from the stored limits.
         await self._runtime(*args, live.uuid)
-        await self._write_bundle(
-            inst.model_copy(update={"limits": limits}), self.state_dir(live.uuid)
-        )
 
     async def io_stats(self, name: str) -> tuple[int, int] | None:
         return None  # the block layer is the host's; cgroup io accounting is not read yet
 
     async def attach_volume(self, name: str, volume: VolumeMount) -> None:
+        live = self._get(name)
+        await self._mount_volume(live.uuid, live.idmap, volume)
+
+    async def _mount_volume(self, uuid: str, idmap: IdMap | None, volume: VolumeMount) -> None:
         assert volume.target is not None
+        if idmap is not None:
+            await asyncio.to_thread(_hand_over, volume.host_path, idmap)
         ro = ["--readonly"] if volume.readonly else []
-        uuid = self._get(name).uuid
         await self._runtime("mount", *ro, uuid, str(volume.host_path), volume.target)
 
     async def detach_volume(self, name: str, volume: VolumeMount) -> None:
@@ -582,16 +439,19 @@ class ContainerEngine(ProcessEngine):
             await self._runtime("kill", "--all", uuid, "KILL", check=False)
             await live.exited.wait()
         await self._cleanup(uuid)
-        shutil.rmtree(self.state_dir(uuid), ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, self.state_dir(uuid), ignore_errors=True)
 
     async def _cleanup(self, uuid: str) -> None:
         await self._runtime("delete", "--force", uuid, check=False)
-        await asyncio.to_thread(self._unmount_rootfs, self.state_dir(uuid))
+        await asyncio.to_thread(self._unmount_rootfs, uuid)
 
     async def close(self) -> None:
         for live in self._live.values():
             self.unwatch_exit(live.pid)
         self._live.clear()
+        for fd in self._userns.values():
+            os.close(fd)
+        self._userns.clear()
 
     # -- guest access ------------------------------------------------------------------
 
@@ -616,7 +476,7 @@ class ContainerEngine(ProcessEngine):
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        return _Proc(proc, req.timeout, lambda: self._oom_kills(name))
+        return Proc(proc, req.timeout, lambda: self._oom_kills(name))
 
     async def _exec_tty(self, live: _Live, req: ExecRequest) -> ExecSession:
         sock_dir = self.settings.runtime_dir / "consoles"
@@ -644,7 +504,7 @@ class ContainerEngine(ProcessEngine):
             stderr=asyncio.subprocess.PIPE,
         )
         try:
-            master = await asyncio.wait_for(asyncio.to_thread(_receive_fd, server), 30)
+            master = await asyncio.wait_for(asyncio.to_thread(receive_fd, server), 30)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -655,13 +515,13 @@ class ContainerEngine(ProcessEngine):
         finally:
             server.close()
             path.unlink(missing_ok=True)
-        _set_winsize(master, req.rows, req.cols)
+        set_winsize(master, req.rows, req.cols)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(master), "rb", 0)
         )
-        return _TtyProc(proc, master, reader, req.timeout)
+        return TtyProc(proc, master, reader, req.timeout)
 
     async def push_file(
         self, name: str, path: str, data: AsyncIterator[bytes], mode: int, parents: bool
@@ -732,7 +592,7 @@ class ContainerEngine(ProcessEngine):
         )
 
     async def open_console(self, name: str) -> ConsoleStream:
-        return _LogConsole(self.state_dir(self._get(name).uuid) / "console.log")
+        return LogConsole(self.state_dir(self._get(name).uuid) / "console.log")
 
     # -- exits ---------------------------------------------------------------------------
 
@@ -781,14 +641,22 @@ def _plug_veth(pid: int, nic: NicPlan) -> None:
     nics.plug_veth(pid, nic)
 
 
-def _write_resolv_conf(upper: Path, text: str) -> None:
-    """Put /etc/resolv.conf into the overlay's upper layer before it is mounted."""
-    etc = upper / "etc"
-    etc.mkdir(parents=True, exist_ok=True)
-    target = etc / "resolv.conf"
-    if target.is_symlink():
-        target.unlink()
-    target.write_text(text)
+def _write_resolv_conf(rootfs: Path, text: str, state: ContainerState) -> None:
+    """/etc/resolv.conf as the container resolves it (its symlinks stay inside it), owned
+    by its root. A container that broke its own /etc keeps it broken: that is logged."""
+    owner = state.idmap.root if state.idmap is not None else (0, 0)
+    try:
+        replace_file(rootfs, "/etc/resolv.conf", text.encode(), mode=0o644, owner=owner)
+    except EngineError as exc:
+        log.warning("resolv.conf not written: %s", exc.message)
+
+
+def _hand_over(volume: Path, idmap: IdMap) -> None:
+    """A fresh filesystem volume (empty, host root's) becomes the container's root's, so
+    that it can write to it; a used one keeps its owners (see the README: volumes)."""
+    st = volume.lstat()
+    if (st.st_uid, st.st_gid) == (0, 0) and not any(volume.iterdir()):
+        os.lchown(volume, *idmap.root)
 
 
 def _runtime_error(stderr: bytes) -> str:
@@ -814,19 +682,3 @@ def _runtime_failure(message: str, stderr: bytes, hint: str | None = None) -> Vz
     code = next((ln[6:].strip() for ln in text.splitlines() if ln.startswith("code: ")), "")
     kind = _CALLER_ERRORS.get(code, AgentError)
     return kind(f"{message}: {_runtime_error(stderr)}", hint=hint)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_MNT_DETACH = 2
-
-
-def _mount(source: str, target: Path, fstype: str, options: str) -> None:
-    if _libc.mount(source.encode(), bytes(target), fstype.encode(), 0, options.encode()) < 0:
-        err = ctypes.get_errno()
-        raise EngineError(f"mount {fstype} on {target}: {os.strerror(err)}")
-
-
-def _unmount(target: Path) -> None:
-    if _libc.umount2(bytes(target), _MNT_DETACH) < 0:
-        err = ctypes.get_errno()
-        raise EngineError(f"unmount {target}: {os.strerror(err)}")

@@ -5,6 +5,11 @@ stages and adopts archive files).
 A snapshot holds a copy of the upper layer (``cp -a``: owners, modes, xattrs and overlayfs
 whiteouts kept; reflinked where the file system can), so it is self-contained: no layers
 to merge or prune. The lower layer is the image's tree, shared and read-only.
+
+An unprivileged container's files are owned by the host ids of its map (idmap.py), the
+same for every such container, so copies and restores keep working owners as ``cp -a``
+keeps them; an archive records its map, and an import onto a host whose map differs
+re-owns the files.
 """
 
 from __future__ import annotations
@@ -13,33 +18,45 @@ import asyncio
 import os
 import shutil
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from vzkit.api.instances import ImageInfo, Instance
 from vzkit.engines.base import Captured, EngineState
 from vzkit.engines.common import ProcessEngine, check_archive_disks, link_tree, stage_snapshots
-from vzkit.errors import EngineError, ImageError, ResourceExhausted
+from vzkit.engines.container.idmap import IdMap, shift_owners
+from vzkit.errors import EngineError, ImageError, InvalidConfig, ResourceExhausted
 from vzkit.host import safefs
 from vzkit.images.rootfs import container_rootfs
 
-# The directories of a container's instance directory besides its upper layer.
-WORK_DIRS = ("work", "rootfs", "bundle")
+# The directories of a container's instance directory besides its upper layer (its root
+# is mounted in its run directory; an empty "rootfs" of older versions is left alone).
+WORK_DIRS = ("work", "bundle")
 
 
 class ContainerState(EngineState):
     """The container engine's facts about an instance: its overlay's lower directory
-    (the image's unpacked tree, shared by every container of that image version)."""
+    (the image's unpacked tree, shared by every container of that image version) and the
+    id map its files were written with (None: privileged, host ids; so are records from
+    before user namespaces)."""
 
     lower: str
+    idmap: IdMap | None = None
 
 
 class ContainerFiles:
     """Disk snapshots and export/import for containers."""
 
-    def __init__(self, engine: ProcessEngine) -> None:
+    def __init__(
+        self,
+        engine: ProcessEngine,
+        make_dirs: Callable[[Path, ContainerState], None],
+        host_idmap: Callable[[], IdMap],
+    ) -> None:
         self._dir = engine.state_dir
         self.settings = engine.settings
+        self._make_dirs = make_dirs
+        self._host_idmap = host_idmap
 
     async def capture(self, inst: Instance, uuid: str, state: EngineState, dest: Path) -> Captured:
         """Copy the upper layer (a running container must be paused: a consistent copy)."""
@@ -60,17 +77,18 @@ class ContainerFiles:
         shutil.rmtree(old, ignore_errors=True)
         # The work directory belongs to the old upper layer.
         shutil.rmtree(sdir / "work", ignore_errors=True)
-        (sdir / "work").mkdir()
+        self._make_dirs(sdir, ContainerState.of(state))
         return state
 
     async def clone(
         self, src_uuid: str, src_state: EngineState, layer: str | None, dst_uuid: str
     ) -> EngineState:
         dst = self._dir(dst_uuid)
-        for d in WORK_DIRS:
-            (dst / d).mkdir(parents=True, exist_ok=True)
+        state = ContainerState.of(src_state)
+        dst.mkdir(mode=0o700, parents=True)
         await copy_tree(self._dir(src_uuid) / "upper", dst / "upper")
-        return ContainerState.of(src_state)
+        self._make_dirs(dst, state)
+        return state
 
     # -- export and import -------------------------------------------------------------
 
@@ -81,7 +99,9 @@ class ContainerFiles:
         if safefs.exists(sdir, "upper", stat.S_IFDIR):
             link_tree(sdir / "upper", dest / "upper")
         stage_snapshots(sdir, dest)
-        return {}  # the lower directory is this host's: the importer finds its own
+        # The lower directory is this host's: the importer finds its own.
+        idmap = ContainerState.of(state).idmap
+        return {"idmap": idmap.text()} if idmap is not None else {}
 
     def check_archive(self, files: Path, header: Mapping[str, object]) -> None:
         check_archive_disks(files, header, _layout)
@@ -102,10 +122,33 @@ class ContainerFiles:
                 hint="build the same image version here, or publish the container as an image",
             )
         lower = await asyncio.to_thread(container_rootfs, self.settings, local)
-        for d in WORK_DIRS:
-            (files / d).mkdir(exist_ok=True)
+        archived_map = _archived_idmap(header)
+        idmap = None if record.security.privileged else self._host_idmap()
+        state = ContainerState(lower=str(lower), idmap=idmap)
         (files / "upper").mkdir(exist_ok=True)
-        return ContainerState(lower=str(lower))
+        await asyncio.to_thread(_reown, files, archived_map, idmap)
+        await asyncio.to_thread(self._make_dirs, files, state)
+        return state
+
+
+def _archived_idmap(header: Mapping[str, object]) -> IdMap | None:
+    text = header.get("idmap")
+    if text is None:
+        return None  # privileged, or from before user namespaces (record says privileged)
+    try:
+        return IdMap.parse(str(text))
+    except (ValueError, TypeError) as exc:
+        raise InvalidConfig(f"the archive's id map {text!r} is not UID:GID:SIZE") from exc
+
+
+def _reown(files: Path, old: IdMap | None, new: IdMap | None) -> None:
+    """The upper layer and the snapshots' copies of it, owned for this host's map."""
+    shift_owners(files / "upper", old, new)
+    snapshots = files / "snapshots"
+    if snapshots.is_dir():
+        for snap in snapshots.iterdir():
+            if (snap / "upper").is_dir() and not (snap / "upper").is_symlink():
+                shift_owners(snap / "upper", old, new)
 
 
 def _layout(name: str, kind: int) -> bool:

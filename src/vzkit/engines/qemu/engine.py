@@ -16,6 +16,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from vzkit.engines.qemu.hotplug import QemuVolumes, opened_volumes
 from vzkit.engines.qemu.layers import QemuDisks
 from vzkit.engines.qemu.transfer import QemuExport
 from vzkit.errors import AgentError, EngineError, NotFound, StateError
-from vzkit.host import safefs
+from vzkit.host import perms, safefs
 from vzkit.host.cgroups import Cgroup, CgroupDriver, CgroupLimits
 from vzkit.host.resources import TCG_TB_SIZE_MIB, qemu_memory_limit
 from vzkit.images.store import ImageStore
@@ -166,8 +167,8 @@ class QemuEngine(ProcessEngine):
 
     async def create(self, inst: Instance, uuid: str) -> EngineState:
         image = self.images.get(inst.image)
-        sdir = self.state_dir(uuid)
-        sdir.mkdir(parents=True, exist_ok=True)
+        group = perms.qemu_gid(self.settings)
+        sdir = perms.vm_dir(self.state_dir(uuid), group)
         rootfs = image.files.get("rootfs")
         if rootfs:
             # The instance holds its own link to the image's disk, so rebuilding or
@@ -190,6 +191,7 @@ class QemuEngine(ProcessEngine):
                 base.name,
                 str(sdir / "root.qcow2"),
             )
+            perms.share_file(sdir / "root.qcow2", group, perms.DISK)
         return QemuState()
 
     async def start(
@@ -229,7 +231,7 @@ class QemuEngine(ProcessEngine):
         image = self.images.get(inst.image)
         self.images.check(image)
         sdir, rdir = self.state_dir(uuid), self.runtime_dir(uuid)
-        sdir.mkdir(parents=True, exist_ok=True)
+        perms.vm_dir(sdir, perms.qemu_gid(self.settings))
         shutil.rmtree(rdir, ignore_errors=True)
         rdir.mkdir(parents=True, mode=0o700)
         accel = inst.accel or Accel(self.host.accel)
@@ -398,10 +400,13 @@ class QemuEngine(ProcessEngine):
         return process.Jail(keep=tuple(keep), user=self.user)
 
     def _give(self, *paths: Path) -> None:
-        """Hand files QEMU writes to its user (created by vzd, as root)."""
-        if self.user is not None:
-            for path in paths:
+        """Hand files QEMU writes to its user (created by vzd, as root), none to others."""
+        for path in paths:
+            if self.user is not None:
                 os.chown(path, *self.user, follow_symlinks=False)
+            st = os.lstat(path)
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o007)
 
     async def attach(self, inst: Instance, uuid: str, state: EngineState) -> str | None:
         pid = inst.pid

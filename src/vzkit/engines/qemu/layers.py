@@ -14,7 +14,7 @@ from vzkit.engines.base import Captured, EngineState, Frozen
 from vzkit.engines.qemu import disks, fsfreeze
 from vzkit.engines.qemu.disks import QemuState
 from vzkit.errors import InvalidConfig
-from vzkit.host import safefs
+from vzkit.host import perms, safefs
 from vzkit.storage import qcow2
 
 if TYPE_CHECKING:
@@ -65,8 +65,7 @@ class QemuDisks:
         self, src_uuid: str, src_state: EngineState, layer: str | None, dst_uuid: str
     ) -> EngineState:
         """A new instance directory whose disk is a fresh top over ``layer`` (frozen)."""
-        dst = self.engine.state_dir(dst_uuid)
-        dst.mkdir(parents=True, exist_ok=True)
+        dst = perms.vm_dir(self.engine.state_dir(dst_uuid), perms.qemu_gid(self.engine.settings))
         if layer is None:
             return QemuState()
         src = self.engine.state_dir(src_uuid)

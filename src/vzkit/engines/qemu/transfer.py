@@ -18,7 +18,7 @@ from vzkit.engines.base import EngineState
 from vzkit.engines.common import check_archive_disks, stage_snapshots
 from vzkit.engines.qemu import disks
 from vzkit.engines.qemu.disks import QemuState
-from vzkit.host import safefs
+from vzkit.host import perms, safefs
 
 if TYPE_CHECKING:
     from vzkit.engines.qemu.engine import QemuEngine
@@ -56,6 +56,7 @@ class QemuExport:
         archived: ImageInfo,
     ) -> EngineState:
         """The exported top is frozen: the instance writes to a new one over it."""
+        perms.vm_dir(files, perms.qemu_gid(self.engine.settings))
         top = header.get("top")
         if not isinstance(top, str):
             return QemuState()

@@ -150,7 +150,10 @@ class InstanceService:
             ephemeral=req.ephemeral,
             accel=req.accel,
             created_at=now(),
+            security=req.security,
         )
+        for warning in inst.warnings:
+            log.warning("%s: %s", name, warning)
         # From the capacity check to the insert there is no await: the checks and the
         # reservations (CPU, memory, addresses, host ports) are atomic on the event loop.
         inst.nics = self.networks.resolve_nics(name, uuid, requested)

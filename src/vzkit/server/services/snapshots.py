@@ -259,6 +259,7 @@ class SnapshotService:
             accel=src.accel,
             created_at=now(),
             firewall=src.firewall,
+            security=src.security,  # its files are owned as that mode wrote them
         ).model_copy(update=changes)
         wanted = [NicConfig(network=n.network) for n in src.nics]
         inst.nics = self.networks.resolve_nics(name, uuid, wanted)
