@@ -59,8 +59,9 @@ def _qemu_gid(user: str) -> int | None:
 
 
 def qemu_gid(settings: Settings) -> int | None:
-    """The group QEMU's user reads vzkit's files through (None: QEMU runs as root)."""
-    return _qemu_gid(settings.qemu_user)
+    """The group QEMU's user reads vzkit's files through (None: QEMU runs as vzd's user,
+    as it does when vzd is not root and could not switch it)."""
+    return _qemu_gid(settings.qemu_user) if os.geteuid() == 0 else None
 
 
 def make_dir(path: Path, mode: int, group: int | None = None, owner: int = -1) -> Path:
@@ -143,15 +144,15 @@ def tighten(
             secure_pool(pool)
             for path in _files_in(pool / "volumes"):
                 if path.endswith(".qcow2"):
-                    # Older vzd handed volumes to QEMU's user and group: root's alone now.
-                    os.lchown(path, 0, 0)
+                    # Older vzd handed volumes to QEMU's user and group: vzd's alone now.
+                    os.lchown(path, os.geteuid(), os.getegid())
                     os.chmod(path, 0o600)
 
 
 def secure_pool(pool: Path) -> None:
-    """A pool and its volumes/ directory: root's alone (QEMU gets descriptors)."""
-    make_dir(pool, PRIVATE, 0, 0)
-    make_dir(pool / "volumes", PRIVATE, 0, 0)
+    """A pool and its volumes/ directory: vzd's alone (QEMU gets descriptors)."""
+    make_dir(pool, PRIVATE)
+    make_dir(pool / "volumes", PRIVATE)
 
 
 def _tighten_images(images: Path, group: int | None) -> None:

@@ -76,6 +76,14 @@ def _lock(settings: Settings) -> int:
     return fd
 
 
+def _cgroups() -> cgroups.CgroupDriver | None:
+    try:
+        return cgroups.detect()
+    except VzError as exc:
+        log.warning("cgroups unavailable, instances run without limits: %s", exc.message)
+        return None
+
+
 async def serve(settings: Settings) -> None:
     lock_fd = _lock(settings)
     for d in (settings.state_dir, settings.instances_dir, settings.instance_runtime_dir):
@@ -88,11 +96,7 @@ async def serve(settings: Settings) -> None:
     db = Database(settings.db_path)
     await asyncio.to_thread(_tighten, settings, db)
     images = ImageStore(settings)
-    try:
-        driver: cgroups.CgroupDriver | None = cgroups.detect()
-    except VzError as exc:
-        log.warning("cgroups unavailable, instances run without limits: %s", exc.message)
-        driver = None
+    driver = _cgroups()
     qemu = QemuEngine(settings, host, images, driver)
     containers = ContainerEngine(settings, images, driver)
     engines: dict[InstanceType, Engine] = {
