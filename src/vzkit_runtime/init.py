@@ -387,14 +387,16 @@ def container_init(ctx: InitContext) -> NoReturn:
         # Blocks until `start` opens the fifo for reading. The O_PATH fd was opened before
         # pivot_root; /proc/self/fd reopens it in the container's mount namespace.
         fd = os.open(f"/proc/self/fd/{ctx.fifo_fd}", os.O_WRONLY | os.O_CLOEXEC)
-        os.write(fd, b"0")
-        os.close(fd)
         os.close(ctx.fifo_fd)
         start_hooks = (spec.get("hooks") or {}).get("startContainer")
         if start_hooks:
             from vzkit_runtime.hooks import run_hooks
 
             run_hooks("startContainer", start_hooks, start_state)
+        # The byte only after the startContainer hooks: `start` runs the poststart hooks
+        # once it reads it, and runtime-spec orders those after the startContainer ones.
+        os.write(fd, b"0")
+        os.close(fd)
         _exec(ctx, exe)
     except BaseException as exc:
         msg = exc.message if isinstance(exc, VzRuntimeError) else str(exc)

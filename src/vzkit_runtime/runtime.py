@@ -503,9 +503,15 @@ def start(root: str, container_id: str, *, warn: Warn = noop) -> State:
 
 
 def _start(st: State, hooks: Json, warn: Warn) -> None:
+    hooks_s = 0.0
+    if hooks.get("startContainer"):
+        from vzkit_runtime.hooks import DEFAULT_TIMEOUT_S
+
+        # The init runs them between our open and its byte.
+        hooks_s = sum(float(h.get("timeout") or DEFAULT_TIMEOUT_S) for h in hooks["startContainer"])
     fd = os.open(st.fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        _await_init(fd, st)
+        _await_init(fd, st, _START_TIMEOUT_S + hooks_s)
     finally:
         os.close(fd)
     os.unlink(st.fifo)
@@ -513,7 +519,7 @@ def _start(st: State, hooks: Json, warn: Warn) -> None:
         warn_hooks("poststart", hooks["poststart"], st, warn)
 
 
-def _await_init(fd: int, st: State) -> None:
+def _await_init(fd: int, st: State, timeout: float) -> None:
     """Read the init's byte from the fifo: it opened the write side and is about to exec.
 
     select() wakes us when the byte arrives (a fifo nobody has opened for writing yet
@@ -521,7 +527,7 @@ def _await_init(fd: int, st: State) -> None:
     noticing an init that died before it opened its end."""
     import select
 
-    deadline = time.monotonic() + _START_TIMEOUT_S
+    deadline = time.monotonic() + timeout
     while True:
         data = None
         if select.select([fd], [], [], 0.05)[0]:

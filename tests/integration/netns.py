@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon, _cleanup, new_daemon, remove_cgroups
+from tests.integration import icmp
+from vzkit.api.instances import InstanceType
 from vzkit.network._netns import entered
 from vzkit.sdk.client import Client
 
@@ -64,10 +66,14 @@ def sh(c: Client, name: str, script: str, timeout: float = 30) -> tuple[int, str
 
 
 def ping(c: Client, name: str, target: str, tries: int = 4) -> tuple[int, str]:
+    command = "ping -c 1 -W 2"
+    if c.get_instance(name).type == InstanceType.CONTAINER:
+        # No CAP_NET_RAW in a container, and busybox's ping needs it (icmp.py).
+        if sh(c, name, f"test -x {icmp.PROBE_PATH}")[0] != 0:
+            c.push_file(name, icmp.PROBE_PATH, icmp.probe(), mode=0o755)
+        command = f"{icmp.PROBE_PATH} ping"
     # dnsmasq re-reads its hosts files on SIGHUP, asynchronously: allow a moment.
-    script = (
-        f"for i in $(seq {tries}); do ping -c 1 -W 2 {target} && exit 0; sleep 0.3; done; exit 1"
-    )
+    script = f"for i in $(seq {tries}); do {command} {target} && exit 0; sleep 0.3; done; exit 1"
     return sh(c, name, script)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from vzkit._proc import alive
 from vzkit.engines.qemu.agent import STDOUT, AgentClient
-from vzkit.errors import AgentError
+from vzkit.errors import AgentError, InvalidConfig, NotFound
 from vzkit.guest.build import agent_binary
 from vzkit.guest.protocol import VERSION, MsgType, encode_frame
 from vzkit.settings import Settings
@@ -306,7 +306,8 @@ async def test_concurrent_execs(client: AgentClient, tmp_path: Path) -> None:
 async def test_file_round_trip(client: AgentClient, tmp_path: Path) -> None:
     data = os.urandom(3 * 1024 * 1024 + 17)
     target = tmp_path / "sub" / "dir" / "blob.bin"
-    with pytest.raises(AgentError, match=str(target)):
+    # A missing parent is the caller's mistake (404 through the API), not the agent failing.
+    with pytest.raises(NotFound, match=str(target)):
         await client.push_file(str(target), data)
     await client.push_file(str(target), data, mode=0o751, parents=True)
     assert target.read_bytes() == data
@@ -335,10 +336,10 @@ async def test_push_from_iterator_and_overwrite(client: AgentClient, tmp_path: P
 
 async def test_pull_errors(client: AgentClient, tmp_path: Path) -> None:
     missing = tmp_path / "missing.txt"
-    with pytest.raises(AgentError, match=str(missing)) as info:
+    with pytest.raises(NotFound, match=str(missing)) as info:
         await client.pull_file(str(missing))
     assert info.value.details["errno"] == 2
-    with pytest.raises(AgentError, match=str(tmp_path)):
+    with pytest.raises(InvalidConfig, match=str(tmp_path)):
         await client.pull_file(str(tmp_path))
     # The connection is still usable after errors.
     assert (await client.run(["true"])).exit_code == 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon
+from tests.integration import icmp
 from tests.integration.helpers import wait_for
 from vzkit.api.instances import InstanceCreate, InstanceState
 from vzkit.errors import NotFound
@@ -317,62 +318,19 @@ def _no_stray_userns_helpers() -> Iterator[None]:
                 assert not cmd.startswith(b"unshare\0--user\0--\0sh"), cmd
 
 
-# A raw socket, then an ICMP echo to argv[1] over a datagram socket (what iputils' ping
-# does without CAP_NET_RAW), as root and again as nobody:nogroup. Debian's busybox 1.35
-# ping in the minimal image has no datagram fallback, so the test brings its own.
-ICMP_PROBE = """
-#include <arpa/inet.h>
-#include <errno.h>
-#include <grp.h>
-#include <netinet/in.h>
-#include <netinet/ip_icmp.h>
-#include <poll.h>
-#include <stdio.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
-static const char *echo(const char *to) {
-    int s = socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP);
-    if (s < 0) return errno == EACCES ? "EACCES" : strerror(errno);
-    struct sockaddr_in dst = {.sin_family = AF_INET};
-    inet_pton(AF_INET, to, &dst.sin_addr);
-    struct icmphdr req = {.type = ICMP_ECHO};
-    req.un.echo.sequence = htons(1);
-    if (sendto(s, &req, sizeof req, 0, (struct sockaddr *)&dst, sizeof dst) < 0)
-        return strerror(errno);
-    struct pollfd p = {.fd = s, .events = POLLIN};
-    if (poll(&p, 1, 10000) != 1) return "timeout";
-    struct icmphdr rep;
-    if (recv(s, &rep, sizeof rep, 0) < (int)sizeof rep) return strerror(errno);
-    return rep.type == ICMP_ECHOREPLY ? "reply" : "other";
-}
-
-int main(int argc, char **argv) {
-    int raw = socket(AF_INET, SOCK_RAW, IPPROTO_ICMP);
-    printf("raw=%s\\n", raw >= 0 ? "ok" : errno == EPERM ? "EPERM" : strerror(errno));
-    printf("root=%s\\n", echo(argv[1]));
-    if (setgroups(0, NULL) || setgid(65534) || setuid(65534)) return 2;
-    printf("nobody=%s\\n", echo(argv[1]));
-    return 0;
-}
-"""
-
-
-def test_no_raw_sockets_but_ping_works(netd: Daemon, tmp_path: Path) -> None:
+def test_no_raw_sockets_but_ping_works(netd: Daemon) -> None:
     """CAP_NET_RAW is gone (raw sockets: EPERM); an ICMP echo to the gateway still works
     through a datagram socket, which net.ipv4.ping_group_range opens to every group of the
     container. Unprivileged (the default) and privileged containers alike."""
     c = netd.client()
-    probe = compile_static(tmp_path, "icmpprobe", ICMP_PROBE)
     for name, privileged in (("pinger", False), ("ppinger", True)):
         security = {"security": {"privileged": True}} if privileged else {}
         c.create_instance(
             InstanceCreate.model_validate({"name": name, "type": "container", **security})
         )
         gateway = c.get_network("vzbr0").gateway
-        c.push_file(name, "/icmpprobe", probe.read_bytes(), mode=0o755)
-        out = sh(c, name, f"/icmpprobe {gateway}").split()
+        c.push_file(name, icmp.PROBE_PATH, icmp.probe(), mode=0o755)
+        out = sh(c, name, f"{icmp.PROBE_PATH} check {gateway}").split()
         assert out == ["raw=EPERM", "root=reply", "nobody=reply"], (name, out)
         cap_eff = int(sh(c, name, "grep CapEff /proc/self/status").split()[1], 16)
         assert not cap_eff & (1 << 13), "CAP_NET_RAW must be dropped"

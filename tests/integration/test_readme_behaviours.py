@@ -178,7 +178,7 @@ def test_udp_port_forward(netd: Daemon, tmp_path: Path) -> None:
     # Removed, it forwards nothing (a new flow: a new source port).
     r = netd.vz("port", "remove", "dns", "8053/udp")
     assert r.returncode == 0, r.stderr
-    assert "dport 8053" not in in_ns(ns, "nft", "list", "table", "inet", "vzkit")
+    assert "dport 8053" not in in_ns(ns, "nft", "list", "ruleset")
     assert _udp_ask(ns, "127.0.0.1", 8053, b"again", deadline=3) is None
 
 

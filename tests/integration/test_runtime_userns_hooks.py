@@ -216,6 +216,47 @@ def test_hooks_order_and_state(rt: Runtime, bundle: BundleFactory, hook_dir: Pat
         assert st["pid"] == (0 if name == "poststop" else pid), name
 
 
+def test_start_waits_for_the_start_container_hooks(
+    rt: Runtime, bundle: BundleFactory, hook_dir: Path
+) -> None:
+    """runtime-spec orders poststart after startContainer: a slow startContainer hook still
+    comes first, and a failing one fails `start` with neither the process nor poststart run."""
+    for name, body in (("slow", "sleep 1; echo startContainer >> /hooks/log"), ("fail", "exit 3")):
+        (hook_dir / f"{name}.sh").write_text(f"#!/bin/sh\ncat >/dev/null\n{body}\n")
+        (hook_dir / f"{name}.sh").chmod(0o755)
+    poststart = hook_dir / "poststart.sh"
+    poststart.write_text(f"#!/bin/sh\ncat >/dev/null\necho poststart >> {hook_dir}/log\n")
+    poststart.chmod(0o755)
+
+    def hooked(start_hook: str) -> Path:
+        def edit(c: dict[str, Any]) -> None:
+            c["hooks"] = {
+                "startContainer": [{"path": f"/hooks/{start_hook}.sh"}],
+                "poststart": [{"path": str(poststart)}],
+            }
+            _bind(c, hook_dir, "/hooks")
+
+        return bundle(["sh", "-c", "echo ran >> /hooks/log; exec sleep 100"], edit)
+
+    cid = rt.new_id()
+    rt("create", "--bundle", str(hooked("slow")), cid)
+    rt("start", cid)
+    assert wait_for(lambda: "ran" in (hook_dir / "log").read_text().split(), 10)
+    log = (hook_dir / "log").read_text().split()
+    # The process runs alongside poststart: only the hooks' order is fixed.
+    assert [e for e in log if e != "ran"] == ["startContainer", "poststart"], log
+    rt("delete", "--force", cid)
+
+    (hook_dir / "log").unlink()
+    cid = rt.new_id()
+    rt("create", "--bundle", str(hooked("fail")), cid)
+    assert rt("start", cid, check=False).returncode != 0
+    assert wait_for(lambda: rt.state(cid)["status"] == "stopped", 5)
+    assert not (hook_dir / "log").exists(), (hook_dir / "log").read_text()
+    rt("delete", cid)
+    _assert_nothing_left(rt, cid)
+
+
 def test_create_container_script_hook(rt: Runtime, bundle: BundleFactory, hook_dir: Path) -> None:
     _hook_script(hook_dir / "cc.sh", "createContainer", str(hook_dir))
 
