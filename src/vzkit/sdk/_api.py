@@ -6,6 +6,7 @@ budget): the model classes are passed in by callers that import them where they 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -14,7 +15,7 @@ from urllib.parse import quote, urlencode
 from vzkit.errors import InvalidConfig, NotFound, VzError
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
+    from pydantic import BaseModel, TypeAdapter
 
 API = "/1.0"
 
@@ -42,6 +43,28 @@ def parse_list(model: type[M], data: Any) -> list[M]:
             hint="vz and vzd may be different versions: compare with: vz daemon status",
         )
     return [parse(model, item) for item in data]
+
+
+def parse_list_json(model: type[M], raw: bytes) -> list[M]:
+    """``parse_list`` of an undecoded answer, in one pass (half the time of decoding first:
+    it matters for long lists, such as 200 instances polled by a dashboard)."""
+    from pydantic import ValidationError
+
+    try:
+        return _list_adapter(model).validate_json(raw)
+    except ValidationError as exc:
+        raise VzError(
+            f"vzd sent a list of {model.__name__} this client does not understand: "
+            f"{exc.errors()[0]['msg']}",
+            hint="vz and vzd may be different versions: compare with: vz daemon status",
+        ) from exc
+
+
+@functools.cache
+def _list_adapter(model: type[M]) -> TypeAdapter[list[M]]:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(list[model])  # type: ignore[valid-type]
 
 
 def error_from_response(status: int, data: bytes) -> VzError:

@@ -26,7 +26,16 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vzkit._proc import alive
 from vzkit.errors import AgentError, DaemonUnavailable, EngineError, NotFound, StateError, VzError
-from vzkit.sdk._api import API, error_from_response, fmt_query, json_default, parse, parse_list, q
+from vzkit.sdk._api import (
+    API,
+    error_from_response,
+    fmt_query,
+    json_default,
+    parse,
+    parse_list,
+    parse_list_json,
+    q,
+)
 from vzkit.sdk.resources import Resources
 from vzkit.sdk.streams import CHUNK, _FdSink, _feed_stdin, _known_size, _Terminal, _terminal_size
 from vzkit.sdk.transport import Body, Response, TLSTransport, Transport, UnixTransport, WebSocket
@@ -256,10 +265,10 @@ class Client(Resources):
     # -- instances --------------------------------------------------------------------------
 
     def list_instances(self) -> list[Instance]:
-        data = self._json("GET", f"{API}/instances")
+        data, _ = self._raw("GET", f"{API}/instances")
         from vzkit.api.instances import Instance
 
-        return parse_list(Instance, data)
+        return parse_list_json(Instance, data)
 
     def get_instance(self, name: str) -> Instance:
         data = self._json("GET", f"{API}/instances/{q(name)}")

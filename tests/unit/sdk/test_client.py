@@ -90,6 +90,16 @@ def test_typed_answers_and_one_keepalive_connection(fake: FakeVzd, client: Clien
     assert fake.connections == 1
 
 
+def test_an_answer_this_client_cannot_read_is_a_version_skew(fake: FakeVzd, client: Client) -> None:
+    fake.on("GET", "/1.0/instances", Reply(200, [{**INSTANCE, "state": "levitating"}]))
+    with pytest.raises(VzError, match="list of Instance this client does not understand") as e:
+        client.list_instances()
+    assert "different versions" in (e.value.hint or "")
+    fake.on("GET", "/1.0/instances", Reply(200, {"not": "a list"}))
+    with pytest.raises(VzError, match="does not understand"):
+        client.list_instances()
+
+
 def test_create_sends_model_and_state_change(fake: FakeVzd, client: Client) -> None:
     fake.on("POST", "/1.0/instances", Reply(201, INSTANCE))
     fake.on("PUT", "/1.0/instances/web/state", Reply(200, {**INSTANCE, "state": "stopped"}))

@@ -42,48 +42,54 @@ def services(conn: HTTPConnection) -> Services:
     return cast(Services, conn.app.state.services)
 
 
-def _instances(conn: HTTPConnection) -> InstanceService:
+# The providers are coroutines: FastAPI runs a plain function dependency in a worker
+# thread, a thread hop on every request that cost more than serving a cached list.
+async def _services(conn: HTTPConnection) -> Services:
+    return services(conn)
+
+
+async def _instances(conn: HTTPConnection) -> InstanceService:
     return services(conn).instances
 
 
-def _snapshots(conn: HTTPConnection) -> SnapshotService:
+async def _snapshots(conn: HTTPConnection) -> SnapshotService:
     return services(conn).snapshots
 
 
-def _transfers(conn: HTTPConnection) -> TransferService:
+async def _transfers(conn: HTTPConnection) -> TransferService:
     return services(conn).transfers
 
 
-def _volumes(conn: HTTPConnection) -> VolumeService:
+async def _volumes(conn: HTTPConnection) -> VolumeService:
     return services(conn).volumes
 
 
-def _networks(conn: HTTPConnection) -> NetworkService:
+async def _networks(conn: HTTPConnection) -> NetworkService:
     return services(conn).networks
 
 
-def _images(conn: HTTPConnection) -> ImageService:
+async def _images(conn: HTTPConnection) -> ImageService:
     return services(conn).images
 
 
-def _operations(conn: HTTPConnection) -> Operations:
+async def _operations(conn: HTTPConnection) -> Operations:
     return services(conn).operations
 
 
-def _events(conn: HTTPConnection) -> EventBus:
+async def _events(conn: HTTPConnection) -> EventBus:
     return services(conn).events
 
 
-def _stats(conn: HTTPConnection) -> StatsCollector:
+async def _stats(conn: HTTPConnection) -> StatsCollector:
     return services(conn).stats
 
 
-def _remote(conn: HTTPConnection) -> RemoteAccess:
+async def _remote(conn: HTTPConnection) -> RemoteAccess:
     return cast(RemoteAccess, conn.app.state.remote)
 
 
 # Route parameters: each router asks for its own service.
-Svc = Annotated[Services, Depends(services)]
+Svc = Annotated[Services, Depends(_services)]
 Instances = Annotated[InstanceService, Depends(_instances)]
 Snapshots = Annotated[SnapshotService, Depends(_snapshots)]
 Transfers = Annotated[TransferService, Depends(_transfers)]
@@ -123,7 +129,7 @@ class Background:
         )
 
 
-def _background(conn: HTTPConnection) -> Background:
+async def _background(conn: HTTPConnection) -> Background:
     return Background(services(conn))
 
 
