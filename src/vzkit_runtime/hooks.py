@@ -40,11 +40,15 @@ def run_hooks(
         _run_one(kind, hook, state, ns_pid)
 
 
+def timeout_of(hook: dict[str, Any]) -> float:
+    return float(hook.get("timeout") or DEFAULT_TIMEOUT_S)
+
+
 def _run_one(kind: str, hook: dict[str, Any], state: bytes, ns_pid: int | None) -> None:
     path = str(hook["path"])
     args = [str(a) for a in hook.get("args") or [path]]
     env = [str(e) for e in hook.get("env") or []]
-    timeout = float(hook.get("timeout") or DEFAULT_TIMEOUT_S)
+    timeout = timeout_of(hook)
     what = f"{kind} hook {path}"
     try:
         exe = os.open(path, os.O_RDONLY)

@@ -505,10 +505,10 @@ def start(root: str, container_id: str, *, warn: Warn = noop) -> State:
 def _start(st: State, hooks: Json, warn: Warn) -> None:
     hooks_s = 0.0
     if hooks.get("startContainer"):
-        from vzkit_runtime.hooks import DEFAULT_TIMEOUT_S
+        from vzkit_runtime.hooks import timeout_of
 
         # The init runs them between our open and its byte.
-        hooks_s = sum(float(h.get("timeout") or DEFAULT_TIMEOUT_S) for h in hooks["startContainer"])
+        hooks_s = sum(timeout_of(h) for h in hooks["startContainer"])
     fd = os.open(st.fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         _await_init(fd, st, _START_TIMEOUT_S + hooks_s)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import textwrap
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vzkit.api.instances import InstanceState
@@ -11,6 +14,7 @@ from vzkit.server.db import Database
 
 if TYPE_CHECKING:
     from tests.conftest import Daemon
+    from vzkit.sdk.client import Client
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -30,3 +34,18 @@ def recorded_state(d: Daemon, name: str) -> InstanceState:
         return db.get(name)[0].state
     finally:
         db.close()
+
+
+def sh(c: Client, name: str, script: str, timeout: float = 60) -> str:
+    """stdout of ``sh -c script`` in an instance, which must succeed."""
+    res, out, err = c.exec_capture(name, ["sh", "-c", script], timeout=timeout)
+    assert res.exit_code == 0, (script, (out + err).decode())
+    return out.decode()
+
+
+def compile_static(tmp: Path, name: str, source: str) -> Path:
+    """``source`` (C) built as ``tmp/name``, statically linked: it runs in any rootfs."""
+    (tmp / f"{name}.c").write_text(textwrap.dedent(source))
+    out = tmp / name
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(out), str(tmp / f"{name}.c")], check=True)
+    return out

@@ -10,10 +10,10 @@ from __future__ import annotations
 import atexit
 import functools
 import shutil
-import subprocess
 import tempfile
-import textwrap
 from pathlib import Path
+
+from tests.integration.helpers import compile_static
 
 PROBE_PATH = "/.vzt-icmp"
 
@@ -81,12 +81,6 @@ def probe() -> bytes:
     """The probe, statically linked (containers have no libc of their own)."""
     tmp = Path(tempfile.mkdtemp(prefix="vzt-icmp-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    (tmp / "icmp.c").write_text(textwrap.dedent(_SOURCE))
     # glibc warns that a static getaddrinfo wants NSS modules at run time: files and dns
     # are built into glibc since 2.34, and they are all the probe needs.
-    subprocess.run(
-        ["gcc", "-O2", "-static", "-o", str(tmp / "icmp"), str(tmp / "icmp.c")],
-        check=True,
-        capture_output=True,
-    )
-    return (tmp / "icmp").read_bytes()
+    return compile_static(tmp, "icmp", _SOURCE).read_bytes()

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 
 from tests.conftest import Daemon
 from tests.integration import icmp
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import compile_static, sh, wait_for
 from vzkit.api.instances import InstanceCreate, InstanceState
 from vzkit.errors import NotFound
 from vzkit.sdk.client import Client
@@ -27,12 +26,6 @@ from vzkit.sdk.client import Client
 pytestmark = pytest.mark.integration
 
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
-
-
-def sh(c: Client, name: str, script: str, timeout: float = 60) -> str:
-    res, out, err = c.exec_capture(name, ["sh", "-c", script], timeout=timeout)
-    assert res.exit_code == 0, (script, (out + err).decode())
-    return out.decode()
 
 
 def as_nobody(*argv: str) -> tuple[int, bytes, str]:
@@ -43,13 +36,6 @@ def as_nobody(*argv: str) -> tuple[int, bytes, str]:
         [*NOBODY, "sh", "-c", 'exec "$@"', "sh", *argv], capture_output=True, timeout=30
     )
     return r.returncode, r.stdout, r.stderr.decode(errors="replace")
-
-
-def compile_static(tmp: Path, name: str, source: str) -> Path:
-    (tmp / f"{name}.c").write_text(textwrap.dedent(source))
-    out = tmp / name
-    subprocess.run(["gcc", "-O2", "-static", "-o", str(out), str(tmp / f"{name}.c")], check=True)
-    return out
 
 
 def uuid_of(d: Daemon, name: str) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon
+from tests.integration.helpers import sh
 from vzkit.errors import VzError
-from vzkit.sdk.client import Client
 from vzkit.server.db import Database
 
 pytestmark = pytest.mark.integration
@@ -51,12 +51,6 @@ class Exports:
     container: Path
     vm: Path
     upper: dict[str, tuple[object, ...]]  # the exported container's upper layer, summed up
-
-
-def sh(c: Client, name: str, script: str) -> str:
-    res, out, err = c.exec_capture(name, ["sh", "-c", script], timeout=60)
-    assert res.exit_code == 0, (out + err).decode()
-    return out.decode()
 
 
 def state_dir(d: Daemon, name: str) -> Path:

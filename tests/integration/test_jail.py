@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon
+from tests.integration.helpers import sh
 from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
@@ -31,12 +32,6 @@ def _as_qemu(pid: int, script: str) -> subprocess.CompletedProcess[bytes]:
         capture_output=True,
         timeout=60,
     )  # fmt: skip
-
-
-def sh(c: Client, name: str, script: str) -> str:
-    res, out, err = c.exec_capture(name, ["sh", "-c", script], timeout=60)
-    assert res.exit_code == 0, (out + err).decode()
-    return out.decode()
 
 
 def test_qemu_cannot_see_another_instances_files(client: Client, vzd: Daemon) -> None:

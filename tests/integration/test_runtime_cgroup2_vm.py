@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import vzkit_runtime
+from tests.integration.helpers import compile_static
 from vzkit.api.instances import InstanceCreate
 from vzkit.sdk.client import Client
 
@@ -114,12 +115,7 @@ def test_cgroup_v2_on_a_real_kernel(client: Client, guest: str, tmp_path: Path) 
     guest_abi = _run(client, guest, ["python3", "-c", abi])
     if guest_abi != host_abi:
         pytest.skip(f"the guest's python3 ({guest_abi.strip()}) is not the host's ({host_abi})")
-    (tmp_path / "bomb.c").write_text(BOMB_C)
-    subprocess.run(
-        ["gcc", "-O2", "-static", "-o", str(tmp_path / "bomb"), str(tmp_path / "bomb.c")],
-        check=True,
-    )
-    _push_runtime(client, guest, (tmp_path / "bomb").read_bytes())
+    _push_runtime(client, guest, compile_static(tmp_path, "bomb", BOMB_C).read_bytes())
 
     out = _run(
         client, guest, ["python3", "-I", "-S", f"{GUEST}/cgroup2_guest.py", GUEST], timeout=900

@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import remove_cgroups
 from tests.integration import test_runtime_cli as cli_tests
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import compile_static, wait_for
 from vzkit.host.cgroups import detect_version
 
 pytestmark = pytest.mark.integration
@@ -295,10 +295,7 @@ int main(void) { for (;;) { fork(); while (waitpid(-1, 0, WNOHANG) > 0); } }
 
 @pytest.fixture(scope="module")
 def bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("bomb")
-    (d / "bomb.c").write_text(BOMB_C)
-    subprocess.run(["gcc", "-O2", "-static", "-o", str(d / "bomb"), str(d / "bomb.c")], check=True)
-    return d / "bomb"
+    return compile_static(tmp_path_factory.mktemp("bomb"), "bomb", BOMB_C)
 
 
 def _with_bomb(bomb: Path, pid_namespace: bool) -> Callable[[dict[str, Any]], None]:

@@ -4,11 +4,13 @@ crash-consistent, and says so."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import Daemon
+from tests.integration import helpers
 from tests.integration.helpers import wait_for
 from vzkit.sdk.client import Client
 
@@ -22,10 +24,7 @@ _NO_WRITEBACK = (
 )
 
 
-def sh(c: Client, name: str, script: str) -> str:
-    res, out, err = c.exec_capture(name, ["sh", "-c", script], timeout=120)
-    assert res.exit_code == 0, (out + err).decode()
-    return out.decode()
+sh = functools.partial(helpers.sh, timeout=120)  # a Debian guest under TCG
 
 
 @pytest.fixture

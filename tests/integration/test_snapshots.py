@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon, _cleanup
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import sh, wait_for
 from vzkit.api.instances import InstanceState
 from vzkit.engines.qemu.disks import QemuState
 from vzkit.errors import (
@@ -40,12 +40,6 @@ COUNTER = (
     "(i=0; while true; do i=$((i+1)); echo $i >> /tmp/log; echo $i > /tmp/count.new;"
     " mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 &"
 )
-
-
-def sh(c: Client, name: str, script: str) -> str:
-    res, out, err = c.exec_capture(name, ["sh", "-c", script], timeout=60)
-    assert res.exit_code == 0, (out + err).decode()
-    return out.decode()
 
 
 def count(c: Client, name: str) -> int:

@@ -14,16 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon
+from tests.integration.helpers import sh
 from vzkit.errors import Conflict, InvalidConfig, NotFound, StateError, VzError
 from vzkit.sdk.client import Client
 
 pytestmark = pytest.mark.integration
-
-
-def sh(c: Client, name: str, script: str) -> str:
-    res, out, err = c.exec_capture(name, ["sh", "-c", script], timeout=60)
-    assert res.exit_code == 0, (out + err).decode()
-    return out.decode()
 
 
 @pytest.fixture

@@ -33,7 +33,6 @@ from vzkit.sdk._api import (
     json_default,
     parse,
     parse_list,
-    parse_list_json,
     q,
 )
 from vzkit.sdk.resources import Resources
@@ -268,7 +267,7 @@ class Client(Resources):
         data, _ = self._raw("GET", f"{API}/instances")
         from vzkit.api.instances import Instance
 
-        return parse_list_json(Instance, data)
+        return parse_list(Instance, data)
 
     def get_instance(self, name: str) -> Instance:
         data = self._json("GET", f"{API}/instances/{q(name)}")
@@ -551,7 +550,7 @@ class Client(Resources):
     # -- images -----------------------------------------------------------------------------
 
     def list_images(self) -> list[ImageInfo]:
-        data = self._json("GET", f"{API}/images")
+        data, _ = self._raw("GET", f"{API}/images")
         from vzkit.api.instances import ImageInfo
 
         return parse_list(ImageInfo, data)

@@ -32,7 +32,7 @@ class Resources:
 
     def stats(self) -> list[InstanceStats]:
         """Every instance's usage counters (CPU seconds, memory, disk and network bytes)."""
-        data = self._json("GET", f"{API}/stats")
+        data, _ = self._raw("GET", f"{API}/stats")
         from vzkit.api.instances import InstanceStats
 
         return parse_list(InstanceStats, data)
@@ -49,7 +49,7 @@ class Resources:
         return self._operation("GET", f"{API}/operations/{q(op_id)}")
 
     def list_operations(self) -> list[Operation]:
-        data = self._json("GET", f"{API}/operations")
+        data, _ = self._raw("GET", f"{API}/operations")
         from vzkit.api.operations import Operation
 
         return parse_list(Operation, data)
@@ -86,7 +86,7 @@ class Resources:
     # -- storage ----------------------------------------------------------------------------
 
     def list_pools(self) -> list[PoolInfo]:
-        data = self._json("GET", f"{API}/storage")
+        data, _ = self._raw("GET", f"{API}/storage")
         from vzkit.api.storage import PoolInfo
 
         return parse_list(PoolInfo, data)
@@ -107,7 +107,7 @@ class Resources:
         self._raw("DELETE", f"{API}/storage/{q(name)}")
 
     def list_volumes(self, pool: str | None = None) -> list[VolumeInfo]:
-        data = self._json("GET", f"{API}/volumes", query={"pool": pool})
+        data, _ = self._raw("GET", f"{API}/volumes", query={"pool": pool})
         from vzkit.api.storage import VolumeInfo
 
         return parse_list(VolumeInfo, data)
@@ -155,7 +155,7 @@ class Resources:
     # -- snapshots and copies ---------------------------------------------------------------
 
     def list_snapshots(self, name: str) -> list[SnapshotInfo]:
-        data = self._json("GET", f"{API}/instances/{q(name)}/snapshots")
+        data, _ = self._raw("GET", f"{API}/instances/{q(name)}/snapshots")
         from vzkit.api.snapshots import SnapshotInfo
 
         return parse_list(SnapshotInfo, data)
@@ -190,7 +190,7 @@ class Resources:
     # -- networks ---------------------------------------------------------------------------
 
     def list_networks(self) -> list[NetworkConfig]:
-        data = self._json("GET", f"{API}/networks")
+        data, _ = self._raw("GET", f"{API}/networks")
         from vzkit.api.networks import NetworkConfig
 
         return parse_list(NetworkConfig, data)
@@ -278,7 +278,7 @@ class Resources:
         return parse(ListenerInfo, data)
 
     def list_trust(self) -> list[TrustEntry]:
-        data = self._json("GET", f"{API}/trust")
+        data, _ = self._raw("GET", f"{API}/trust")
         from vzkit.api.remote import TrustEntry
 
         return parse_list(TrustEntry, data)
